@@ -1,0 +1,31 @@
+# One command sets up and runs the main job; one sets up and runs the tests.
+#   make bench   -> venv + install + the offline digits benchmark (writes results/)
+#   make test    -> venv + install + pytest (what .ci/run calls)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dalab-installed
+RUNS ?= results/runs
+
+.PHONY: setup test bench clean-runs
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first, pinned exactly (the range in pyproject admits it, so pip keeps it)
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet "setuptools>=77.0.3,<81"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	@$(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+bench: setup
+	$(PY) -m dalab.benchmarks.dann_vs_source_only --runs-dir $(RUNS) | tee results/dann_vs_source_only.md
+
+clean-runs:
+	rm -rf $(RUNS)

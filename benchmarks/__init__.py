@@ -1,0 +1,1 @@
+"""Benchmark scripts and specs (run them with ``python -m dalab.benchmarks.<name>``)."""

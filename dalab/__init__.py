@@ -1,0 +1,13 @@
+"""dalab: a domain-adaptation research codebase.
+
+Layout (one installed package, several source folders):
+
+- ``dalab.methods``    (methods/)    the shared :class:`~dalab.methods.base.Method` interface and every method
+- ``dalab.datasets``   (datasets/)   domain registry, splits, label budgets, offline digits domains
+- ``dalab.benchmarks`` (benchmarks/) benchmark scripts and specs
+- ``dalab.trainer``    the one training loop; ``dalab.cli`` the ``dalab`` command
+
+``import dalab`` is deliberately light: it imports neither torch nor any method.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,102 @@
+"""The ``dalab`` command.
+
+    dalab list
+    dalab run --method dann --source mnist5k --target ucidigits --seed 0 [--steps N] [--set lr=0.01]
+
+Bad input prints one ``error: ...`` line naming the problem and the fix, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from dalab.utils import DalabError
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for it in items:
+        if "=" not in it or not it.split("=", 1)[0]:
+            raise DalabError(f"bad --set {it!r}: use --set NAME=VALUE, e.g. --set lr=0.01")
+        k, v = it.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def cmd_list(args) -> int:
+    from dalab.datasets import DOMAINS
+    from dalab.methods import METHODS
+
+    print("methods:")
+    print(f"  {'name':<16} {'family':<14} {'target data':<18} {'label budgets':<14} paper")
+    for name, cls in sorted(METHODS.items(), key=lambda kv: (kv[1].family, kv[0])):
+        paper = cls.paper.split(". http")[0] if cls.paper else ""
+        print(f"  {name:<16} {cls.family:<14} {cls.target_data.value:<18} {','.join(cls.label_budgets):<14} {paper}")
+    print("domains:")
+    for name, d in sorted(DOMAINS.items(), key=lambda kv: (kv[1].family, kv[0])):
+        if not d.hidden or args.all:
+            print(f"  {name:<16} {d.family:<10} {d.description}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from dalab.trainer import RunConfig, train
+
+    cfg = RunConfig(method=args.method, source=args.source, target=args.target, seed=args.seed,
+                    budget=args.budget, steps=args.steps, eval_every=args.eval_every,
+                    backbone=args.backbone, pretrained=args.pretrained, hparams=parse_sets(args.set))
+    rec = train(cfg, runs_dir=args.runs_dir, device=args.device, progress=not args.quiet,
+                data_root=args.data_root)
+    f = rec["final"]
+    if rec["status"] != "done":
+        print(f"{rec['run_id']}: {rec['status']} at step {rec['train']['diverged_at']} "
+              f"(last losses {rec['train']['last_losses']})")
+        return 1
+    print(f"{rec['run_id']}  ({rec['train']['steps_per_s']:.1f} steps/s, {rec['train']['wall_time_s']:.1f} s)")
+    for split in ("src_val", "tgt_val", "tgt_test"):
+        m = f[split]
+        print(f"  {split:<9} acc {m['acc']:.4f}  bal_acc {m['bal_acc']:.4f}  macro_f1 {m['macro_f1']:.4f}")
+    print(f"  record: {args.runs_dir}/{rec['run_id']}/record.json")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dalab", description="domain-adaptation lab")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    pl = sub.add_parser("list", help="list methods and domains from the registries")
+    pl.add_argument("--all", action="store_true", help="include test-only domains")
+    pl.set_defaults(fn=cmd_list)
+
+    pr = sub.add_parser("run", help="train and evaluate one method on one source->target pair")
+    pr.add_argument("--method", required=True)
+    pr.add_argument("--source", required=True)
+    pr.add_argument("--target", required=True)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--budget", default="0", help="target labels: 0 (unsupervised), k per class, or all")
+    pr.add_argument("--steps", type=int, default=2000)
+    pr.add_argument("--eval-every", type=int, default=250)
+    pr.add_argument("--backbone", default="lenet")
+    pr.add_argument("--pretrained", default=None, help="local ImageNet weight file (ResNets); never downloaded")
+    pr.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="hyperparameter override")
+    pr.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    pr.add_argument("--runs-dir", default="results/runs")
+    pr.add_argument("--data-root", default=None, help="root folder of datasets read from disk")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.set_defaults(fn=cmd_run)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except DalabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

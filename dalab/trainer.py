@@ -1,0 +1,266 @@
+"""The one training loop every method runs in.
+
+The trainer owns: validation of the run config, data (on-device tensor splits, infinite shuffled
+iterators), the typed :class:`~dalab.methods.base.Batch` (with only the target data the method
+declared and the label budget allows), device, step budget, evaluation on every split every
+``eval_every`` steps, TensorBoard scalars, the progress bar, and the JSON run record. The method
+owns its losses and its optimizer step (``Method.update``).
+
+A run writes ``<runs_dir>/<run_id>/``: ``record.json`` (written atomically), ``tb/`` (TensorBoard
+events) and, last, a ``done`` marker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dalab.utils import DalabError, atomic_write_json, atomic_write_text, git_commit, package_versions, seed_everything
+
+RECORD_VERSION = 1
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run (and therefore its id)."""
+
+    method: str
+    source: str
+    target: str
+    seed: int = 0
+    budget: str = "0"               # target labels: "0", k per class, or "all"
+    steps: int = 2000
+    eval_every: int = 250
+    backbone: str = "lenet"
+    pretrained: str | None = None   # local ImageNet weights (ResNets only)
+    split_seed: int = 0             # the data split is fixed across run seeds
+    hparams: dict[str, Any] = field(default_factory=dict)  # overrides of the defaults
+
+    def key(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["budget"] = str(d["budget"])
+        return d
+
+    def run_id(self) -> str:
+        """Deterministic, readable id: a hash of the full config behind the main fields."""
+        h = hashlib.sha1(json.dumps(self.key(), sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.method}__{self.source}-{self.target}__b{self.budget}__s{self.seed}__{h}"
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DalabError(f"--device {device} requested but CUDA is not available; use --device cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise DalabError(f"bad --device {device!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+@dataclass
+class Prepared:
+    """A validated run: resolved hyperparameters and the method class."""
+
+    cfg: RunConfig
+    method_cls: type
+    hp: dict[str, Any]
+    budget: int | None
+
+
+def validate(cfg: RunConfig) -> Prepared:
+    """Check a config before any data is built or anything is written; DalabError if it is bad."""
+    from dalab.datasets.base import get_domain, parse_budget
+    from dalab.methods import get_method, resolve_hparams
+    from dalab.methods.base import budget_kind
+
+    method_cls = get_method(cfg.method)
+    get_domain(cfg.source)
+    get_domain(cfg.target)
+    budget = parse_budget(cfg.budget)
+    kind = budget_kind(budget)
+    if kind not in method_cls.label_budgets:
+        raise DalabError(f"method {cfg.method!r} does not support target-label budget {cfg.budget!r} "
+                         f"(it supports {', '.join(method_cls.label_budgets)}; 'k' = labels per class)")
+    for name, v, lo in (("steps", cfg.steps, 1), ("eval_every", cfg.eval_every, 1), ("seed", cfg.seed, 0)):
+        if not isinstance(v, int) or v < lo:
+            raise DalabError(f"{name}={v!r} must be an integer >= {lo}")
+    hp = resolve_hparams(method_cls, cfg.hparams)
+    return Prepared(cfg, method_cls, hp, budget)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def predict_split(method, split, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities and labels of a whole split."""
+    probs, labels = [], []
+    for x, y in split.batches(batch_size):
+        probs.append(torch.softmax(method.predict(x).float(), 1).cpu())
+        labels.append(y.cpu())
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+    pred = probs.argmax(1)
+    return {"acc": float(accuracy_score(labels, pred)),
+            "bal_acc": float(balanced_accuracy_score(labels, pred)),
+            "macro_f1": float(f1_score(labels, pred, average="macro", zero_division=0))}
+
+
+def unsupervised_scores(probs: np.ndarray) -> dict[str, float]:
+    """Label-free scores of target-train predictions (for unsupervised model selection):
+    mean prediction entropy, and information maximisation = H(mean p) - mean H(p)."""
+    eps = 1e-8
+    ent = float(-(probs * np.log(probs + eps)).sum(1).mean())
+    marg = probs.mean(0)
+    div = float(-(marg * np.log(marg + eps)).sum())
+    return {"entropy": ent, "im": div - ent}
+
+
+def evaluate(method, data: dict) -> dict[str, Any]:
+    was_training = method.training
+    method.eval()
+    out: dict[str, Any] = {}
+    for name in ("src_val", "tgt_val", "tgt_test"):
+        out[name] = classification_metrics(*predict_split(method, data[name]))
+    out["tgt_train_unsup"] = unsupervised_scores(predict_split(method, data["tgt_train"])[0])
+    method.train(was_training)
+    return out
+
+
+# --------------------------------------------------------------------------- the loop
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "auto",
+          progress: bool = True, tensorboard: bool = True, log_every: int = 50,
+          data_root: str | None = None) -> dict[str, Any]:
+    """Train one run to its step budget and write its record. Returns the record.
+
+    ``data_root`` locates domains read from disk; it is not part of the run's identity."""
+    from dalab.datasets.base import labeled_indices, load_domain
+    from dalab.methods.base import Batch, TargetData
+    from dalab.methods.nets import build_classifier
+
+    prep = validate(cfg)
+    dev = pick_device(device)
+    src = load_domain(cfg.source, cfg.split_seed, dev, root=data_root)
+    tgt = load_domain(cfg.target, cfg.split_seed, dev, root=data_root)
+    if src.classes != tgt.classes:
+        raise DalabError(f"source {cfg.source!r} and target {cfg.target!r} have different classes "
+                         f"({len(src.classes)} vs {len(tgt.classes)}); pick domains with the same label set")
+
+    seed_everything(cfg.seed)
+    net = build_classifier(cfg.backbone, src.num_classes, cfg.pretrained)
+    method = prep.method_cls(net, src.num_classes, prep.hp, cfg.steps).to(dev)
+    method.train()
+
+    # data streams: each gets its own generator so adding a stream never changes another's order
+    bs = prep.hp["batch_size"]
+    gens = [torch.Generator().manual_seed(cfg.seed * 1000 + i) for i in range(3)]
+    src_iter = src.train.sampler(bs, gens[0])
+    uses = prep.method_cls.target_data
+    tgt_iter = tgt.train.sampler(bs, gens[1]) if uses in (TargetData.UNLABELED, TargetData.BOTH) else None
+    lab_idx = labeled_indices(tgt.train.labels.cpu().numpy(), cfg.budget, cfg.split_seed)
+    lab_iter = None
+    if uses in (TargetData.LABELED, TargetData.BOTH) and len(lab_idx):
+        lab_iter = tgt.train.subset(lab_idx).sampler(bs, gens[2])
+
+    data = {"src_val": src.val, "tgt_val": tgt.val, "tgt_test": tgt.test, "tgt_train": tgt.train}
+    run_dir = Path(runs_dir) / cfg.run_id()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "done").unlink(missing_ok=True)
+    writer = None
+    if tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(run_dir / "tb"))
+
+    evals: list[dict[str, Any]] = []
+    last_losses: dict[str, float] = {}
+    status, diverged_at = "done", None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, desc=f"{cfg.method} {cfg.source}->{cfg.target} s{cfg.seed}",
+                   leave=False, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    train_time = 0.0
+    for step in range(1, cfg.steps + 1):
+        t_step = time.perf_counter()
+        xs, ys = next(src_iter)
+        batch = Batch(xs, ys)
+        if tgt_iter is not None:
+            batch.x_tgt = next(tgt_iter)[0]           # labels dropped: unsupervised use
+        if lab_iter is not None:
+            batch.x_tgt_lab, batch.y_tgt_lab = next(lab_iter)
+        out = method.update(batch, step)
+        train_time += time.perf_counter() - t_step
+        if step % log_every == 0 or step == cfg.steps:
+            # the only host sync of the loop: losses become floats on logging steps only
+            last_losses = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
+            last_losses["lr"] = method.lr
+            if not all(math.isfinite(v) for v in last_losses.values()):
+                status, diverged_at = "diverged", step
+                break
+            if writer:
+                for k, v in last_losses.items():
+                    writer.add_scalar(f"train/{k}", v, step)
+            if bar:
+                bar.set_postfix(loss=f"{last_losses.get('loss', float('nan')):.3f}")
+        if bar:
+            bar.update(1)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            ev = {"step": step, **evaluate(method, data)}
+            evals.append(ev)
+            if writer:
+                for split in ("src_val", "tgt_val", "tgt_test"):
+                    for m, v in ev[split].items():
+                        writer.add_scalar(f"{split}/{m}", v, step)
+                for m, v in ev["tgt_train_unsup"].items():
+                    writer.add_scalar(f"tgt_train_unsup/{m}", v, step)
+    wall = time.perf_counter() - t0
+    if bar:
+        bar.close()
+    if writer:
+        writer.close()
+
+    steps_done = diverged_at or cfg.steps
+    record = {
+        "record_version": RECORD_VERSION,
+        "run_id": cfg.run_id(),
+        "status": status,
+        "config": cfg.key(),
+        "hparams": prep.hp,
+        "method": {"name": cfg.method, "family": prep.method_cls.family,
+                   "target_data": prep.method_cls.target_data.value, "budget": str(cfg.budget)},
+        "data": {"source": {"classes": len(src.classes), **{k: len(getattr(src, k)) for k in ("train", "val", "test")}},
+                 "target": {"classes": len(tgt.classes), **{k: len(getattr(tgt, k)) for k in ("train", "val", "test")},
+                            "labeled": int(len(lab_idx)) if lab_iter is not None else 0}},
+        "evals": evals,
+        "final": evals[-1] if evals and status == "done" else None,
+        "train": {"steps": steps_done, "wall_time_s": wall, "train_time_s": train_time,
+                  "steps_per_s": steps_done / max(train_time, 1e-9), "last_losses": last_losses,
+                  "diverged_at": diverged_at},
+        "provenance": {**git_commit(), "versions": package_versions(), "device": str(dev),
+                       "device_name": _device_name(dev), "torch_threads": torch.get_num_threads(),
+                       "host": platform.node(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+    }
+    atomic_write_json(run_dir / "record.json", record)
+    atomic_write_text(run_dir / "done", status + "\n")
+    return record

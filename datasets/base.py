@@ -1,0 +1,215 @@
+"""Domains: a registry of builders, seeded stratified splits, target-label budgets.
+
+A *domain* is a named builder returning :class:`DomainData` (all images of the domain as uint8
+tensors with labels). The framework splits it into train / val / test with a seeded, stratified
+split (or the builder's own fixed split, e.g. held-out fonts), and the *label budget* picks the
+labeled part of target train deterministically.
+
+Tensor format of the offline digits domains: uint8 ``N x C x 28 x 28`` with C = 1 (grayscale) or 3;
+:meth:`TensorSplit.to_input` turns a batch into float ``N x 3 x 28 x 28`` in [-1, 1] on the device.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dalab.utils import DalabError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class DomainData:
+    """All images of a domain. ``split`` (optional, values 0/1/2 = train/val/test) overrides the
+    random split, for domains whose test set must differ in kind (e.g. unseen fonts)."""
+
+    images: Tensor  # uint8 N x C x H x W
+    labels: Tensor  # int64 N
+    classes: list[str]
+    split: Tensor | None = None
+    info: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    name: str
+    builder: Callable[..., DomainData]
+    family: str
+    description: str
+    hidden: bool = False  # test-only domains are not listed in benchmarks
+
+
+DOMAINS: dict[str, DomainSpec] = {}
+
+
+def register_domain(family: str, hidden: bool = False):
+    """Register a domain builder; the function's name is the domain's name (written once)."""
+
+    def deco(fn: Callable[..., DomainData]) -> Callable[..., DomainData]:
+        name = fn.__name__
+        if name in DOMAINS:
+            raise ValueError(f"domain {name!r} registered twice")
+        doc = (fn.__doc__ or "").strip().splitlines()
+        DOMAINS[name] = DomainSpec(name, fn, family, doc[0] if doc else "", hidden)
+        return fn
+
+    return deco
+
+
+def closest(name: str, choices) -> str:
+    """`` (did you mean 'x'?)`` or an empty string."""
+    m = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {m[0]!r}?)" if m else ""
+
+
+def get_domain(name: str) -> DomainSpec:
+    if name not in DOMAINS:
+        raise DalabError(f"unknown domain {name!r}{closest(name, DOMAINS)}; "
+                         f"known domains: {', '.join(sorted(DOMAINS))} (see `dalab list`)")
+    return DOMAINS[name]
+
+
+# --------------------------------------------------------------------------- splits and budgets
+
+def stratified_split(labels: np.ndarray, seed: int, fractions=(0.7, 0.15, 0.15)) -> np.ndarray:
+    """Assign each sample to train/val/test (0/1/2), stratified by class, deterministic in ``seed``.
+
+    Per class: shuffle with a seed-derived generator, cut by the fractions (rounded), so every
+    class appears in every split whenever it has at least 3 samples.
+    """
+    rng = np.random.default_rng(seed)
+    out = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        n_val = max(1, round(fractions[1] * len(idx))) if len(idx) >= 3 else 0
+        n_test = max(1, round(fractions[2] * len(idx))) if len(idx) >= 3 else 0
+        n_train = len(idx) - n_val - n_test
+        out[idx[:n_train]] = 0
+        out[idx[n_train:n_train + n_val]] = 1
+        out[idx[n_train + n_val:]] = 2
+    return out
+
+
+def parse_budget(budget: str | int) -> int | None:
+    """Target-label budget: ``0`` (unsupervised), ``k`` labels per class, or ``"all"`` (None)."""
+    if isinstance(budget, str) and budget.strip().lower() == "all":
+        return None
+    try:
+        k = int(budget)
+    except (TypeError, ValueError):
+        raise DalabError(f"bad target-label budget {budget!r}: use 0 (unsupervised), "
+                         f"a number k of labels per class, or 'all'") from None
+    if k < 0:
+        raise DalabError(f"bad target-label budget {k}: must be >= 0 (or 'all')")
+    return k
+
+
+def budget_name(budget: str | int) -> str:
+    k = parse_budget(budget)
+    return "all" if k is None else str(k)
+
+
+def labeled_indices(labels: np.ndarray, budget: str | int, seed: int) -> np.ndarray:
+    """Indices (into ``labels``) of the labeled target samples for a budget, deterministic in seed."""
+    k = parse_budget(budget)
+    if k is None:
+        return np.arange(len(labels))
+    if k == 0:
+        return np.arange(0)
+    rng = np.random.default_rng(seed + 7919)  # offset: not the same stream as the split
+    picked = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < k:
+            raise DalabError(f"target-label budget {k} per class is larger than class {c}'s "
+                             f"{len(idx)} target-train samples; use at most {len(idx)} or 'all'")
+        picked.append(np.sort(rng.choice(idx, size=k, replace=False)))
+    return np.sort(np.concatenate(picked))
+
+
+# --------------------------------------------------------------------------- on-device splits
+
+class TensorSplit:
+    """One split of a tensor domain, held on the training device, batched by indexing there."""
+
+    def __init__(self, images: Tensor, labels: Tensor, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: np.ndarray) -> "TensorSplit":
+        i = torch.as_tensor(idx, dtype=torch.long, device=self.device)
+        return TensorSplit(self.images[i], self.labels[i], self.device)
+
+    def to_input(self, x: Tensor) -> Tensor:
+        """uint8 N x C x H x W -> float N x 3 x H x W in [-1, 1]."""
+        x = x.float().div_(127.5).sub_(1.0)
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+    def batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """The whole split once, in order (evaluation)."""
+        for i in range(0, len(self), batch_size):
+            yield self.to_input(self.images[i:i + batch_size]), self.labels[i:i + batch_size]
+
+    def sampler(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        """Infinite shuffled batches (a fresh permutation per epoch, last partial batch dropped
+        unless the split is smaller than one batch)."""
+        n = len(self)
+        if n == 0:
+            raise DalabError("cannot sample from an empty split")
+        while True:
+            perm = torch.randperm(n, generator=generator).to(self.device)
+            stop = max(n - batch_size + 1, 1)
+            for i in range(0, stop, batch_size):
+                j = perm[i:i + batch_size]
+                yield self.to_input(self.images[j]), self.labels[j]
+
+
+@dataclass
+class DomainSplits:
+    name: str
+    classes: list[str]
+    train: TensorSplit
+    val: TensorSplit
+    test: TensorSplit
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (3, *self.train.images.shape[2:])
+
+
+_BUILT: dict[str, DomainData] = {}
+
+
+def load_domain(name: str, split_seed: int = 0, device: torch.device | str = "cpu",
+                root: str | None = None) -> DomainSplits:
+    """Build (once per process) a registered domain and split it. ``root`` is the data root for
+    domains read from disk (builders that take a ``root`` keyword); offline domains ignore it."""
+    spec = get_domain(name)
+    key = f"{name}@{root}"
+    if key not in _BUILT:
+        import inspect
+        takes_root = "root" in inspect.signature(spec.builder).parameters
+        _BUILT[key] = spec.builder(root=root) if takes_root else spec.builder()
+    data = _BUILT[key]
+    y = data.labels.numpy()
+    assign = data.split.numpy() if data.split is not None else stratified_split(y, split_seed)
+    parts = {}
+    for i, s in enumerate(SPLITS):
+        idx = torch.as_tensor(np.flatnonzero(assign == i))
+        parts[s] = TensorSplit(data.images[idx], data.labels[idx], device)
+    return DomainSplits(name, list(data.classes), **parts)

@@ -1,0 +1,270 @@
+"""The one interface every adaptation method implements.
+
+A method is a small :class:`Method` subclass registered by name once with :func:`register`. It
+declares
+
+- ``family``         -- e.g. "baseline", "adversarial", "joint" (for tables and ``dalab list``),
+- ``target_data``    -- which target data it uses (:class:`TargetData`),
+- ``label_budgets``  -- which target-label budgets it supports: "0" (unsupervised), "k" (k labels
+  per class), "all",
+- ``hparams``        -- its own hyperparameters, each with a default and a search space.
+
+and implements ``update(batch, step) -> dict`` (its losses and optimizer step). ``predict(x)``
+returns logits and ``features(x)`` the representation validators and plots use. The trainer owns
+everything else: iteration, device, evaluation, logging, checkpoints.
+
+Shared hyperparameters (optimizer, lr and its schedule, batch size) live in :data:`SHARED_HPARAMS`;
+their defaults follow the DANN paper's protocol (SGD, momentum 0.9, mu_p = mu0 / (1 + 10 p)^0.75).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from types import SimpleNamespace
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from dalab.utils import DalabError
+
+
+# --------------------------------------------------------------------------- data a step sees
+
+class TargetData(str, Enum):
+    """What target data a method's update may see."""
+
+    NONE = "none"                       # source only: never sees a target image
+    UNLABELED = "unlabeled"             # target inputs, labels hidden
+    LABELED = "labeled"                 # labeled target samples from the budget only
+    BOTH = "unlabeled+labeled"          # target inputs, plus labeled ones when the budget gives some
+
+
+@dataclass
+class Batch:
+    """One training step's data. A target field is ``None`` unless the method's ``target_data``
+    and the run's label budget allow it, so a method cannot peek at data it did not declare."""
+
+    x_src: Tensor
+    y_src: Tensor
+    x_tgt: Tensor | None = None        # unlabeled target inputs (target train, labels never given)
+    x_tgt_lab: Tensor | None = None    # labeled target inputs (the budget's k per class, or all)
+    y_tgt_lab: Tensor | None = None
+
+
+# --------------------------------------------------------------------------- hyperparameters
+
+@dataclass(frozen=True)
+class HParam:
+    """A hyperparameter: default, search space, validity bounds.
+
+    ``space`` is ``("log", lo, hi)``, ``("uniform", lo, hi)``, ``("int", lo, hi)`` or
+    ``("choice", (a, b, ...))``; ``low``/``high`` are inclusive validity bounds for overrides.
+    """
+
+    default: Any
+    space: tuple | None = None
+    help: str = ""
+    low: float | None = None
+    high: float | None = None
+
+    def sample(self, rng) -> Any:
+        """Draw from the search space with a ``numpy.random.Generator``."""
+        if self.space is None:
+            return self.default
+        kind = self.space[0]
+        if kind == "log":
+            return float(math.exp(rng.uniform(math.log(self.space[1]), math.log(self.space[2]))))
+        if kind == "uniform":
+            return float(rng.uniform(self.space[1], self.space[2]))
+        if kind == "int":
+            return int(rng.integers(self.space[1], self.space[2] + 1))
+        if kind == "choice":
+            return self.space[1][int(rng.integers(len(self.space[1])))]
+        raise ValueError(f"unknown search space {self.space!r}")
+
+    def parse(self, name: str, value: Any) -> Any:
+        """Type-check (and coerce from a string) an override; raise DalabError if invalid."""
+        kind = type(self.default)
+        try:
+            if kind is bool:
+                if isinstance(value, str):
+                    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError
+                    value = value.lower() in ("true", "1", "yes")
+                value = bool(value)
+            elif kind is int:
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError
+                value = int(value)
+            elif kind is float:
+                value = float(value)
+            elif kind is str:
+                value = str(value)
+        except (TypeError, ValueError):
+            raise DalabError(f"hyperparameter {name}={value!r} must be a {kind.__name__}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise DalabError(f"hyperparameter {name}={value!r} must be finite")
+        if self.low is not None and value < self.low or self.high is not None and value > self.high:
+            raise DalabError(f"hyperparameter {name}={value!r} out of range "
+                             f"[{self.low if self.low is not None else '-inf'}, "
+                             f"{self.high if self.high is not None else 'inf'}]")
+        if self.space is not None and self.space[0] == "choice" and kind is str and value not in self.space[1]:
+            raise DalabError(f"hyperparameter {name}={value!r} must be one of {list(self.space[1])}")
+        return value
+
+
+SHARED_HPARAMS: dict[str, HParam] = {
+    "optimizer": HParam("sgd", ("choice", ("sgd", "adam")), "optimizer for every parameter group"),
+    "lr": HParam(0.01, ("log", 1e-3, 1e-1), "base learning rate mu0", low=1e-8, high=10.0),
+    "momentum": HParam(0.9, ("choice", (0.0, 0.9)), "SGD momentum", low=0.0, high=0.999),
+    "weight_decay": HParam(5e-4, ("log", 1e-5, 1e-2), "L2 weight decay", low=0.0, high=1.0),
+    "lr_schedule": HParam("dann", ("choice", ("dann", "constant", "cosine")),
+                          "dann: mu0 / (1 + 10 p)^0.75 (Ganin et al. 2016); p = step / steps"),
+    "batch_size": HParam(64, ("choice", (32, 64, 128)), "batch size per domain", low=1, high=4096),
+    "backbone_lr_mult": HParam(1.0, ("choice", (0.1, 1.0)),
+                               "lr multiplier of the backbone (0.1 for pretrained backbones)",
+                               low=0.0, high=10.0),
+}
+
+
+def resolve_hparams(method_cls: type["Method"], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Defaults of shared + method hyperparameters with type-checked overrides applied."""
+    table = {**SHARED_HPARAMS, **method_cls.hparams}
+    out = {k: h.default for k, h in table.items()}
+    for k, v in (overrides or {}).items():
+        if k not in table:
+            from dalab.datasets.base import closest
+            raise DalabError(f"unknown hyperparameter {k!r} for method {method_cls.name!r}"
+                             f"{closest(k, table)}; known: {', '.join(sorted(table))}")
+        out[k] = table[k].parse(k, v)
+    return out
+
+
+# --------------------------------------------------------------------------- registry
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register(name: str):
+    """Class decorator: register a method under ``name`` (the only place the name is written)."""
+
+    def deco(cls: type["Method"]) -> type["Method"]:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} registered twice")
+        if not cls.family:
+            raise ValueError(f"method {name!r} must declare a family")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_method(name: str) -> type["Method"]:
+    if name not in METHODS:
+        from dalab.datasets.base import closest
+        raise DalabError(f"unknown method {name!r}{closest(name, METHODS)}; "
+                         f"known methods: {', '.join(sorted(METHODS))} (see `dalab list`)")
+    return METHODS[name]
+
+
+def budget_kind(budget: int | None) -> str:
+    """Budget (0, k, or None = all) -> the token a method lists in ``label_budgets``."""
+    return "all" if budget is None else ("0" if budget == 0 else "k")
+
+
+# --------------------------------------------------------------------------- the base class
+
+class Method(nn.Module):
+    """Base class of every method. Subclasses set the class attributes, may add modules in
+    :meth:`build`, and implement :meth:`update`."""
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    paper: ClassVar[str] = ""                      # "Authors, Title, Venue Year. URL"
+    target_data: ClassVar[TargetData] = TargetData.NONE
+    label_budgets: ClassVar[tuple[str, ...]] = ("0",)
+    hparams: ClassVar[dict[str, HParam]] = {}
+
+    def __init__(self, net: nn.Module, num_classes: int, hp: Mapping[str, Any], total_steps: int):
+        super().__init__()
+        self.net = net                  # a dalab.methods.nets.Classifier: backbone + head
+        self.num_classes = num_classes
+        self.hp = SimpleNamespace(**hp)
+        self.total_steps = max(int(total_steps), 1)
+        self.build()
+        self.optimizer = self.make_optimizer(self.param_groups())
+        self.scheduler = self.make_scheduler(self.optimizer)
+
+    # -- hooks for subclasses
+    def build(self) -> None:
+        """Create method-specific modules (discriminators, ...) here; runs before the optimizer."""
+
+    def param_groups(self) -> list[dict]:
+        """Parameter groups with their lr multipliers: the backbone at ``backbone_lr_mult``,
+        everything else (head, discriminators, ...) at 1."""
+        backbone = [p for p in self.net.backbone.parameters() if p.requires_grad]
+        ids = {id(p) for p in self.net.backbone.parameters()}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        groups = [{"params": backbone, "lr_mult": self.hp.backbone_lr_mult},
+                  {"params": rest, "lr_mult": 1.0}]
+        return [g for g in groups if g["params"]]
+
+    def update(self, batch: Batch, step: int) -> dict[str, Tensor | float]:
+        """One training step: compute the losses, step the optimizer, return scalars to log."""
+        raise NotImplementedError
+
+    # -- what the trainer and validators call
+    def predict(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.net.backbone(x)
+
+    # -- shared machinery
+    def progress(self, step: int) -> float:
+        """Training progress p in [0, 1] (the p of the DANN paper's schedules)."""
+        return min(step / self.total_steps, 1.0)
+
+    def make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        hp = self.hp
+        for g in groups:
+            g["lr"] = hp.lr * g["lr_mult"]
+        if hp.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        return torch.optim.Adam(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+
+    def lr_factor(self, step: int) -> float:
+        p = self.progress(step)
+        if self.hp.lr_schedule == "dann":
+            return (1.0 + 10.0 * p) ** -0.75
+        if self.hp.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * p))
+        return 1.0
+
+    def make_scheduler(self, opt: torch.optim.Optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
+
+    def optimize(self, loss: Tensor) -> None:
+        """zero_grad -> backward -> step -> lr schedule step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[-1]["lr"]
+
+    def training_state(self) -> dict:
+        """Everything needed to resume: weights, optimizer and scheduler."""
+        return {"model": self.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_training_state(self, state: dict) -> None:
+        self.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,125 @@
+"""Backbones, heads and discriminators.
+
+- ``lenet``: the DANN paper's MNIST feature extractor (conv5x5-32, pool, conv5x5-48, pool -> 768-d)
+  with BatchNorm after each conv (our addition: it stabilises SGD at lr 0.01 and lets AdaBN-style
+  methods re-estimate target statistics). Head: the paper's 100-100-C MLP.
+- ``resnet18`` / ``resnet50``: torchvision ResNets; ImageNet weights are loaded ONLY from a local
+  file (``--pretrained PATH`` or torch's hub cache); nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from dalab.utils import DalabError
+
+
+class LeNet(nn.Module):
+    """DANN paper (Ganin et al., 2016, Sec. 5.2) MNIST feature extractor, plus BatchNorm."""
+
+    def __init__(self, in_channels: int = 3, bn: bool = True):
+        super().__init__()
+        norm = (lambda c: nn.BatchNorm2d(c)) if bn else (lambda c: nn.Identity())
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 5), norm(32), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(32, 48, 5), norm(48), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Flatten(),
+        )
+        self.out_dim = 48 * 4 * 4
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+# torchvision's file names for the ImageNet weights, as they sit in torch's hub cache.
+RESNET_WEIGHT_FILES = {"resnet18": "resnet18-f37072fd.pth", "resnet50": "resnet50-0676ba61.pth"}
+
+
+def find_local_weights(arch: str, path: str | os.PathLike | None) -> Path:
+    """The local ImageNet weight file for ``arch``: ``path`` if given, else torch's hub cache."""
+    if path not in (None, "", "imagenet"):
+        p = Path(path)
+        if not p.is_file():
+            raise DalabError(f"pretrained weights file {p} not found; pass an existing .pth file "
+                             f"(torchvision's {RESNET_WEIGHT_FILES.get(arch, arch + '.pth')})")
+        return p
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / RESNET_WEIGHT_FILES[arch]
+    if not hub.is_file():
+        raise DalabError(f"ImageNet weights for {arch} not found at {hub}; copy torchvision's "
+                         f"{RESNET_WEIGHT_FILES[arch]} there or pass --pretrained PATH (dalab never downloads)")
+    return hub
+
+
+class ResNetBackbone(nn.Module):
+    """torchvision ResNet without its fc layer; output is the pooled feature vector."""
+
+    def __init__(self, arch: str = "resnet18", pretrained: str | None = None):
+        super().__init__()
+        import torchvision
+
+        net = getattr(torchvision.models, arch)(weights=None)
+        if pretrained:
+            file = find_local_weights(arch, pretrained)
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True)
+                net.load_state_dict(state)
+            except Exception as e:  # corrupt file, wrong architecture
+                raise DalabError(f"could not load {arch} weights from {file}: {str(e).splitlines()[0]}; "
+                                 f"use torchvision's {RESNET_WEIGHT_FILES[arch]}") from None
+        self.out_dim = net.fc.in_features
+        net.fc = nn.Identity()
+        self.body = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "lenet": lambda pretrained=None: LeNet(),
+    "resnet18": lambda pretrained=None: ResNetBackbone("resnet18", pretrained),
+    "resnet50": lambda pretrained=None: ResNetBackbone("resnet50", pretrained),
+}
+
+
+def mlp(dims: list[int], dropout: float = 0.0) -> nn.Sequential:
+    """Linear layers with ReLU (and optional dropout) between them, none after the last."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(dims) - 2:
+            layers.append(nn.ReLU(inplace=True))
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class Classifier(nn.Module):
+    """backbone -> head. ``features`` is the backbone output (what discriminators see)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x))
+
+
+def build_classifier(backbone: str, num_classes: int, pretrained: str | None = None) -> Classifier:
+    if backbone not in BACKBONES:
+        raise DalabError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    bb = BACKBONES[backbone](pretrained=pretrained)
+    # the DANN paper's MNIST label predictor is 100-100-C; ResNets get a 256-d bottleneck (as TLlib).
+    hidden = [100, 100] if backbone == "lenet" else [256]
+    return Classifier(bb, mlp([bb.out_dim, *hidden, num_classes]))
+
+
+def domain_discriminator(in_dim: int, hidden: int = 100, depth: int = 1) -> nn.Sequential:
+    """Domain classifier: ``depth`` hidden ReLU layers of width ``hidden`` -> one logit
+    (source = 1). The DANN paper's MNIST one is 768-100-1 (depth 1)."""
+    return mlp([in_dim] + [hidden] * depth + [1])

@@ -1,0 +1,27 @@
+"""Shared fixtures: everything offline, on CPU, small and deterministic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def runs_dir(tmp_path):
+    return tmp_path / "runs"
+
+
+def tiny_batch(n: int = 8, seed: int = 0, labeled: bool = True, unlabeled: bool = True):
+    """A Batch of random 3x28x28 inputs for 10 classes."""
+    from dalab.methods import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    b = Batch(torch.randn(n, 3, 28, 28, generator=g), torch.arange(n) % 10)
+    if unlabeled:
+        b.x_tgt = torch.randn(n, 3, 28, 28, generator=g) + 0.5
+    if labeled:
+        b.x_tgt_lab = torch.randn(n, 3, 28, 28, generator=g) + 0.5
+        b.y_tgt_lab = (torch.arange(n) + 3) % 10
+    return b
