@@ -26,6 +26,10 @@ def parse_sets(items: Sequence[str]) -> dict[str, str]:
 
 
 def cmd_list(args) -> int:
+    if args.markdown:  # the README's methods table
+        from dalab.benchmarks.methods_table import markdown
+        print(markdown())
+        return 0
     from dalab.datasets import DOMAINS
     from dalab.methods import METHODS
 
@@ -81,12 +85,65 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from pathlib import Path
+
+    from dalab.bench import BenchSpec, expand, launch, run_state
+    from dalab.tables import load_records, write_tables
+
+    spec = BenchSpec.from_yaml(args.spec)
+    if args.runs_dir:
+        spec.runs_dir = args.runs_dir
+    if args.out:
+        spec.out = args.out
+    grid = expand(spec)  # validates every run before anything is trained or written
+    rd = Path(spec.runs_dir)
+    states = [run_state(rd, cfg.run_id()) for cfg, _ in grid]
+    n_done = states.count("done")
+    print(f"{spec.name}: {len(grid)} runs ({n_done} done, {len(grid) - n_done} to run) -> {spec.runs_dir}")
+    if args.dry_run:
+        for (cfg, trial), st in zip(grid, states):
+            print(f"  {st:<8} {cfg.run_id()}" + (f"  trial {trial}" if spec.trials > 1 else ""))
+        return 0
+    import time
+    t0 = time.perf_counter()
+    results = launch(spec, grid, launcher=args.launcher, jobs=args.jobs, device=args.device,
+                     data_root=args.data_root)
+    failed = [r for r in results if r[1].startswith("failed")]
+    print(f"grid finished in {time.perf_counter() - t0:.0f} s: {len(results)} runs attempted, "
+          f"{sum(r[1] == 'diverged' for r in results)} diverged, {len(failed)} failed")
+    ids = {cfg.run_id() for cfg, _ in grid}
+    records = [r for r in load_records(rd) if r["run_id"] in ids]
+    pairs = list(dict.fromkeys(f"{c.source}→{c.target}" for c, _ in grid))
+    command = args.command or f"dalab bench {args.spec}"
+    for path in write_tables(records, spec.out, spec.selection, command, pairs):
+        print(f"wrote {path}")
+    return 1 if failed else 0
+
+
+def cmd_table(args) -> int:
+    from dalab.tables import RULE_TEXT, load_records, write_tables
+
+    records = load_records(args.runs_dir)
+    if not records:
+        raise DalabError(f"no finished runs under {args.runs_dir}; run `dalab bench SPEC` or `dalab run` first")
+    rules = args.rules.split(",")
+    for r in rules:
+        if r not in RULE_TEXT:
+            raise DalabError(f"unknown selection rule {r!r}; allowed: {', '.join(RULE_TEXT)}")
+    command = args.command or f"dalab table {args.runs_dir} --out {args.out} --rules {args.rules}"
+    for path in write_tables(records, args.out, rules, command):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dalab", description="domain-adaptation lab")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     pl = sub.add_parser("list", help="list methods and domains from the registries")
     pl.add_argument("--all", action="store_true", help="include test-only domains")
+    pl.add_argument("--markdown", action="store_true", help="print the methods table as Markdown (README)")
     pl.set_defaults(fn=cmd_list)
 
     pr = sub.add_parser("run", help="train and evaluate one method on one source->target pair")
@@ -114,6 +171,25 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--n", type=int, default=8, help="samples per class")
     ps.add_argument("--data-root", default=None, help="root folder of datasets read from disk")
     ps.set_defaults(fn=cmd_show_domains)
+
+    pb = sub.add_parser("bench", help="run a benchmark grid from a YAML spec (resumable), then write its tables")
+    pb.add_argument("spec", help="YAML spec, e.g. benchmarks/digits.yaml")
+    pb.add_argument("--dry-run", action="store_true", help="list the runs and their state; train nothing")
+    pb.add_argument("--launcher", default="local", choices=["local", "submitit-local", "slurm"])
+    pb.add_argument("--jobs", type=int, default=1, help="parallel workers (local: processes; one per GPU if any)")
+    pb.add_argument("--device", default="auto")
+    pb.add_argument("--runs-dir", default=None, help="override the spec's runs_dir")
+    pb.add_argument("--out", default=None, help="override the spec's table folder")
+    pb.add_argument("--data-root", default=None)
+    pb.add_argument("--command", default=None, help=argparse.SUPPRESS)  # the command named in table headers
+    pb.set_defaults(fn=cmd_bench)
+
+    pt = sub.add_parser("table", help="write Markdown/LaTeX/CSV tables and plots from run records")
+    pt.add_argument("runs_dir")
+    pt.add_argument("--out", default="results/tables")
+    pt.add_argument("--rules", default="last,src_val,im,entropy,snd,oracle", help="comma-separated selection rules")
+    pt.add_argument("--command", default=None, help=argparse.SUPPRESS)
+    pt.set_defaults(fn=cmd_table)
     return p
 
 
