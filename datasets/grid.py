@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dalab.utils import DalabError
+
 from .base import DOMAINS, load_domain
 
 
@@ -40,7 +42,8 @@ def write_grid(name: str, out_dir: str | Path, n: int = 8, root: str | None = No
 
     d = load_domain(name, root=root)
     if not hasattr(d.train, "images"):
-        raise ValueError(f"{name} is an image-file domain; grids are for tensor domains")
+        raise DalabError(f"{name} is read lazily from image files; show-domains draws tensor domains "
+                         f"(the digits ones): open the images under {d.origin} instead")
     path = Path(out_dir) / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     img = grid_image(d.train.images.cpu(), d.train.labels.cpu(), n, d.num_classes)

@@ -14,6 +14,7 @@ to unseen typefaces. The split is fixed (it ignores ``split_seed``).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -48,15 +49,29 @@ def _contrasting_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
             return fg.astype(np.float32), bg.astype(np.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def _zero_height(path: str) -> int:
+    """Height of the glyph '0' at size 100: fonts differ, so sizes are set by glyph height."""
+    from PIL import ImageFont
+
+    l, t, r, b = ImageFont.truetype(path, 100).getbbox("0")
+    return b - t
+
+
+@functools.lru_cache(maxsize=4096)
+def _font(path: str, size: int):
+    from PIL import ImageFont
+
+    return ImageFont.truetype(path, size)
+
+
 def render_digit(font_path: Path, digit: int, rng: np.random.Generator):
     """One digit as uint8 H x W x 3 (numpy), every nuisance drawn from ``rng``."""
-    from PIL import Image, ImageDraw, ImageFilter, ImageFont
+    from PIL import Image, ImageDraw, ImageFilter
 
     n = SIZE * SCALE
     height = rng.uniform(0.5, 0.8) * n                 # glyph height in pixels
-    probe = ImageFont.truetype(str(font_path), 100)
-    l, t, r, b = probe.getbbox("0")
-    font = ImageFont.truetype(str(font_path), max(8, int(round(100 * height / (b - t)))))
+    font = _font(str(font_path), max(8, int(round(100 * height / _zero_height(str(font_path))))))
     stroke = int(rng.integers(0, 3))                   # extra stroke width (bolder strokes)
 
     mask = Image.new("L", (2 * n, 2 * n), 0)          # room to rotate without clipping

@@ -182,6 +182,12 @@ def test_domainnet_keeps_its_official_test_list(tmp_path):
     assert sorted(d.test.labels.tolist()) == [0, 0, 0, 1, 1, 1]
 
 
+def test_show_domains_refuses_image_file_domains_with_exit_2(tmp_path, capsys):
+    office31(tmp_path)
+    assert main(["show-domains", "office31_amazon", "--data-root", str(tmp_path), "--out", str(tmp_path / "g")]) == 2
+    assert "read lazily from image files" in capsys.readouterr().err
+
+
 def test_images_decode_in_worker_processes_too(tmp_path, monkeypatch):
     monkeypatch.setenv("DALAB_WORKERS", "1")
     d = _fresh("office31_webcam", office31(tmp_path))
