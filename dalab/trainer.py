@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -142,6 +143,17 @@ def evaluate(method, data: dict) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- the loop
 
+class _Inputs:
+    """Re-iterable batches of a split for ``Method.on_train_end``: inputs, or (inputs, labels)."""
+
+    def __init__(self, split, labels: bool = False, batch_size: int = 512):
+        self.split, self.labels, self.batch_size = split, labels, batch_size
+
+    def __iter__(self):
+        for x, y in self.split.batches(self.batch_size):
+            yield (x, y) if self.labels else x
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -150,10 +162,12 @@ def _device_name(device: torch.device) -> str:
 
 def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "auto",
           progress: bool = True, tensorboard: bool = True, log_every: int = 50,
-          data_root: str | None = None) -> dict[str, Any]:
+          data_root: str | None = None, save_model: bool = False) -> dict[str, Any]:
     """Train one run to its step budget and write its record. Returns the record.
 
-    ``data_root`` locates domains read from disk; it is not part of the run's identity."""
+    ``data_root`` locates domains read from disk; it is not part of the run's identity.
+    ``save_model`` also writes the network weights to ``model.pt`` (always on for ``source_only``:
+    those weights are the shared source-pretrained start of other methods, see dalab.pretrain)."""
     from dalab.datasets.base import labeled_indices, load_domain
     from dalab.methods.base import Batch, TargetData
     from dalab.methods.nets import build_classifier
@@ -166,8 +180,14 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
         raise DalabError(f"source {cfg.source!r} and target {cfg.target!r} have different classes "
                          f"({len(src.classes)} vs {len(tgt.classes)}); pick domains with the same label set")
 
+    init_from = None
+    if prep.method_cls.init_from_source:  # before seeding, so a cache hit or miss changes nothing
+        from dalab.pretrain import source_pretrained
+        init_state, init_from = source_pretrained(cfg, runs_dir, device, data_root, progress)
     seed_everything(cfg.seed)
     net = build_classifier(cfg.backbone, src.num_classes, cfg.pretrained)
+    if init_from:
+        net.load_state_dict(init_state)
     method = prep.method_cls(net, src.num_classes, prep.hp, cfg.steps).to(dev)
     method.train()
 
@@ -225,6 +245,9 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
                 bar.set_postfix(loss=f"{last_losses.get('loss', float('nan')):.3f}")
         if bar:
             bar.update(1)
+        if step == cfg.steps:  # post-training adaptation (AdaBN, probes) sees only declared target data
+            method.on_train_end(_Inputs(tgt.train) if tgt_iter is not None else None,
+                                _Inputs(tgt.train.subset(lab_idx), labels=True) if lab_iter is not None else None)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             ev = {"step": step, **evaluate(method, data)}
             evals.append(ev)
@@ -248,7 +271,8 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
         "config": cfg.key(),
         "hparams": prep.hp,
         "method": {"name": cfg.method, "family": prep.method_cls.family,
-                   "target_data": prep.method_cls.target_data.value, "budget": str(cfg.budget)},
+                   "target_data": prep.method_cls.target_data.value, "budget": str(cfg.budget),
+                   "init_from": init_from},
         "data": {"source": {"classes": len(src.classes), **{k: len(getattr(src, k)) for k in ("train", "val", "test")}},
                  "target": {"classes": len(tgt.classes), **{k: len(getattr(tgt, k)) for k in ("train", "val", "test")},
                             "labeled": int(len(lab_idx)) if lab_iter is not None else 0}},
@@ -261,6 +285,10 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
                        "device_name": _device_name(dev), "torch_threads": torch.get_num_threads(),
                        "host": platform.node(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
     }
+    if (save_model or cfg.method == "source_only") and status == "done":
+        tmp = run_dir / ".model.pt.tmp"
+        torch.save({k: v.detach().cpu() for k, v in method.net.state_dict().items()}, tmp)
+        os.replace(tmp, run_dir / "model.pt")  # atomic: readers see no half-written weights
     atomic_write_json(run_dir / "record.json", record)
     atomic_write_text(run_dir / "done", status + "\n")
     return record

@@ -18,8 +18,8 @@ Each domain is read from the dataset folder in either layout (image list first):
 - ImageFolder: ``<domain>/<class>/*.jpg`` (Office-31's archive has ``<domain>/images/<class>/``;
   Office-Home's ``Real World`` with a space is accepted too).
 
-Splits: DomainNet keeps its official test list as the test split (val = 15% of its train list,
-stratified, fixed seed); the others have no official split and get the usual seeded 70/15/15.
+Splits: with its official image lists, DomainNet keeps the test list as the test split (val = 15%
+of its train list, stratified, fixed seed); everything else gets the usual seeded 70/15/15.
 """
 
 from __future__ import annotations
@@ -78,9 +78,12 @@ def data_root(root: str | os.PathLike | None, what: str) -> Path:
 
 
 def dataset_dir(ds: ImageDataset, root: str | os.PathLike | None) -> Path:
-    """``root/<folder>``, or ``root`` itself when it already is the dataset folder."""
+    """``root/<folder>`` (also spelt like ``Office-31`` or ``OfficeHome``), or ``root`` itself when
+    it already is the dataset folder."""
     r = data_root(root, f"{ds.title} (folder {ds.folder}/)")
-    for cand in (r / ds.folder, r):
+    norm = lambda s: "".join(ch for ch in s.lower() if ch.isalnum())  # noqa: E731
+    aliases = [c for c in sorted(r.iterdir()) if c.is_dir() and norm(c.name) == ds.folder]
+    for cand in (r / ds.folder, *aliases, r):
         if (cand / "image_list").is_dir() or any((cand / d).is_dir() for d in ds.domains):
             return cand
     raise DalabError(f"{ds.title} not found: {r} has no folder {ds.folder}/ with domain folders "

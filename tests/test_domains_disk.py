@@ -148,7 +148,7 @@ def test_office31_image_folder_layout(tmp_path):
 
 
 def test_officehome_and_visda_tllib_image_lists(tmp_path):
-    base = tmp_path / "officehome"
+    base = tmp_path / "OfficeHome"  # the archive's spelling of officehome/
     lines = []
     for k, c in enumerate(["Alarm_Clock", "Bike"]):
         write_images(base / "Art" / c, 3, seed=k)
