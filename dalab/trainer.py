@@ -102,35 +102,43 @@ def validate(cfg: RunConfig) -> Prepared:
 # --------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def predict_split(method, split, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and labels of a whole split."""
-    probs, labels = [], []
+def predict_split(method, split, batch_size: int = 1024) -> tuple[torch.Tensor, np.ndarray]:
+    """Logits (float32, CPU) and labels of a whole split."""
+    logits, labels = [], []
     for x, y in split.batches(batch_size):
-        probs.append(torch.softmax(method.predict(x).float(), 1).cpu())
+        logits.append(method.predict(x).float().cpu())
         labels.append(y.cpu())
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+    return torch.cat(logits), torch.cat(labels).numpy()
 
 
-def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def classification_metrics(logits: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-    pred = probs.argmax(1)
+    pred = logits.argmax(1).numpy()
     return {"acc": float(accuracy_score(labels, pred)),
             "bal_acc": float(balanced_accuracy_score(labels, pred)),
             "macro_f1": float(f1_score(labels, pred, average="macro", zero_division=0))}
 
 
-def unsupervised_scores(probs: np.ndarray) -> dict[str, float]:
-    """Label-free scores of target-train predictions (for unsupervised model selection):
-    mean prediction entropy, and information maximisation = H(mean p) - mean H(p)."""
-    eps = 1e-8
-    ent = float(-(probs * np.log(probs + eps)).sum(1).mean())
-    marg = probs.mean(0)
-    div = float(-(marg * np.log(marg + eps)).sum())
-    return {"entropy": ent, "im": div - ent}
+# label-free validators (pytorch-adapt), scored on target-train predictions; higher is better.
+UNSUPERVISED_VALIDATORS = ("im", "entropy", "snd")
+
+
+def unsupervised_scores(logits: torch.Tensor) -> dict[str, float]:
+    """pytorch-adapt's IM (Shi & Sha 2012), negative entropy, and SND (Saito et al. 2021) of
+    target-train predictions. No target label is touched."""
+    import warnings
+    with warnings.catch_warnings():  # torchmetrics 0.9 (pytorch-adapt's pin) warns about pkg_resources
+        warnings.simplefilter("ignore")
+        from pytorch_adapt.validators import EntropyValidator, IMValidator, SNDValidator
+    split = {"logits": logits, "preds": torch.softmax(logits, 1)}
+    return {"im": float(IMValidator()(target_train=split)),
+            "entropy": float(EntropyValidator()(target_train=split)),
+            "snd": float(SNDValidator()(target_train=split))}
 
 
 def evaluate(method, data: dict) -> dict[str, Any]:
+    """Metrics on every labeled split, label-free scores on target train."""
     was_training = method.training
     method.eval()
     out: dict[str, Any] = {}

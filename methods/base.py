@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 from types import SimpleNamespace
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -188,6 +188,9 @@ class Method(nn.Module):
     target_data: ClassVar[TargetData] = TargetData.NONE
     label_budgets: ClassVar[tuple[str, ...]] = ("0",)
     hparams: ClassVar[dict[str, HParam]] = {}
+    # True: the trainer loads the source-pretrained network (the cached ``source_only`` run of the
+    # same pair/seed/backbone, see dalab.pretrain) into ``net`` before constructing the method.
+    init_from_source: ClassVar[bool] = False
 
     def __init__(self, net: nn.Module, num_classes: int, hp: Mapping[str, Any], total_steps: int):
         super().__init__()
@@ -216,6 +219,13 @@ class Method(nn.Module):
     def update(self, batch: Batch, step: int) -> dict[str, Tensor | float]:
         """One training step: compute the losses, step the optimizer, return scalars to log."""
         raise NotImplementedError
+
+    def on_train_end(self, x_tgt: Iterable[Tensor] | None,
+                     labeled: Iterable[tuple[Tensor, Tensor]] | None) -> None:
+        """Called once after the last update, before the final evaluation, with re-iterable batches
+        of target train inputs (``None`` unless the method declares unlabeled target data) and of
+        the labeled budget (``None`` unless declared and the budget gives labels). For adaptation
+        that happens after training (AdaBN statistics, a closed-form probe). Default: nothing."""
 
     # -- what the trainer and validators call
     def predict(self, x: Tensor) -> Tensor:

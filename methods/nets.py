@@ -152,3 +152,32 @@ def freeze(module: nn.Module) -> None:
     holding it in eval mode; see ``Method.train`` overrides.)"""
     for p in module.parameters():
         p.requires_grad_(False)
+
+
+def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
+    """The backbone's stages, input to output (what "fine-tune the last k blocks" counts):
+    LeNet's two conv stages; a ResNet's stem and its four residual stages."""
+    if isinstance(backbone, LeNet):
+        return [backbone.body[0:4], backbone.body[4:8]]
+    if isinstance(backbone, ResNetBackbone):
+        b = backbone.body
+        return [nn.ModuleList([b.conv1, b.bn1]), b.layer1, b.layer2, b.layer3, b.layer4]
+    raise DalabError(f"no block structure known for backbone {type(backbone).__name__}")
+
+
+def fresh_copy(module: nn.Module) -> nn.Module:
+    """A module of the same architecture with newly initialised weights (e.g. MDD's second head)."""
+    import copy
+
+    new = copy.deepcopy(module)
+    for m in new.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return new
+
+
+def freeze(module: nn.Module) -> None:
+    """No gradients for ``module``'s weights. (Its BatchNorm statistics are kept by the method
+    holding it in eval mode; see ``Method.train`` overrides.)"""
+    for p in module.parameters():
+        p.requires_grad_(False)

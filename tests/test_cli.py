@@ -41,7 +41,7 @@ def test_run_writes_record_tensorboard_and_done(runs_dir, capsys):
 
 
 @pytest.mark.parametrize("extra,needle", [
-    (["--method", "danm"], "unknown method 'danm' (did you mean 'dann'?)"),
+    (["--method", "dannn"], "unknown method 'dannn' (did you mean 'dann'?)"),
     (["--target", "ucidigit"], "unknown domain 'ucidigit' (did you mean 'ucidigits'?)"),
     (["--set", "lr=-1"], "out of range"),
     (["--set", "lr=abc"], "must be a float"),

@@ -57,27 +57,81 @@ def test_method_declares_its_interface(name):
         h.sample(np.random.default_rng(0))
 
 
-def _grads_wrt_target(name: str, kind: str) -> float:
-    """Size of the change of the backbone gradient when only the target inputs change."""
-    grads = []
+def _end_data(b: Batch):
+    """What the trainer hands ``on_train_end``: only the target data in the batch."""
+    return ([b.x_tgt] if b.x_tgt is not None else None,
+            [(b.x_tgt_lab, b.y_tgt_lab)] if b.x_tgt_lab is not None else None)
+
+
+def _dependence_on_target(name: str, kind: str) -> tuple[float, float]:
+    """How much (1) the gradient of every trainable parameter and (2) the predictions after
+    ``on_train_end`` (AdaBN statistics, probes) change when only the target inputs change."""
+    grads, preds = [], []
+    x_probe = torch.randn(6, 3, 28, 28, generator=torch.Generator().manual_seed(9))
     for shift in (0.0, 3.0):
         m = make(name, lr=1e-8, momentum=0.0, weight_decay=0.0)
+        m.train()
         b = batch_for(type(m), kind)
         if b.x_tgt is not None:
             b.x_tgt = b.x_tgt + shift
         if b.x_tgt_lab is not None:
             b.x_tgt_lab = b.x_tgt_lab + shift
         m.update(b, 5)
-        grads.append(torch.cat([p.grad.flatten() for p in m.net.backbone.parameters() if p.grad is not None]))
-    return float((grads[0] - grads[1]).abs().max())
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.requires_grad and p.grad is not None]))
+        m.on_train_end(*_end_data(b))
+        m.eval()
+        with torch.no_grad():
+            preds.append(m.predict(x_probe))
+    return float((grads[0] - grads[1]).abs().max()), float((preds[0] - preds[1]).abs().max())
 
 
 @pytest.mark.parametrize("name,kind", CASES)
 def test_target_use_matches_declaration(name, kind):
+    """A method declaring target data must depend on it -- through its gradient, or (AdaBN-style
+    post-training adaptation) through its final predictions; one declaring none depends on neither."""
     uses_target = METHODS[name].target_data is not TargetData.NONE and not (
         METHODS[name].target_data is TargetData.LABELED and kind == "0")
-    diff = _grads_wrt_target(name, kind)
+    grad_diff, pred_diff = _dependence_on_target(name, kind)
     if uses_target:
-        assert diff > 1e-6, f"{name} declares target data but its gradient ignores it"
+        assert max(grad_diff, pred_diff) > 1e-6, f"{name} declares target data but ignores it"
     else:
-        assert diff == 0.0, f"{name} declares no target data but its gradient depends on it"
+        assert grad_diff == 0.0 and pred_diff == 0.0, f"{name} declares no target data but depends on it"
+
+
+FROZEN = {"frozen_features": {}, "arch_mod": {"adapters": True}, "finetune": {"blocks": 1}}
+
+
+@pytest.mark.parametrize("name,over", sorted(FROZEN.items()))
+def test_frozen_parts_stay_bitwise_unchanged(name, over):
+    """Frozen weights (requires_grad False) are bitwise identical after updates and the end hook;
+    frozen_features also keeps its BatchNorm statistics; the trained parts do move."""
+    m = make(name, **over)
+    kind = "k" if "k" in m.label_budgets else m.label_budgets[0]
+    frozen = {k: p.detach().clone() for k, p in m.named_parameters() if not p.requires_grad}
+    trained = {k: p.detach().clone() for k, p in m.named_parameters() if p.requires_grad}
+    stats = {k: v.clone() for k, v in m.net.backbone.state_dict().items() if "running" in k}
+    assert frozen and trained
+    m.train()
+    for step in range(1, 4):
+        m.update(batch_for(type(m), kind, seed=step), step)
+    m.on_train_end(*_end_data(batch_for(type(m), kind)))
+    for k, p in m.named_parameters():
+        if k in frozen:
+            assert torch.equal(p, frozen[k]), f"{name}: frozen {k} changed"
+    assert any(not torch.equal(p, trained[k]) for k, p in m.named_parameters() if k in trained)
+    if name == "frozen_features":
+        for k, v in m.net.backbone.state_dict().items():
+            if k in stats:
+                assert torch.equal(v, stats[k]), f"{name}: BatchNorm statistic {k} changed"
+
+
+def test_logreg_probe_fits_labeled_target():
+    """frozen_features' sklearn probe replaces the linear head and fits its labeled set."""
+    m = make("frozen_features", head="logreg")
+    b = batch_for(type(m), "k")
+    m.train()
+    m.update(b, 1)
+    m.on_train_end(*_end_data(b))
+    m.eval()
+    with torch.no_grad():
+        assert (m.predict(b.x_tgt_lab).argmax(1) == b.y_tgt_lab).float().mean() == 1.0

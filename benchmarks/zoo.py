@@ -1,0 +1,91 @@
+"""Every registered method on one offline digits pair, over seeds: the method-zoo table.
+
+    python -m dalab.benchmarks.zoo [--pair mnist5k:ucidigits] [--seeds 0 1 2] [--steps 2000] [--k 10]
+                                   [--only NAME ...]
+
+Each method runs at its natural target-label budget: 0 for methods that can adapt without target
+labels, k per class (default 10) for methods that need labels; the oracle ``target_only`` also
+runs with all target labels. Runs go through the normal trainer into --runs-dir as ordinary run
+records (seed-major order, so an interrupted benchmark still has every method for the first
+seeds); finished runs are reused, so the benchmark resumes. Methods that start from the source
+model reuse the ``source_only`` runs of the same seeds (dalab.pretrain).
+
+Selection rule: last step of a fixed step budget (no target labels used for selection);
+reported: target TEST accuracy, mean +- std over seeds, and per seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from dalab.methods import METHODS
+from dalab.trainer import RunConfig, train
+
+
+def natural_budgets(name: str, k: int) -> list[str]:
+    """The budgets a method is benchmarked at: 0 when it supports it, else k; the oracle also at all."""
+    budgets = METHODS[name].label_budgets
+    out = ["0"] if "0" in budgets else [str(k)]
+    if name == "target_only":
+        out.append("all")
+    return out
+
+
+def run_or_load(cfg: RunConfig, runs_dir: Path, device: str) -> dict:
+    d = runs_dir / cfg.run_id()
+    if (d / "done").is_file() and (d / "record.json").is_file():
+        return json.loads((d / "record.json").read_text())
+    return train(cfg, runs_dir, device=device, progress=False, tensorboard=False)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pair", default="mnist5k:ucidigits")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--k", type=int, default=10, help="labels per class for label-using methods")
+    ap.add_argument("--only", nargs="+", default=None, help="methods to run (default: the registry)")
+    ap.add_argument("--runs-dir", default="results/runs")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args(argv)
+    src, tgt = args.pair.split(":")
+    names = ["source_only"] + sorted(n for n in (args.only or METHODS) if n != "source_only")
+    rows = [(n, b) for n in names for b in natural_budgets(n, args.k)]
+    recs: dict[tuple[str, str], list[dict]] = {r: [] for r in rows}
+    for s in args.seeds:
+        for n, b in rows:
+            rec = run_or_load(RunConfig(n, src, tgt, seed=s, budget=b, steps=args.steps), Path(args.runs_dir),
+                              args.device)
+            recs[(n, b)].append(rec)
+            acc = rec["final"]["tgt_test"]["acc"] * 100 if rec["final"] else float("nan")
+            print(f"{n} b{b} s{s}: {acc:.1f}", flush=True)
+
+    base = [r["final"]["tgt_test"]["acc"] * 100 for r in recs[("source_only", "0")] if r["final"]]
+    base_mean = statistics.mean(base) if base else float("nan")
+    print(f"\n{src} -> {tgt}, {args.steps} steps, seeds {', '.join(map(str, args.seeds))}; selection rule: "
+          f"last step (fixed budget, no target labels used to select); target test accuracy (%); "
+          f"budget = target labels per class used in training (0: none; all: the oracle)\n")
+    print("| method | family | budget | tgt_test acc | per seed | vs source_only | src_val acc | steps/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (n, b), rs in recs.items():
+        ok = [r for r in rs if r["final"]]
+        accs = [r["final"]["tgt_test"]["acc"] * 100 for r in ok]
+        if not accs:
+            print(f"| {n} | {METHODS[n].family} | {b} | diverged | | | | |")
+            continue
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        sv = statistics.mean(r["final"]["src_val"]["acc"] * 100 for r in ok)
+        sps = statistics.mean(r["train"]["steps_per_s"] for r in rs)
+        div = len(rs) - len(ok)
+        delta = statistics.mean(accs) - base_mean
+        print(f"| {n} | {METHODS[n].family} | {b} | {statistics.mean(accs):.1f} ± {sd:.1f} | "
+              f"{', '.join(f'{a:.1f}' for a in accs)}{f' ({div} diverged)' if div else ''} | "
+              f"{'' if n == 'source_only' else f'{delta:+.1f}'} | {sv:.1f} | {sps:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""Source pretraining, shared by every method that starts from a source-trained model.
+
+The source-pretrained network for (source, target, seed, backbone, pretrained weights, steps,
+eval_every, split_seed) IS the ``source_only`` run of that configuration: in a benchmark grid the
+baseline row and the starting point of ``finetune``/``frozen_features``/``arch_mod`` are the same
+run, trained once. If that run is finished (``done`` marker) and saved its weights (``model.pt``)
+under the same runs dir, they are loaded; otherwise it is trained through the one loop,
+:func:`dalab.trainer.train` (there is no second training loop).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dalab.utils import DalabError
+
+
+def source_config(cfg):
+    """The ``source_only`` RunConfig a method run with config ``cfg`` starts from. Only the pair,
+    seed, backbone, step budget and split define it: the method's own hyperparameters do not."""
+    from dalab.trainer import RunConfig
+
+    return RunConfig("source_only", cfg.source, cfg.target, seed=cfg.seed, budget="0", steps=cfg.steps,
+                     eval_every=cfg.eval_every, backbone=cfg.backbone, pretrained=cfg.pretrained,
+                     split_seed=cfg.split_seed)
+
+
+def source_pretrained(cfg, runs_dir: str | Path, device: str = "auto", data_root: str | None = None,
+                      progress: bool = False) -> tuple[dict, str]:
+    """(state dict of the source-trained Classifier on CPU, run id it came from); trains the
+    ``source_only`` run first when it is not cached."""
+    from dalab.trainer import train
+
+    scfg = source_config(cfg)
+    run_dir = Path(runs_dir) / scfg.run_id()
+    weights = run_dir / "model.pt"
+    if not ((run_dir / "done").is_file() and weights.is_file()):
+        rec = train(scfg, runs_dir, device=device, progress=progress, tensorboard=False, data_root=data_root)
+        if rec["status"] != "done":
+            raise DalabError(f"source pretraining run {scfg.run_id()} {rec['status']}; "
+                             f"lower the lr (--set lr=...) or check the data")
+    elif json.loads((run_dir / "record.json").read_text())["status"] != "done":
+        raise DalabError(f"source pretraining run {scfg.run_id()} did not finish; delete {run_dir} to retrain")
+    return torch.load(weights, map_location="cpu", weights_only=True), scfg.run_id()

@@ -1,0 +1,44 @@
+"""MCC: minimum class confusion on target predictions."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Batch, HParam, Method, TargetData, register
+
+
+@register("mcc")
+class MCC(Method):
+    """Minimum Class Confusion (Jin et al., ECCV 2020):
+
+        loss = CE(C(G(x_s)), y_s) + trade_off * L_MCC(C(G(x_t)))
+
+    L_MCC: target predictions Y = softmax(logits / T); class correlations C = Y^T W Y with the
+    entropy weights W_ii proportional to 1 + exp(-H(Y_i)) (scaled to sum to the batch size);
+    C row-normalised; the loss is the sum of its off-diagonal entries divided by the number of
+    classes. pytorch-adapt's MCCLoss (checked: it normalises columns, which for the symmetric C
+    gives the same off-diagonal sum). T = 2.5, trade_off = 1 (TLlib's defaults for the paper).
+    """
+
+    family = "regularization"
+    paper = "Jin et al., Minimum Class Confusion for Versatile Domain Adaptation, ECCV 2020. https://arxiv.org/abs/1912.03699"
+    target_data = TargetData.UNLABELED
+    label_budgets = ("0",)
+    hparams = {
+        "trade_off": HParam(1.0, ("log", 0.1, 10.0), "weight of the class-confusion loss", low=0.0),
+        "temperature": HParam(2.5, ("uniform", 1.0, 4.0), "softmax temperature T", low=1e-3),
+    }
+
+    def build(self):
+        from pytorch_adapt.layers import MCCLoss
+        self.mcc = MCCLoss(T=self.hp.temperature)
+
+    def update(self, batch: Batch, step: int):
+        n = len(batch.x_src)
+        logits = self.predict(torch.cat([batch.x_src, batch.x_tgt]))
+        cls_loss = F.cross_entropy(logits[:n], batch.y_src)
+        transfer_loss = self.mcc(logits[n:])
+        loss = cls_loss + self.hp.trade_off * transfer_loss
+        self.optimize(loss)
+        return {"loss": loss, "cls_loss": cls_loss, "mcc_loss": transfer_loss}

@@ -1,0 +1,179 @@
+"""The alignment losses against small hand computations: CDAN's multilinear map and entropy
+weights, MDD's disparity, multi-kernel MMD, CORAL, MCC and BNM. Inputs are a few numbers, the
+expected values are written out (numpy loops or closed forms), independent of the code under test."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dalab.methods.layers import (adversarial_domain_loss, cdan_entropy_weights, mdd_disparity,
+                                  multilinear_map)
+
+
+def test_multilinear_map_is_the_flattened_outer_product():
+    f = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    g = torch.tensor([[0.25, 0.75], [1.0, 0.0]])
+    assert torch.equal(multilinear_map(f, g), torch.tensor([[0.25, 0.75, 0.5, 1.5], [3.0, 0.0, -1.0, 0.0]]))
+
+
+def test_randomized_multilinear_map_matches_paper():
+    """pytorch-adapt's RandomizedDotProduct is (R_f f) * (R_g g) / sqrt(d) (CDAN, Sec. 3.2)."""
+    from pytorch_adapt.layers import RandomizedDotProduct
+
+    torch.manual_seed(0)
+    m = RandomizedDotProduct([3, 2], 4)
+    f, g = torch.tensor([[1.0, 0.0, 2.0]]), torch.tensor([[0.3, 0.7]])
+    rf, rg = m.rand_mat0, m.rand_mat1
+    expect = [sum(f[0, a] * rf[a, j] for a in range(3)) * sum(g[0, c] * rg[c, j] for c in range(2)) / 2.0
+              for j in range(4)]
+    assert torch.allclose(m(f, g)[0], torch.stack(expect), atol=1e-6)
+
+
+def test_cdan_entropy_weights_by_hand():
+    g = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    # H = 0 -> 1 + e^0 = 2;  H = ln 2 -> 1 + 1/2 = 1.5;  normalised: 2/3.5, 1.5/3.5
+    assert torch.allclose(cdan_entropy_weights(g), torch.tensor([2 / 3.5, 1.5 / 3.5]))
+
+
+def test_weighted_domain_loss_by_hand():
+    """Discriminator = identity on a 1-d input: logits are the inputs themselves."""
+    disc = nn.Identity()
+    f_s, f_t = torch.tensor([[0.0], [2.0]]), torch.tensor([[1.0]])
+    w_s = torch.tensor([0.25, 0.75])
+    sp = lambda z: math.log1p(math.exp(z))  # BCE(z, 1) = softplus(-z), BCE(z, 0) = softplus(z)
+    expect = 0.5 * ((0.25 * sp(-0.0) + 0.75 * sp(-2.0)) + sp(1.0))
+    loss = adversarial_domain_loss(disc, f_s, f_t, 1.0, w_s, torch.tensor([1.0]))
+    assert math.isclose(float(loss), expect, rel_tol=1e-6)
+    # the reversal: d loss / d f_t = -(d/dz softplus(z)) = -sigmoid(1) * 0.5
+    f_t.requires_grad_(True)
+    adversarial_domain_loss(disc, f_s, f_t, 0.3).backward()
+    assert math.isclose(float(f_t.grad), -0.3 * 0.5 / (1 + math.exp(-1.0)), rel_tol=1e-6)
+
+
+def test_mdd_disparity_by_hand():
+    y_s = torch.tensor([[2.0, 0.0]])      # F predicts class 0 on the source sample
+    y_t = torch.tensor([[0.0, 1.0]])      # ... and class 1 on the target sample
+    adv_s = torch.tensor([[0.0, 0.0]])    # F' is uniform on source: CE = ln 2
+    adv_t = torch.tensor([[0.0, math.log(3.0)]])  # F' gives class 1 prob 3/4 on target
+    expect = 4.0 * math.log(2.0) - math.log(1 - 0.75)
+    assert math.isclose(float(mdd_disparity(y_s, y_t, adv_s, adv_t, 4.0)), expect, rel_tol=1e-6)
+
+
+def _mk_mmd_by_hand(x: np.ndarray, y: np.ndarray, scales) -> float:
+    """Unbiased quadratic MK-MMD^2 with Gaussian kernels exp(-||a-b||^2 * s / median) averaged over
+    the scales s; the median is over all source-source squared distances, diagonal included
+    (pytorch-adapt's choice), and is torch's LOWER median for an even count."""
+    d = lambda a, b: float(((a - b) ** 2).sum())
+    dists = sorted(d(a, b) for a in x for b in x)
+    med = dists[(len(dists) - 1) // 2]
+    k = lambda a, b: sum(math.exp(-d(a, b) * s / med) for s in scales) / len(scales)
+    n, m = len(x), len(y)
+    kxx = sum(k(x[i], x[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    kyy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    kxy = sum(k(a, b) for a in x for b in y) / (n * m)
+    return kxx + kyy - 2 * kxy
+
+
+def test_mk_mmd_matches_hand_computation():
+    from pytorch_adapt.layers import MMDLoss
+
+    x = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    y = np.array([[1.0, 1.0], [3.0, 0.0], [2.0, 2.0], [0.5, -1.0]])
+    scales = [0.25, 0.5, 1.0, 2.0, 4.0]
+    loss = MMDLoss(kernel_scales=torch.tensor(scales), mmd_type="quadratic")
+    got = float(loss(torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)))
+    assert math.isclose(got, _mk_mmd_by_hand(x, y, scales), rel_tol=1e-9)
+    near = float(loss(torch.tensor(x, dtype=torch.float64), torch.tensor(x + 0.01, dtype=torch.float64)))
+    assert got > near  # farther domains, larger discrepancy (the unbiased estimate may be < 0)
+
+
+def test_mk_mmd_single_kernel_closed_form():
+    """1-d, x = {0, 1, 3}, y = {0, 2}: source squared distances 0,0,0,1,1,4,4,9,9 -> median 1,
+    one kernel k(d^2) = exp(-d^2)."""
+    from pytorch_adapt.layers import MMDLoss
+
+    e = math.exp
+    kxx = (e(-1) + e(-9) + e(-4)) / 3
+    kyy = e(-4)
+    kxy = (1 + e(-4) + e(-1) + e(-1) + e(-9) + e(-1)) / 6
+    expect = kxx + kyy - 2 * kxy
+    got = MMDLoss(kernel_scales=1.0, mmd_type="quadratic")(torch.tensor([[0.0], [1.0], [3.0]], dtype=torch.float64),
+                                                          torch.tensor([[0.0], [2.0]], dtype=torch.float64))
+    assert math.isclose(float(got), expect, rel_tol=1e-9)
+
+
+def test_coral_matches_hand_computation():
+    from pytorch_adapt.layers import CORALLoss
+
+    xs = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 3.0], [0.0, -3.0]])  # cov = diag(2/3, 6)
+    xt = torch.tensor([[2.0, 2.0], [-2.0, -2.0], [0.0, 0.0], [0.0, 0.0]])  # cov = [[8/3, 8/3], [8/3, 8/3]]
+    diff = np.array([[2 / 3 - 8 / 3, -8 / 3], [-8 / 3, 6 - 8 / 3]])
+    expect = (diff ** 2).sum() / (4 * 2 ** 2)
+    assert math.isclose(float(CORALLoss()(xs, xt)), expect, rel_tol=1e-6)
+
+
+def test_mcc_matches_hand_computation():
+    from pytorch_adapt.layers import MCCLoss
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    T = 2.0
+    y = torch.softmax(logits / T, 1).numpy().astype(np.float64)
+    h = -(y * np.log(y)).sum(1)
+    w = 1 + np.exp(-h)
+    w = len(y) * w / w.sum()
+    c = sum(w[i] * np.outer(y[i], y[i]) for i in range(len(y)))
+    c = c / c.sum(1, keepdims=True)  # the paper's row normalisation
+    expect = (c.sum() - np.trace(c)) / 2
+    assert math.isclose(float(MCCLoss(T=T)(logits)), expect, rel_tol=1e-5)
+
+
+def test_bnm_is_minus_nuclear_norm_over_batch():
+    from pytorch_adapt.layers import BNMLoss
+
+    # softmax rows e1, e2 (one-hot in the limit): nuclear norm 2, batch 2 -> -1
+    logits = torch.tensor([[50.0, 0.0, 0.0], [0.0, 50.0, 0.0]])
+    assert math.isclose(float(BNMLoss()(logits)), -1.0, rel_tol=1e-6)
+    # identical rows: rank 1, nuclear norm = ||row|| * sqrt(2)
+    same = torch.tensor([[50.0, 0.0, 0.0], [50.0, 0.0, 0.0]])
+    assert math.isclose(float(BNMLoss()(same)), -math.sqrt(2) / 2, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["cdan", "mdd", "joint", "dan", "deep_coral"])
+def test_update_loss_uses_these_pieces(name):
+    """The methods' logged transfer term equals the piece recomputed from the same weights."""
+    from dalab.methods import METHODS, resolve_hparams
+    from dalab.methods.nets import build_classifier
+    from conftest import tiny_batch
+
+    torch.manual_seed(0)
+    cls = METHODS[name]
+    m = cls(build_classifier("lenet", 10), 10, resolve_hparams(cls, {"lr": 1e-8, "momentum": 0.0,
+                                                                    "weight_decay": 0.0}), 10)
+    b = tiny_batch(labeled=False)
+    m.train()
+    ref = copy.deepcopy(m)  # the weights before the update
+    out = m.update(b, 5)
+    m = ref
+    key = {"cdan": "domain_loss", "mdd": "disparity"}.get(name, "transfer_loss")
+    with torch.no_grad():
+        f = m.net.backbone(torch.cat([b.x_src, b.x_tgt]))
+        logits = m.net.head(f)
+        if name == "mdd":
+            adv = m.adv_head(f)
+            expect = -mdd_disparity(logits[:8], logits[8:], adv[:8], adv[8:], m.hp.margin)
+        elif name == "cdan":
+            g = torch.softmax(logits, 1)
+            h = m.map(f, g)
+            expect = adversarial_domain_loss(m.disc, h[:8], h[8:], 1.0, cdan_entropy_weights(g[:8]),
+                                             cdan_entropy_weights(g[8:]))
+        else:
+            from dalab.methods.joint import head_taps
+            zs = {"features": [f], "logits": [logits], "head": head_taps(m.net.head, f)}[m.hp.layers]
+            expect = sum(m.align(z[:8], z[8:]) for z in zs)
+    assert math.isclose(float(out[key].detach()), float(expect), rel_tol=1e-4, abs_tol=1e-6)
