@@ -254,3 +254,13 @@ def test_class_lists_that_differ_between_source_and_target(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "different class" in err and "\n" not in err
+
+
+def test_same_classes_in_another_order_is_caught(tmp_path):
+    from dalab.datasets.base import DomainSplits
+
+    a = DomainSplits("a", ["x", "y"], None, None, None, origin="/data/a")
+    b = DomainSplits("b", ["y", "x"], None, None, None, origin="/data/b")
+    check_same_classes(a, DomainSplits("c", ["x", "y"], None, None, None))
+    with pytest.raises(DalabError, match=r"'a' \(/data/a\) and target 'b' \(/data/b\).*same names in a different order"):
+        check_same_classes(a, b)
