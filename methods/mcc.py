@@ -18,7 +18,8 @@ class MCC(Method):
     entropy weights W_ii proportional to 1 + exp(-H(Y_i)) (scaled to sum to the batch size);
     C row-normalised; the loss is the sum of its off-diagonal entries divided by the number of
     classes. pytorch-adapt's MCCLoss (checked: it normalises columns, which for the symmetric C
-    gives the same off-diagonal sum). T = 2.5, trade_off = 1 (TLlib's defaults for the paper).
+    gives the same off-diagonal sum). T = 2.5 and trade_off = 1 are common choices for this
+    loss; not tuned on our pair, and not checked against the paper's own settings.
     """
 
     family = "regularization"
