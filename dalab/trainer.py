@@ -189,7 +189,7 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
                          f"({len(src.classes)} vs {len(tgt.classes)}); pick domains with the same label set")
 
     init_from = None
-    if prep.method_cls.init_from_source:  # before seeding, so a cache hit or miss changes nothing
+    if prep.method_cls.starts_from_source(prep.hp):  # before seeding, so a cache hit or miss changes nothing
         from dalab.pretrain import source_pretrained
         init_state, init_from = source_pretrained(cfg, runs_dir, device, data_root, progress)
     seed_everything(cfg.seed)

@@ -192,6 +192,12 @@ class Method(nn.Module):
     # same pair/seed/backbone, see dalab.pretrain) into ``net`` before constructing the method.
     init_from_source: ClassVar[bool] = False
 
+    @classmethod
+    def starts_from_source(cls, hp: Mapping[str, Any]) -> bool:
+        """Whether a run with resolved hyperparameters ``hp`` starts from the source-pretrained
+        network (``init_from_source`` unless a method lets an option turn it off)."""
+        return cls.init_from_source
+
     def __init__(self, net: nn.Module, num_classes: int, hp: Mapping[str, Any], total_steps: int):
         super().__init__()
         self.net = net                  # a dalab.methods.nets.Classifier: backbone + head

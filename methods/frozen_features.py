@@ -21,9 +21,11 @@ class FrozenFeatures(Method):
     the end by scikit-learn's L2 logistic regression (L-BFGS, strength 1/C) on the frozen features
     of every labeled target image -- the closed-form probe of DeCAF-style transfer.
 
-    The backbone comes from the shared source-pretraining step (``init_from_source``: the cached
-    source_only run), so it is trained once per pair/seed/backbone. For ResNets started from
-    ImageNet weights on disk, those weights are the ones the source run fine-tuned.
+    ``features`` = "source" (default): the backbone comes from the shared source-pretraining step
+    (the cached source_only run, trained once per pair/seed/backbone; for ResNets it starts from
+    the ImageNet weights on disk and is fine-tuned on source). "backbone_init": the backbone as
+    built, i.e. the ImageNet weights of ``--pretrained`` frozen as they are, no source training
+    (with LeNet that is a random-features control).
     """
 
     family = "fine-tuning"
@@ -32,9 +34,16 @@ class FrozenFeatures(Method):
     label_budgets = ("k", "all")
     init_from_source = True
     hparams = {
+        "features": HParam("source", ("choice", ("source", "backbone_init")),
+                           "source: the source-trained backbone; backbone_init: the backbone as built "
+                           "(ImageNet weights from --pretrained for ResNets)"),
         "head": HParam("linear", ("choice", ("linear", "mlp", "logreg")), "the new head on frozen features"),
         "C": HParam(1.0, ("log", 0.01, 100.0), "inverse L2 strength of the logreg probe", low=1e-8),
     }
+
+    @classmethod
+    def starts_from_source(cls, hp):
+        return hp["features"] == "source"
 
     def build(self):
         freeze(self.net.backbone)

@@ -41,3 +41,12 @@ def test_pretraining_runs_once_and_is_reused(runs_dir, monkeypatch):
     # the benchmark's own source_only row is that very run
     rec = train(RunConfig("source_only", **{**kw, "budget": "0"}), runs_dir, progress=False, tensorboard=False)
     assert rec["run_id"] == src_id and rec["method"]["init_from"] is None
+
+
+def test_which_methods_start_from_source():
+    from dalab.methods import METHODS, resolve_hparams
+
+    starts = {n for n, c in METHODS.items() if c.starts_from_source(resolve_hparams(c, {}))}
+    assert starts == {"finetune", "frozen_features", "arch_mod"}
+    ff = METHODS["frozen_features"]
+    assert not ff.starts_from_source(resolve_hparams(ff, {"features": "backbone_init"}))
