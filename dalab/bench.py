@@ -35,7 +35,7 @@ class BenchSpec:
 
     name: str = "bench"
     methods: list[str] | str = "all"                    # names, or "all" (every registered method)
-    pairs: list[list[str]] | str = "default"             # [[source, target], ...] or "default"
+    pairs: list[list[str]] | str = "default"             # [[source, target], ...], "default" or a benchmark name
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     budgets: list[str] = field(default_factory=lambda: ["0"])  # each method runs the ones it supports
     steps: int = 2000
@@ -100,13 +100,23 @@ class BenchSpec:
         if not isinstance(self.hparams, dict) or not all(isinstance(v, dict) for v in self.hparams.values()):
             bad("hparams", "must map a method name (or 'all') to {hparam: value}")
         if isinstance(self.pairs, list) and not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in self.pairs):
-            bad("pairs", f"must be 'default' or a list of [source, target], got {self.pairs!r}")
+            bad("pairs", f"must be 'default', a benchmark name or a list of [source, target], got {self.pairs!r}")
 
 
-def default_pairs() -> list[tuple[str, str]]:
-    import dalab.datasets as ds
+def resolve_pairs(pairs: list | str) -> list[tuple[str, str]]:
+    """A spec's pairs: a list of [source, target], "default" (the offline digits benchmark) or the
+    name of a benchmark in ``dalab.datasets.BENCHMARKS`` (e.g. office31)."""
+    from dalab.datasets import BENCHMARKS, DEFAULT_PAIRS
+    from dalab.datasets.base import closest
 
-    return [tuple(p) for p in getattr(ds, "DEFAULT_PAIRS", [("mnist5k", "ucidigits")])]
+    if pairs == "default":
+        return [tuple(p) for p in DEFAULT_PAIRS]
+    if isinstance(pairs, str):
+        if pairs not in BENCHMARKS:
+            raise DalabError(f"field 'pairs': unknown benchmark {pairs!r}{closest(pairs, BENCHMARKS)}; use "
+                             f"'default', one of {', '.join(BENCHMARKS)}, or a list of [source, target]")
+        return [tuple(p) for p in BENCHMARKS[pairs]]
+    return [tuple(p) for p in pairs]
 
 
 def resolve_methods(spec: BenchSpec) -> list[str]:
@@ -150,7 +160,7 @@ def expand(spec: BenchSpec):
     for key in spec.hparams:
         if key != "all":
             get_method(key)
-    pairs = default_pairs() if spec.pairs == "default" else [tuple(p) for p in spec.pairs]
+    pairs = resolve_pairs(spec.pairs)
     out = []
     for method in resolve_methods(spec):
         cls = get_method(method)

@@ -37,10 +37,12 @@ class DANN(Method):
         "gamma": HParam(10.0, ("choice", (5.0, 10.0)), "steepness of the lambda_p schedule", low=0.0),
         "disc_hidden": HParam(100, ("choice", (100, 500, 1024)), "domain discriminator width", low=1),
         "disc_depth": HParam(1, ("int", 1, 3), "hidden layers of the discriminator", low=1, high=8),
+        "disc_bn": HParam(False, ("choice", (False, True)), "BatchNorm in the discriminator's hidden layers"),
     }
 
     def build(self):
-        self.disc = domain_discriminator(self.net.backbone.out_dim, self.hp.disc_hidden, self.hp.disc_depth)
+        self.disc = domain_discriminator(self.net.backbone.out_dim, self.hp.disc_hidden,
+                                         self.hp.disc_depth, self.hp.disc_bn)
 
     def domain_loss(self, f_s, f_t, lam: float):
         """BCE of the discriminator behind a GRL with coefficient ``lam`` (source = 1, target = 0)."""

@@ -81,6 +81,7 @@ class ResNetBackbone(nn.Module):
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "lenet": lambda pretrained=None: LeNet(),
+    "lenet_nobn": lambda pretrained=None: LeNet(bn=False),  # the paper's exact architecture
     "resnet18": lambda pretrained=None: ResNetBackbone("resnet18", pretrained),
     "resnet50": lambda pretrained=None: ResNetBackbone("resnet50", pretrained),
 }
@@ -115,43 +116,18 @@ def build_classifier(backbone: str, num_classes: int, pretrained: str | None = N
         raise DalabError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
     bb = BACKBONES[backbone](pretrained=pretrained)
     # the DANN paper's MNIST label predictor is 100-100-C; ResNets get a 256-d bottleneck (as TLlib).
-    hidden = [100, 100] if backbone == "lenet" else [256]
+    hidden = [100, 100] if backbone.startswith("lenet") else [256]
     return Classifier(bb, mlp([bb.out_dim, *hidden, num_classes]))
 
 
-def domain_discriminator(in_dim: int, hidden: int = 100, depth: int = 1) -> nn.Sequential:
-    """Domain classifier: ``depth`` hidden ReLU layers of width ``hidden`` -> one logit
-    (source = 1). The DANN paper's MNIST one is 768-100-1 (depth 1)."""
-    return mlp([in_dim] + [hidden] * depth + [1])
-
-
-def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
-    """The backbone's stages, input to output (what "fine-tune the last k blocks" counts):
-    LeNet's two conv stages; a ResNet's stem and its four residual stages."""
-    if isinstance(backbone, LeNet):
-        return [backbone.body[0:4], backbone.body[4:8]]
-    if isinstance(backbone, ResNetBackbone):
-        b = backbone.body
-        return [nn.ModuleList([b.conv1, b.bn1]), b.layer1, b.layer2, b.layer3, b.layer4]
-    raise DalabError(f"no block structure known for backbone {type(backbone).__name__}")
-
-
-def fresh_copy(module: nn.Module) -> nn.Module:
-    """A module of the same architecture with newly initialised weights (e.g. MDD's second head)."""
-    import copy
-
-    new = copy.deepcopy(module)
-    for m in new.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-    return new
-
-
-def freeze(module: nn.Module) -> None:
-    """No gradients for ``module``'s weights. (Its BatchNorm statistics are kept by the method
-    holding it in eval mode; see ``Method.train`` overrides.)"""
-    for p in module.parameters():
-        p.requires_grad_(False)
+def domain_discriminator(in_dim: int, hidden: int = 100, depth: int = 1, bn: bool = False) -> nn.Sequential:
+    """Domain classifier: ``depth`` hidden ReLU layers of width ``hidden`` (optionally with
+    BatchNorm) -> one logit (source = 1). The DANN paper's MNIST one is 768-100-1 (depth 1)."""
+    layers: list[nn.Module] = []
+    dims = [in_dim] + [hidden] * depth
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(a, b)] + ([nn.BatchNorm1d(b)] if bn else []) + [nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, nn.Linear(dims[-1], 1))
 
 
 def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
