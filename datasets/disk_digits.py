@@ -35,6 +35,9 @@ from .digits import DIGIT_CLASSES, mnist_framing
 from .office import _split_official, data_root
 
 
+MNISTM_URL = "http://yaroslav.ganin.net/ (MNIST-M, Ganin & Lempitsky 2015)"
+
+
 def download_enabled() -> bool:
     """Whether torchvision may download (``dalab run --download`` sets ``DALAB_DOWNLOAD=1``)."""
     return os.environ.get("DALAB_DOWNLOAD", "") == "1"
@@ -68,8 +71,9 @@ def mnist(root: str | None = None) -> DomainData:
     """MNIST (70,000) from torchvision's MNIST/raw files under --data-root."""
     from torchvision.datasets import MNIST
 
-    r = data_root(root, "MNIST (MNIST/raw/)")
-    exp, url = f"{r}/MNIST/raw/train-images-idx3-ubyte etc.", "http://yann.lecun.com/exdb/mnist/"
+    url = "http://yann.lecun.com/exdb/mnist/"
+    r = data_root(root, "MNIST (MNIST/raw/)", f"get it from {url} or rerun with --download")
+    exp = f"{r}/MNIST/raw/train-images-idx3-ubyte etc."
     tr, te = (_torchvision(MNIST, r, exp, url, train=t) for t in (True, False))
     return _domain(tr.data[:, None], tr.targets, te.data[:, None], te.targets, r, "torchvision MNIST")
 
@@ -79,8 +83,9 @@ def usps(root: str | None = None) -> DomainData:
     """USPS (9,298) from torchvision's usps.bz2 / usps.t.bz2 under --data-root/usps, MNIST framing."""
     from torchvision.datasets import USPS
 
-    r = data_root(root, "USPS (usps/)") / "usps"
-    exp, url = f"{r}/usps.bz2 and usps.t.bz2", "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/multiclass.html#usps"
+    url = "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/multiclass.html#usps"
+    r = data_root(root, "USPS (usps/)", f"get it from {url} or rerun with --download") / "usps"
+    exp = f"{r}/usps.bz2 and usps.t.bz2"
     tr, te = (_torchvision(USPS, r, exp, url, train=t) for t in (True, False))
     frame = lambda d: mnist_framing(torch.from_numpy(d.data).float().div(255)[:, None])  # noqa: E731
     return _domain(frame(tr), tr.targets, frame(te), te.targets, r, "torchvision USPS")
@@ -91,8 +96,9 @@ def svhn(root: str | None = None) -> DomainData:
     """SVHN (99,289 without 'extra') from torchvision's .mat files under --data-root/svhn, 28x28 colour."""
     from torchvision.datasets import SVHN
 
-    r = data_root(root, "SVHN (svhn/)") / "svhn"
-    exp, url = f"{r}/train_32x32.mat and test_32x32.mat", "http://ufldl.stanford.edu/housenumbers/"
+    url = "http://ufldl.stanford.edu/housenumbers/"
+    r = data_root(root, "SVHN (svhn/)", f"get it from {url} or rerun with --download") / "svhn"
+    exp = f"{r}/train_32x32.mat and test_32x32.mat"
     tr, te = (_torchvision(SVHN, r, exp, url, split=s) for s in ("train", "test"))
     img = lambda d: _resize(torch.from_numpy(d.data))  # noqa: E731  (N x 3 x 32 x 32 already)
     return _domain(img(tr), tr.labels, img(te), te.labels, r, "torchvision SVHN")
@@ -104,7 +110,7 @@ def _read_mnistm_part(r: Path, part: str) -> tuple[torch.Tensor, list[int]]:
     labels_file, folder = r / f"mnist_m_{part}_labels.txt", r / f"mnist_m_{part}"
     if not labels_file.is_file() or not folder.is_dir():
         raise DalabError(f"MNIST-M not found in {r}: expected {folder}/*.png and {labels_file} "
-                         f"(lines 'name.png label'); get it from http://yaroslav.ganin.net/ (MNIST-M)")
+                         f"(lines 'name.png label'); get it from {MNISTM_URL}")
     imgs, labels = [], []
     for n, line in enumerate(labels_file.read_text().splitlines(), 1):
         if not line.strip():
@@ -127,6 +133,6 @@ def _read_mnistm_part(r: Path, part: str) -> tuple[torch.Tensor, list[int]]:
 @register_domain(family="digits-disk")
 def mnistm(root: str | None = None) -> DomainData:
     """MNIST-M (original, 68,002) from --data-root/mnist_m folders + label files, 28x28 colour."""
-    r = data_root(root, "MNIST-M (mnist_m/)") / "mnist_m"
+    r = data_root(root, "MNIST-M (mnist_m/)", f"get it from {MNISTM_URL}") / "mnist_m"
     (xtr, ytr), (xte, yte) = _read_mnistm_part(r, "train"), _read_mnistm_part(r, "test")
     return _domain(xtr, ytr, xte, yte, r, "MNIST-M folder layout")

@@ -66,21 +66,23 @@ DATASETS: dict[str, ImageDataset] = {d.prefix: d for d in (
 )}
 
 
-def data_root(root: str | os.PathLike | None, what: str) -> Path:
-    """The data root (``--data-root`` or ``$DALAB_DATA_ROOT``); DalabError if unset or missing."""
+def data_root(root: str | os.PathLike | None, what: str, where: str) -> Path:
+    """The data root (``--data-root`` or ``$DALAB_DATA_ROOT``); DalabError if unset or missing.
+    ``what`` names the dataset and its folder, ``where`` says where to obtain it."""
     root = root or os.environ.get("DALAB_DATA_ROOT")
     if not root:
-        raise DalabError(f"{what} is read from disk: pass --data-root DIR (or set DALAB_DATA_ROOT)")
+        raise DalabError(f"{what} is read from disk: pass --data-root DIR (or set DALAB_DATA_ROOT); {where}")
     p = Path(root).expanduser()
     if not p.is_dir():
-        raise DalabError(f"data root {p} does not exist: pass --data-root pointing at the folder that holds {what}")
+        raise DalabError(f"data root {p} does not exist: pass --data-root pointing at the folder that "
+                         f"holds {what}; {where}")
     return p
 
 
 def dataset_dir(ds: ImageDataset, root: str | os.PathLike | None) -> Path:
     """``root/<folder>`` (also spelt like ``Office-31`` or ``OfficeHome``), or ``root`` itself when
     it already is the dataset folder."""
-    r = data_root(root, f"{ds.title} (folder {ds.folder}/)")
+    r = data_root(root, f"{ds.title} (folder {ds.folder}/)", ds.where)
     norm = lambda s: "".join(ch for ch in s.lower() if ch.isalnum())  # noqa: E731
     aliases = [c for c in sorted(r.iterdir()) if c.is_dir() and norm(c.name) == ds.folder]
     for cand in (r / ds.folder, *aliases, r):

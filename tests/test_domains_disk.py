@@ -103,6 +103,8 @@ def test_mnistm_from_folder_and_label_files(tmp_path):
 
 
 def test_torchvision_files_missing_is_one_line_error(tmp_path):
+    with pytest.raises(DalabError, match=r"data root .*nope does not exist.*USPS \(usps/\); get it from https://"):
+        _fresh("usps", tmp_path / "nope")
     with pytest.raises(DalabError, match=r"MNIST not found or corrupted in .*MNIST/raw/train-images-idx3-ubyte.*--download"):
         _fresh("mnist", tmp_path)
     (tmp_path / "svhn").mkdir()
@@ -204,6 +206,7 @@ def test_missing_root_exits_2_with_one_line(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: data root ") and str(missing) in err and "\n" not in err
+    assert "office31/" in err and "get Office-31 from https://" in err
     assert not (tmp_path / "runs").exists()
 
 
