@@ -38,10 +38,32 @@ def source_pretrained(cfg, runs_dir: str | Path, device: str = "auto", data_root
     run_dir = Path(runs_dir) / scfg.run_id()
     weights = run_dir / "model.pt"
     if not ((run_dir / "done").is_file() and weights.is_file()):
-        rec = train(scfg, runs_dir, device=device, progress=progress, tensorboard=False, data_root=data_root)
-        if rec["status"] != "done":
-            raise DalabError(f"source pretraining run {scfg.run_id()} {rec['status']}; "
-                             f"lower the lr (--set lr=...) or check the data")
+        _train_once(scfg, Path(runs_dir), device, progress, data_root)
     elif json.loads((run_dir / "record.json").read_text())["status"] != "done":
         raise DalabError(f"source pretraining run {scfg.run_id()} did not finish; delete {run_dir} to retrain")
     return torch.load(weights, map_location="cpu", weights_only=True), scfg.run_id()
+
+
+def _train_once(scfg, runs_dir: Path, device: str, progress: bool, data_root: str | None) -> None:
+    """Train the source run unless another worker is already on it (then wait for it): the
+    same claim files as the benchmark runner, so parallel workers never train it twice."""
+    import time
+
+    from dalab.bench import release_claim, try_claim
+    from dalab.trainer import train
+
+    rid = scfg.run_id()
+    done = lambda: (runs_dir / rid / "done").is_file() and (runs_dir / rid / "model.pt").is_file()  # noqa: E731
+    while not done():
+        if try_claim(runs_dir, rid):
+            try:
+                if not done():
+                    rec = train(scfg, runs_dir, device=device, progress=progress, tensorboard=False,
+                                data_root=data_root)
+                    if rec["status"] != "done":
+                        raise DalabError(f"source pretraining run {rid} {rec['status']}; "
+                                         f"lower the lr (--set lr=...) or check the data")
+            finally:
+                release_claim(runs_dir, rid)
+            return
+        time.sleep(1.0)  # another worker is training it
