@@ -7,8 +7,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dalab-installed
 RUNS ?= results/runs
+JOBS ?= 2
 
-.PHONY: setup test bench clean-runs
+.PHONY: setup test bench dann-vs-source speed clean-runs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +25,17 @@ test: setup
 	@$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+# The main job: every method x the 4 offline digits pairs x 3 seeds -> results/digits/ (resumable).
 bench: setup
-	$(PY) -m dalab.benchmarks.dann_vs_source_only --runs-dir $(RUNS) | tee results/dann_vs_source_only.md
+	$(VENV)/bin/dalab bench benchmarks/digits.yaml --jobs $(JOBS) --command "make bench"
+
+# Issue-2 check: source-only vs DANN on mnist5k -> ucidigits, 3 seeds -> results/dann_vs_source_only.md
+dann-vs-source: setup
+	$(PY) -m dalab.benchmarks.dann_vs_source_only --runs-dir $(RUNS) --out results/dann_vs_source_only.md
+
+# Throughput: bare loop vs dalab trainer vs pytorch-adapt adapter (prints a table)
+speed: setup
+	$(PY) -m dalab.benchmarks.speed
 
 clean-runs:
 	rm -rf $(RUNS)
