@@ -132,3 +132,25 @@ def test_show_domains_writes_one_grid_per_domain(tmp_path, capsys):
         assert img.shape == (10 * (28 * 3 + 2) + 2, 3 * (28 * 3 + 2) + 2, 3)
         assert img.std() > 20
     assert "wrote" in capsys.readouterr().out
+
+
+def test_shift_table_is_generated_from_records(tmp_path):
+    import json
+
+    from dalab.datasets.shift_table import shift_table
+
+    def rec(method, seed, budget, tgt, src):
+        d = tmp_path / f"{method}{seed}"
+        d.mkdir()
+        d.joinpath("record.json").write_text(json.dumps({
+            "status": "done", "config": {"method": method, "source": "mnist5k", "target": "ucidigits",
+                                         "seed": seed, "budget": budget, "steps": 10},
+            "final": {"tgt_test": {"acc": tgt}, "src_val": {"acc": src}}}))
+
+    rec("source_only", 0, "0", 0.5, 0.9)
+    rec("source_only", 1, "0", 0.7, 1.0)
+    rec("target_only", 0, "all", 0.95, 0.1)
+    row = [line for line in shift_table(tmp_path).splitlines() if line.startswith("| mnist5k→ucidigits")][0]
+    assert "0.500 / 0.700" in row and "0.600 ± 0.141" in row and "| 0.950 | +0.350 |" in row
+    assert row.endswith("0.950 (n=1) |")
+    assert "(no runs)" in shift_table(tmp_path, pairs=[("syndigits", "mnist5k")])
