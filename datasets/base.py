@@ -7,6 +7,8 @@ labeled part of target train deterministically.
 
 Tensor format of the offline digits domains: uint8 ``N x C x 28 x 28`` with C = 1 (grayscale) or 3;
 :meth:`TensorSplit.to_input` turns a batch into float ``N x 3 x 28 x 28`` in [-1, 1] on the device.
+Image-file datasets (Office-31 etc.) return :class:`~dalab.datasets.images.ImageData` instead, whose
+``take`` gives lazy :class:`~dalab.datasets.images.ImageSplit` s with the same split API.
 """
 
 from __future__ import annotations
