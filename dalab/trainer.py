@@ -176,7 +176,7 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
     ``data_root`` locates domains read from disk; it is not part of the run's identity.
     ``save_model`` also writes the network weights to ``model.pt`` (always on for ``source_only``:
     those weights are the shared source-pretrained start of other methods, see dalab.pretrain)."""
-    from dalab.datasets.base import labeled_indices, load_domain
+    from dalab.datasets.base import check_same_classes, labeled_indices, load_domain
     from dalab.methods.base import Batch, TargetData
     from dalab.methods.nets import build_classifier
 
@@ -184,9 +184,7 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
     dev = pick_device(device)
     src = load_domain(cfg.source, cfg.split_seed, dev, root=data_root)
     tgt = load_domain(cfg.target, cfg.split_seed, dev, root=data_root)
-    if src.classes != tgt.classes:
-        raise DalabError(f"source {cfg.source!r} and target {cfg.target!r} have different classes "
-                         f"({len(src.classes)} vs {len(tgt.classes)}); pick domains with the same label set")
+    check_same_classes(src, tgt)
 
     init_from = None
     if prep.method_cls.starts_from_source(prep.hp):  # before seeding, so a cache hit or miss changes nothing
