@@ -68,14 +68,17 @@ def _dependence_on_target(name: str, kind: str) -> tuple[float, float]:
     ``on_train_end`` (AdaBN statistics, probes) change when only the target inputs change."""
     grads, preds = [], []
     x_probe = torch.randn(6, 3, 28, 28, generator=torch.Generator().manual_seed(9))
-    for shift in (0.0, 3.0):
-        m = make(name, lr=1e-8, momentum=0.0, weight_decay=0.0)
+    noise = torch.Generator().manual_seed(11)
+    for scale in (0.0, 2.0):  # random, not constant, changes: covariance losses ignore a shift
+        # the target term amplified, so that a small but real dependence is not lost in float noise
+        amp = {"trade_off": 100.0} if "trade_off" in METHODS[name].hparams else {}
+        m = make(name, lr=1e-8, momentum=0.0, weight_decay=0.0, **amp)
         m.train()
         b = batch_for(type(m), kind)
         if b.x_tgt is not None:
-            b.x_tgt = b.x_tgt + shift
+            b.x_tgt = b.x_tgt + scale * torch.rand(b.x_tgt.shape, generator=noise)
         if b.x_tgt_lab is not None:
-            b.x_tgt_lab = b.x_tgt_lab + shift
+            b.x_tgt_lab = b.x_tgt_lab + scale * torch.rand(b.x_tgt_lab.shape, generator=noise)
         m.update(b, 5)
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.requires_grad and p.grad is not None]))
         m.on_train_end(*_end_data(b))
@@ -93,7 +96,9 @@ def test_target_use_matches_declaration(name, kind):
         METHODS[name].target_data is TargetData.LABELED and kind == "0")
     grad_diff, pred_diff = _dependence_on_target(name, kind)
     if uses_target:
-        assert max(grad_diff, pred_diff) > 1e-6, f"{name} declares target data but ignores it"
+        # tiny but real: Deep CORAL on near-zero logits at init moves gradients by ~1e-8, while a
+        # method that ignores target data gives exactly 0.0 (same inputs, deterministic CPU)
+        assert max(grad_diff, pred_diff) > 1e-9, f"{name} declares target data but ignores it"
     else:
         assert grad_diff == 0.0 and pred_diff == 0.0, f"{name} declares no target data but depends on it"
 
