@@ -21,6 +21,7 @@ class DAN(Joint):
 
     paper = "Long et al., Learning Transferable Features with Deep Adaptation Networks, ICML 2015. https://arxiv.org/abs/1502.02791"
     family = "discrepancy"
+    label_budgets = ("0",)  # the paper is unsupervised; label budgets are joint's
     hparams = {**Joint.hparams,
                "alignment": HParam("mmd", ("choice", ("mmd",)), "the alignment term A (fixed: MK-MMD)"),
                "layers": HParam("head", ("choice", ("features", "logits", "head")), "where MMD is applied")}
