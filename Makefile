@@ -28,6 +28,7 @@ test: setup
 # The main job: every method x the 4 offline digits pairs x 3 seeds -> results/digits/ (resumable).
 bench: setup
 	$(VENV)/bin/dalab bench benchmarks/digits.yaml --jobs $(JOBS) --command "make bench"
+	$(PY) -m dalab.benchmarks.tsne --runs-dir $(RUNS) --out results/digits/tsne.png
 
 # Issue-2 check: source-only vs DANN on mnist5k -> ucidigits, 3 seeds -> results/dann_vs_source_only.md
 dann-vs-source: setup

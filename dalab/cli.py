@@ -200,6 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DalabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into e.g. `head`: not an error of ours
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -48,3 +48,41 @@ def accuracy_bars(table: dict, path: str | Path) -> Path:
     out = _save(fig, Path(path))
     plt.close(fig)
     return out
+
+
+def tsne_before_after(nets: dict, source, target, path: str | Path, n: int = 500, seed: int = 0,
+                      title: str = "") -> Path:
+    """t-SNE (scikit-learn) of backbone features of ``n`` source and ``n`` target test images, one
+    panel per network (e.g. {"source only": net0, "DANN": net1}); colour = class, marker = domain."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    from sklearn.manifold import TSNE
+
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for split in (source, target):
+        idx = torch.randperm(len(split), generator=g)[:n].to(split.device)
+        picks.append((split.to_input(split.images[idx]), split.labels[idx].cpu().numpy()))
+    fig, axes = plt.subplots(1, len(nets), figsize=(5 * len(nets), 4.8), squeeze=False)
+    for ax, (label, net) in zip(axes[0], nets.items()):
+        net.eval()
+        with torch.no_grad():
+            feats = [net.backbone(x).float().cpu().numpy() for x, _ in picks]
+        import numpy as np
+        emb = TSNE(n_components=2, init="pca", random_state=seed, perplexity=30).fit_transform(np.concatenate(feats))
+        ns = len(feats[0])
+        for (lo, hi), marker, name in (((0, ns), "o", "source"), ((ns, len(emb)), "x", "target")):
+            y = picks[0][1] if name == "source" else picks[1][1]
+            ax.scatter(emb[lo:hi, 0], emb[lo:hi, 1], c=y, cmap="tab10", s=7, marker=marker, alpha=0.7,
+                       vmin=0, vmax=9, label=name, linewidths=0.6)
+        ax.set_title(label, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.legend(loc="lower right", fontsize=8, markerscale=2)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    out = _save(fig, Path(path))
+    plt.close(fig)
+    return out

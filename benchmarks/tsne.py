@@ -1,0 +1,60 @@
+"""t-SNE of source/target features before (source only) and after adaptation, for one pair.
+
+    python -m dalab.benchmarks.tsne [--pair mnist5k:ucidigits] [--method dann] [--seed 0] [--steps 500]
+                                     [--runs-dir results/runs] [--out results/digits/tsne.png]
+
+Uses the trained weights (``model.pt``) of the ``source_only`` run and of the adapted run with the
+same config as the benchmark grid; a run finished without saved weights is retrained through the
+same trainer into ``<runs-dir>/_weights`` (same config, same seed, so the same network on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from dalab.datasets import load_domain
+from dalab.methods.nets import build_classifier
+from dalab.plots import tsne_before_after
+from dalab.trainer import RunConfig, train
+
+
+def weights(cfg: RunConfig, runs_dir: Path) -> dict:
+    for d in (runs_dir, runs_dir / "_weights"):
+        f = d / cfg.run_id() / "model.pt"
+        if f.is_file() and (d / cfg.run_id() / "done").is_file():
+            return torch.load(f, map_location="cpu", weights_only=True)
+    train(cfg, runs_dir / "_weights", progress=False, tensorboard=False, save_model=True)
+    return torch.load(runs_dir / "_weights" / cfg.run_id() / "model.pt", map_location="cpu", weights_only=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pair", default="mnist5k:ucidigits")
+    ap.add_argument("--method", default="dann")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--backbone", default="lenet")
+    ap.add_argument("--runs-dir", default="results/runs")
+    ap.add_argument("--out", default="results/digits/tsne.png")
+    args = ap.parse_args(argv)
+    src, tgt = args.pair.split(":")
+    nets = {}
+    for m in ("source_only", args.method):
+        cfg = RunConfig(m, src, tgt, seed=args.seed, steps=args.steps, eval_every=args.eval_every,
+                        backbone=args.backbone)
+        net = build_classifier(args.backbone, 10)
+        net.load_state_dict(weights(cfg, Path(args.runs_dir)))
+        nets["source only (before adaptation)" if m == "source_only" else f"{m} (after adaptation)"] = net
+    s, t = load_domain(src), load_domain(tgt)
+    out = tsne_before_after(nets, s.test, t.test, args.out,
+                            title=f"{src} (o) -> {tgt} (x), backbone features, test images, seed {args.seed}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
