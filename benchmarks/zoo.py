@@ -34,10 +34,12 @@ def natural_budgets(name: str, k: int) -> list[str]:
     return out
 
 
-def run_or_load(cfg: RunConfig, runs_dir: Path, device: str) -> dict:
+def run_or_load(cfg: RunConfig, runs_dir: Path, device: str, cached_only: bool = False) -> dict | None:
     d = runs_dir / cfg.run_id()
     if (d / "done").is_file() and (d / "record.json").is_file():
         return json.loads((d / "record.json").read_text())
+    if cached_only:
+        return None
     return train(cfg, runs_dir, device=device, progress=False, tensorboard=False)
 
 
@@ -46,11 +48,13 @@ def main(argv=None) -> int:
     ap.add_argument("--pair", default="mnist5k:ucidigits")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--backbone", default="lenet")
     ap.add_argument("--k", type=int, default=10, help="labels per class for label-using methods")
     ap.add_argument("--only", nargs="+", default=None, help="methods to run (default: the registry)")
     ap.add_argument("--runs-dir", default="results/runs")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None, help="also write the table (Markdown) to this file")
+    ap.add_argument("--cached-only", action="store_true", help="train nothing: table of the finished runs")
     args = ap.parse_args(argv)
     src, tgt = args.pair.split(":")
     names = ["source_only"] + sorted(n for n in (args.only or METHODS) if n != "source_only")
@@ -58,8 +62,10 @@ def main(argv=None) -> int:
     recs: dict[tuple[str, str], list[dict]] = {r: [] for r in rows}
     for s in args.seeds:
         for n, b in rows:
-            rec = run_or_load(RunConfig(n, src, tgt, seed=s, budget=b, steps=args.steps), Path(args.runs_dir),
-                              args.device)
+            rec = run_or_load(RunConfig(n, src, tgt, seed=s, budget=b, steps=args.steps, backbone=args.backbone), Path(args.runs_dir),
+                              args.device, args.cached_only)
+            if rec is None:
+                continue
             recs[(n, b)].append(rec)
             acc = rec["final"]["tgt_test"]["acc"] * 100 if rec["final"] else float("nan")
             print(f"{n} b{b} s{s}: {acc:.1f}", flush=True)
@@ -79,7 +85,7 @@ def table(recs: dict[tuple[str, str], list[dict]], args) -> list[str]:
     out: list[str] = []
     base = [r["final"]["tgt_test"]["acc"] * 100 for r in recs[("source_only", "0")] if r["final"]]
     base_mean = statistics.mean(base) if base else float("nan")
-    out.append(f"{src} -> {tgt}, {args.steps} steps, seeds {', '.join(map(str, args.seeds))}; selection rule: "
+    out.append(f"{src} -> {tgt}, backbone {args.backbone}, {args.steps} steps, seeds {', '.join(map(str, args.seeds))}; selection rule: "
           f"last step (fixed budget, no target labels used to select); target test accuracy (%); "
           f"budget = target labels per class used in training (0: none; all: the oracle)")
     out.append("")
@@ -89,7 +95,7 @@ def table(recs: dict[tuple[str, str], list[dict]], args) -> list[str]:
         ok = [r for r in rs if r["final"]]
         accs = [r["final"]["tgt_test"]["acc"] * 100 for r in ok]
         if not accs:
-            out.append(f"| {n} | {METHODS[n].family} | {b} | diverged | | | | |")
+            out.append(f"| {n} | {METHODS[n].family} | {b} | {'diverged' if rs else 'not run'} | | | | |")
             continue
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
         sv = statistics.mean(r["final"]["src_val"]["acc"] * 100 for r in ok)
@@ -97,7 +103,8 @@ def table(recs: dict[tuple[str, str], list[dict]], args) -> list[str]:
         div = len(rs) - len(ok)
         delta = statistics.mean(accs) - base_mean
         out.append(f"| {n} | {METHODS[n].family} | {b} | {statistics.mean(accs):.1f} ± {sd:.1f} | "
-              f"{', '.join(f'{a:.1f}' for a in accs)}{f' ({div} diverged)' if div else ''} | "
+              f"{', '.join(f'{a:.1f}' for a in accs)}{f' ({div} diverged)' if div else ''}"
+              f"{f' (only {len(rs)} of {len(args.seeds)} seeds)' if len(rs) < len(args.seeds) else ''} | "
               f"{'' if n == 'source_only' else f'{delta:+.1f}'} | {sv:.1f} | {sps:.1f} |")
     return out
 
