@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import HParam, register
+from .base import HParam, TargetData, register
 from .joint import Joint
 
 
@@ -16,11 +16,13 @@ class DAN(Joint):
 
     Deviations (see ``joint``): equal kernel weights, quadratic unbiased estimate; the conv
     layers are trained too (the paper freezes conv1-3 of an ImageNet AlexNet; our LeNet starts
-    from scratch). Target labels, when the budget gives some, are added as in ``joint``.
+    from scratch).
+    Unsupervised, as the paper; ``joint`` adds target labels.
     """
 
     paper = "Long et al., Learning Transferable Features with Deep Adaptation Networks, ICML 2015. https://arxiv.org/abs/1502.02791"
     family = "discrepancy"
+    target_data = TargetData.UNLABELED
     label_budgets = ("0",)  # the paper is unsupervised; label budgets are joint's
     hparams = {**Joint.hparams,
                "alignment": HParam("mmd", ("choice", ("mmd",)), "the alignment term A (fixed: MK-MMD)"),
