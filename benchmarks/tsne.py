@@ -1,7 +1,9 @@
 """t-SNE of source/target features before (source only) and after adaptation, for one pair.
 
-    python -m dalab.benchmarks.tsne [--pair mnist5k:ucidigits] [--method dann] [--seed 0] [--steps 500]
-                                     [--runs-dir results/runs] [--out results/digits/tsne.png]
+    python -m dalab.benchmarks.tsne [--spec benchmarks/digits.yaml] [--pair mnist5k:ucidigits] [--method dann]
+                                     [--seed 0] [--runs-dir results/runs] [--out results/digits/tsne.png]
+
+Steps, evaluation interval and backbone come from the benchmark spec (so the runs are the grid's).
 
 Uses the trained weights (``model.pt``) of the ``source_only`` run and of the adapted run with the
 same config as the benchmark grid; a run finished without saved weights is retrained through the
@@ -35,12 +37,18 @@ def main(argv=None) -> int:
     ap.add_argument("--pair", default="mnist5k:ucidigits")
     ap.add_argument("--method", default="dann")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--eval-every", type=int, default=100)
-    ap.add_argument("--backbone", default="lenet")
+    ap.add_argument("--spec", default="benchmarks/digits.yaml", help="take steps/eval_every/backbone from it")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--eval-every", type=int, default=None)
+    ap.add_argument("--backbone", default=None)
     ap.add_argument("--runs-dir", default="results/runs")
     ap.add_argument("--out", default="results/digits/tsne.png")
     args = ap.parse_args(argv)
+    from dalab.bench import BenchSpec
+    spec = BenchSpec.from_yaml(args.spec) if args.spec and Path(args.spec).is_file() else BenchSpec()
+    args.steps = args.steps or spec.steps
+    args.eval_every = args.eval_every or spec.eval_every
+    args.backbone = args.backbone or spec.backbone
     src, tgt = args.pair.split(":")
     nets = {}
     for m in ("source_only", args.method):
