@@ -23,7 +23,8 @@ class AFN(Method):
     with L2-preserved dropout; our heads have neither. HAFN is the default because SAFN's norm
     growth is unbounded: on the head's BN-free hidden layer it killed every ReLU within 250 steps,
     on the BN-free LeNet features the norm passed 1e8 within 300 steps (3/3 runs at chance);
-    on LeNet+BN features it trained but reached 40% target accuracy (source-only 65%).
+    on LeNet+BN features it trained but reached 40% target accuracy (source-only 65%). HAFN on
+    the BN-free LeNet (500 steps): 59.5 / 50.2 / 10.0% (seed 2 diverged), below source-only.
     """
 
     family = "regularization"

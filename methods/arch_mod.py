@@ -49,6 +49,8 @@ class ArchMod(Method):
     Budget 0 uses unlabeled target inputs only (AdaBN); budget k also trains the new parts on the
     k labeled target images per class. During training G's BatchNorm keeps its source statistics
     (eval mode); labeled target images go through their own forward pass.
+    With the BN-free ``lenet`` AdaBN can only re-estimate the new bottleneck's BatchNorm; use
+    ``--backbone lenet_bn`` (or a ResNet) for AdaBN on the backbone.
     Deviation: AdaBN's paper re-estimates statistics of a network trained normally on source; here
     it is applied to the source network after the new parts are trained.
     """
