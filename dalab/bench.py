@@ -254,7 +254,9 @@ def work(cfg_dicts: list[dict], runs_dir: str, device: str = "auto", threads: in
                 results.append((rid, "skipped"))
                 continue
             t0 = time.perf_counter()
-            rec = train(cfg, rd, device=device, progress=False, data_root=data_root)
+            # a partial run (killed mid-way) continues from its last checkpoint
+            rec = train(cfg, rd, device=device, progress=False, data_root=data_root,
+                        checkpoint_every=cfg.eval_every, resume=True)
             acc = rec["final"]["tgt_test"]["acc"] * 100 if rec["final"] else float("nan")
             print(f"{worker}{rec['status']:<8} {rid}  tgt_test {acc:5.1f}  "
                   f"({time.perf_counter() - t0:.0f} s, {rec['train']['steps_per_s']:.0f} steps/s)", flush=True)

@@ -71,7 +71,7 @@ def cmd_run(args) -> int:
                     budget=args.budget, steps=args.steps, eval_every=args.eval_every,
                     backbone=args.backbone, pretrained=args.pretrained, hparams=parse_sets(args.set))
     rec = train(cfg, runs_dir=args.runs_dir, device=args.device, progress=not args.quiet,
-                data_root=args.data_root)
+                data_root=args.data_root, checkpoint_every=args.checkpoint_every, resume=args.resume)
     f = rec["final"]
     if rec["status"] != "done":
         print(f"{rec['run_id']}: {rec['status']} at step {rec['train']['diverged_at']} "
@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--runs-dir", default="results/runs")
     pr.add_argument("--data-root", default=None, help="root folder of datasets read from disk")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                    help="write checkpoint.pt every N steps (atomic)")
+    pr.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint.pt")
     pr.add_argument("--download", action="store_true",
                     help="let torchvision download MNIST/USPS/SVHN into --data-root (needs internet)")
     pr.set_defaults(fn=cmd_run)

@@ -162,6 +162,21 @@ class _Inputs:
             yield (x, y) if self.labels else x
 
 
+def _get_rng_state() -> dict:
+    import random
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(st: dict) -> None:
+    import random
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if st.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -170,12 +185,16 @@ def _device_name(device: torch.device) -> str:
 
 def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "auto",
           progress: bool = True, tensorboard: bool = True, log_every: int = 50,
-          data_root: str | None = None, save_model: bool = False) -> dict[str, Any]:
+          data_root: str | None = None, save_model: bool = False, checkpoint_every: int | None = None,
+          resume: bool = False) -> dict[str, Any]:
     """Train one run to its step budget and write its record. Returns the record.
 
     ``data_root`` locates domains read from disk; it is not part of the run's identity.
     ``save_model`` also writes the network weights to ``model.pt`` (always on for ``source_only``:
-    those weights are the shared source-pretrained start of other methods, see dalab.pretrain)."""
+    those weights are the shared source-pretrained start of other methods, see dalab.pretrain).
+    ``checkpoint_every`` N writes ``checkpoint.pt`` every N steps (atomically): weights, optimizer,
+    scheduler, RNG states, step, evaluations so far. ``resume`` continues from it when present; on
+    CPU a resumed run ends with the same numbers as an uninterrupted one (same thread count)."""
     from dalab.datasets.base import check_same_classes, labeled_indices, load_domain
     from dalab.methods.base import Batch, TargetData
     from dalab.methods.nets import build_classifier
@@ -227,7 +246,21 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
                    leave=False, dynamic_ncols=True)
     t0 = time.perf_counter()
     train_time = 0.0
-    for step in range(1, cfg.steps + 1):
+    start = 1
+    ckpt = run_dir / "checkpoint.pt"
+    if resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location=dev, weights_only=False)  # our own file: RNG tuples inside
+        method.load_training_state(state["method"])
+        evals, last_losses, train_time = state["evals"], state["last_losses"], state["train_time"]
+        for _ in range(state["step"]):  # replay the data streams to where they were (indexing only)
+            for it in (src_iter, tgt_iter, lab_iter):
+                if it is not None:
+                    next(it)
+        _set_rng_state(state["rng"])
+        start = state["step"] + 1
+        if bar:
+            bar.update(state["step"])
+    for step in range(start, cfg.steps + 1):
         t_step = time.perf_counter()
         xs, ys = next(src_iter)
         batch = Batch(xs, ys)
@@ -263,6 +296,11 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
                         writer.add_scalar(f"{split}/{m}", v, step)
                 for m, v in ev["tgt_train_unsup"].items():
                     writer.add_scalar(f"tgt_train_unsup/{m}", v, step)
+        if checkpoint_every and step % checkpoint_every == 0 and step < cfg.steps:
+            tmp = run_dir / ".checkpoint.pt.tmp"
+            torch.save({"step": step, "method": method.training_state(), "evals": evals,
+                        "last_losses": last_losses, "train_time": train_time, "rng": _get_rng_state()}, tmp)
+            os.replace(tmp, ckpt)  # atomic: a crash leaves the previous checkpoint intact
     wall = time.perf_counter() - t0
     if bar:
         bar.close()
@@ -296,5 +334,6 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
         torch.save({k: v.detach().cpu() for k, v in method.net.state_dict().items()}, tmp)
         os.replace(tmp, run_dir / "model.pt")  # atomic: readers see no half-written weights
     atomic_write_json(run_dir / "record.json", record)
+    ckpt.unlink(missing_ok=True)  # finished: the record holds every evaluation
     atomic_write_text(run_dir / "done", status + "\n")
     return record

@@ -1,0 +1,60 @@
+"""Crash safety: a killed run resumes to the same numbers; a diverged run is recorded, not fatal."""
+
+from __future__ import annotations
+
+import pytest
+
+from dalab.methods.dann import DANN
+from dalab.tables import build_table, load_records
+from dalab.trainer import RunConfig, train
+
+KW = dict(device="cpu", progress=False, tensorboard=False, checkpoint_every=4)
+
+
+def test_killed_run_resumes_to_the_same_final_numbers(tmp_path, monkeypatch):
+    cfg = RunConfig("dann", "toy_a", "toy_b", steps=12, eval_every=4)
+    full = train(cfg, tmp_path / "a", **KW)
+    assert not (tmp_path / "a" / cfg.run_id() / "checkpoint.pt").exists()  # removed once finished
+
+    real = DANN.update
+
+    def dies_at_step_7(self, batch, step):
+        if step == 7:
+            raise KeyboardInterrupt  # as if killed between the step-4 and step-8 checkpoints
+        return real(self, batch, step)
+
+    monkeypatch.setattr(DANN, "update", dies_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "b", **KW)
+    run = tmp_path / "b" / cfg.run_id()
+    assert (run / "checkpoint.pt").is_file() and not (run / "done").exists()
+    monkeypatch.setattr(DANN, "update", real)
+    resumed = train(cfg, tmp_path / "b", resume=True, **KW)
+    assert resumed["evals"] == full["evals"]  # every checkpoint's metrics, bitwise
+    assert (run / "done").read_text().strip() == "done"
+
+
+def test_resume_without_checkpoint_starts_from_scratch(tmp_path):
+    cfg = RunConfig("source_only", "toy_a", "toy_b", steps=4, eval_every=4)
+    a = train(cfg, tmp_path / "a", **KW)
+    b = train(cfg, tmp_path / "b", resume=True, **KW)
+    assert a["evals"] == b["evals"]
+
+
+def test_diverged_run_is_recorded_and_marked_in_tables(tmp_path, monkeypatch):
+    from dalab.methods.source_only import SourceOnly
+    real = SourceOnly.update
+
+    def blows_up(self, batch, step):  # a loss that turns non-finite at step 7
+        out = real(self, batch, step)
+        return {**out, "loss": out["loss"] * float("nan")} if step >= 7 else out
+
+    monkeypatch.setattr(SourceOnly, "update", blows_up)
+    cfg = RunConfig("source_only", "toy_a", "toy_b", steps=20, eval_every=5)
+    rec = train(cfg, tmp_path, device="cpu", progress=False, tensorboard=False, log_every=5)
+    assert rec["status"] == "diverged" and rec["final"] is None
+    assert rec["train"]["diverged_at"] == 10 and rec["train"]["last_losses"]
+    assert [e["step"] for e in rec["evals"]] == [5]  # the evaluation before it is kept
+    assert (tmp_path / cfg.run_id() / "done").read_text().strip() == "diverged"  # finished: not re-run
+    row = build_table(load_records(tmp_path), "last")["rows"][0]
+    assert row["cells"]["toy_a→toy_b"]["n_failed"] == 1 and not row["cells"]["toy_a→toy_b"]["accs"]
