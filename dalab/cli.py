@@ -71,7 +71,8 @@ def cmd_run(args) -> int:
                     budget=args.budget, steps=args.steps, eval_every=args.eval_every,
                     backbone=args.backbone, pretrained=args.pretrained, hparams=parse_sets(args.set))
     rec = train(cfg, runs_dir=args.runs_dir, device=args.device, progress=not args.quiet,
-                data_root=args.data_root, checkpoint_every=args.checkpoint_every, resume=args.resume)
+                data_root=args.data_root, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                deterministic=args.deterministic)
     f = rec["final"]
     if rec["status"] != "done":
         print(f"{rec['run_id']}: {rec['status']} at step {rec['train']['diverged_at']} "
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                     help="write checkpoint.pt every N steps (atomic)")
     pr.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint.pt")
+    pr.add_argument("--deterministic", action="store_true",
+                    help="deterministic GPU kernels (slower); CPU runs are deterministic anyway")
     pr.add_argument("--download", action="store_true",
                     help="let torchvision download MNIST/USPS/SVHN into --data-root (needs internet)")
     pr.set_defaults(fn=cmd_run)

@@ -162,6 +162,18 @@ class _Inputs:
             yield (x, y) if self.labels else x
 
 
+def set_determinism(on: bool, device: torch.device) -> None:
+    """Deterministic GPU kernels, or cuDNN autotuning for speed. CPU kernels are deterministic for a
+    fixed thread count either way."""
+    if device.type != "cuda":
+        return
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = not on
+    torch.use_deterministic_algorithms(on, warn_only=True)
+
+
 def _get_rng_state() -> dict:
     import random
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
@@ -186,7 +198,7 @@ def _device_name(device: torch.device) -> str:
 def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "auto",
           progress: bool = True, tensorboard: bool = True, log_every: int = 50,
           data_root: str | None = None, save_model: bool = False, checkpoint_every: int | None = None,
-          resume: bool = False) -> dict[str, Any]:
+          resume: bool = False, deterministic: bool = False) -> dict[str, Any]:
     """Train one run to its step budget and write its record. Returns the record.
 
     ``data_root`` locates domains read from disk; it is not part of the run's identity.
@@ -194,13 +206,16 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
     those weights are the shared source-pretrained start of other methods, see dalab.pretrain).
     ``checkpoint_every`` N writes ``checkpoint.pt`` every N steps (atomically): weights, optimizer,
     scheduler, RNG states, step, evaluations so far. ``resume`` continues from it when present; on
-    CPU a resumed run ends with the same numbers as an uninterrupted one (same thread count)."""
+    CPU a resumed run ends with the same numbers as an uninterrupted one (same thread count).
+    ``deterministic`` selects deterministic GPU kernels (cuDNN deterministic, no autotuning,
+    ``torch.use_deterministic_algorithms``); otherwise CUDA runs let cuDNN autotune for speed."""
     from dalab.datasets.base import check_same_classes, labeled_indices, load_domain
     from dalab.methods.base import Batch, TargetData
     from dalab.methods.nets import build_classifier
 
     prep = validate(cfg)
     dev = pick_device(device)
+    set_determinism(deterministic, dev)
     src = load_domain(cfg.source, cfg.split_seed, dev, root=data_root)
     tgt = load_domain(cfg.target, cfg.split_seed, dev, root=data_root)
     check_same_classes(src, tgt)
@@ -327,6 +342,7 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
                   "diverged_at": diverged_at},
         "provenance": {**git_commit(), "versions": package_versions(), "device": str(dev),
                        "device_name": _device_name(dev), "torch_threads": torch.get_num_threads(),
+                       "deterministic": deterministic,
                        "host": platform.node(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
     }
     if (save_model or cfg.method == "source_only") and status == "done":
