@@ -21,7 +21,8 @@ def ev(step, src, tgt_val, tgt_test, im=0.0, ent=-1.0, snd=0.0):
 def rec(method, family, budget, pair, seed, evals, status="done", hparams=None):
     s, t = pair
     return {"run_id": f"{method}__{s}-{t}__b{budget}__s{seed}", "status": status,
-            "config": {"source": s, "target": t, "seed": seed, "hparams": hparams or {}},
+            "config": {"source": s, "target": t, "seed": seed, "hparams": hparams or {}, "backbone": "lenet",
+                       "steps": evals[-1]["step"] if evals else 0},
             "method": {"name": method, "family": family, "target_data": "unlabeled", "budget": budget},
             "evals": evals, "train": {"steps": evals[-1]["step"] if evals else 0, "wall_time_s": 1.0, "steps_per_s": 10.0}}
 
@@ -110,3 +111,11 @@ def test_load_records_ignores_partial_runs(tmp_path):
             (d / "done").write_text("done\n")
     (tmp_path / "c").mkdir()
     assert len(load_records(tmp_path)) == 1
+
+
+def test_different_settings_are_never_pooled():
+    a = [rec("m", "f", "0", ("a", "b"), s, [ev(1, 0.9, 0.5, 0.50)]) for s in (0, 1)]
+    b = [rec("m", "f", "0", ("a", "b"), s, [ev(1, 0.9, 0.5, 0.90), ev(2, 0.9, 0.5, 0.90)]) for s in (0, 1)]
+    rows = build_table(a + b, "last")["rows"]
+    assert sorted(r["method"] for r in rows) == ["m (lenet, 1 steps)", "m (lenet, 2 steps)"]
+    assert sorted(r["cells"]["a→b"]["accs"][0] for r in rows) == [50.0, 90.0]
