@@ -26,6 +26,7 @@ from types import SimpleNamespace
 from typing import Any, ClassVar, Iterable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dalab.utils import DalabError
@@ -284,3 +285,28 @@ class Method(nn.Module):
         self.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+class TargetRegularized(Method):
+    """The shape shared by BNM, MCC, entropy minimisation and IM:
+
+        loss = CE(C(G(x_s)), y_s) + trade_off * R(C(G(x_t)))
+
+    with source and target in one forward pass. Subclasses declare ``trade_off`` and implement
+    :meth:`target_loss` (R and the scalars to log); the update is written once, here."""
+
+    target_data = TargetData.UNLABELED
+    label_budgets = ("0",)
+
+    def target_loss(self, logits_t: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """R(target logits), and the named terms to log."""
+        raise NotImplementedError
+
+    def update(self, batch: Batch, step: int):
+        n = len(batch.x_src)
+        logits = self.predict(torch.cat([batch.x_src, batch.x_tgt]))
+        cls_loss = F.cross_entropy(logits[:n], batch.y_src)
+        transfer_loss, logs = self.target_loss(logits[n:])
+        loss = cls_loss + self.hp.trade_off * transfer_loss
+        self.optimize(loss)
+        return {"loss": loss, "cls_loss": cls_loss, **logs}

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
-from .base import Batch, HParam, Method, TargetData, register
+from .base import HParam, TargetRegularized, register
 
 
 @register("entropy_min")
-class EntropyMin(Method):
+class EntropyMin(TargetRegularized):
     """Entropy minimisation (Grandvalet & Bengio, NeurIPS 2004) on unlabeled target data:
 
         loss = CE(C(G(x_s)), y_s) + trade_off * ( E_t H(p(y|x_t))  -  diversity * H(E_t p(y|x_t)) )
@@ -23,8 +20,6 @@ class EntropyMin(Method):
 
     family = "regularization"
     paper = "Grandvalet & Bengio, Semi-supervised Learning by Entropy Minimization, NeurIPS 2004. https://papers.nips.cc/paper/2740-semi-supervised-learning-by-entropy-minimization"
-    target_data = TargetData.UNLABELED
-    label_budgets = ("0",)
     hparams = {
         "trade_off": HParam(0.1, ("log", 0.01, 1.0), "weight of the target term", low=0.0),
         "diversity": HParam(0.0, ("uniform", 0.0, 1.0), "weight of -H(mean prediction)", low=0.0),
@@ -34,12 +29,7 @@ class EntropyMin(Method):
         from pytorch_adapt.layers import DiversityLoss, EntropyLoss
         self.entropy, self.diversity_loss = EntropyLoss(), DiversityLoss()
 
-    def update(self, batch: Batch, step: int):
-        n = len(batch.x_src)
-        logits = self.predict(torch.cat([batch.x_src, batch.x_tgt]))
-        cls_loss = F.cross_entropy(logits[:n], batch.y_src)
-        ent = self.entropy(logits[n:])
-        transfer_loss = ent + self.hp.diversity * self.diversity_loss(logits[n:])
-        loss = cls_loss + self.hp.trade_off * transfer_loss
-        self.optimize(loss)
-        return {"loss": loss, "cls_loss": cls_loss, "entropy": ent, "transfer_loss": transfer_loss}
+    def target_loss(self, logits_t):
+        ent = self.entropy(logits_t)
+        transfer_loss = ent + self.hp.diversity * self.diversity_loss(logits_t)
+        return transfer_loss, {"entropy": ent, "transfer_loss": transfer_loss}

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
-from .base import Batch, HParam, Method, TargetData, register
+from .base import HParam, TargetRegularized, register
 
 
 @register("mcc")
-class MCC(Method):
+class MCC(TargetRegularized):
     """Minimum Class Confusion (Jin et al., ECCV 2020):
 
         loss = CE(C(G(x_s)), y_s) + trade_off * L_MCC(C(G(x_t)))
@@ -24,8 +21,6 @@ class MCC(Method):
 
     family = "regularization"
     paper = "Jin et al., Minimum Class Confusion for Versatile Domain Adaptation, ECCV 2020. https://arxiv.org/abs/1912.03699"
-    target_data = TargetData.UNLABELED
-    label_budgets = ("0",)
     hparams = {
         "trade_off": HParam(1.0, ("log", 0.1, 10.0), "weight of the class-confusion loss", low=0.0),
         "temperature": HParam(2.5, ("uniform", 1.0, 4.0), "softmax temperature T", low=1e-3),
@@ -35,11 +30,6 @@ class MCC(Method):
         from pytorch_adapt.layers import MCCLoss
         self.mcc = MCCLoss(T=self.hp.temperature)
 
-    def update(self, batch: Batch, step: int):
-        n = len(batch.x_src)
-        logits = self.predict(torch.cat([batch.x_src, batch.x_tgt]))
-        cls_loss = F.cross_entropy(logits[:n], batch.y_src)
-        transfer_loss = self.mcc(logits[n:])
-        loss = cls_loss + self.hp.trade_off * transfer_loss
-        self.optimize(loss)
-        return {"loss": loss, "cls_loss": cls_loss, "mcc_loss": transfer_loss}
+    def target_loss(self, logits_t):
+        mcc = self.mcc(logits_t)
+        return mcc, {"mcc_loss": mcc}
