@@ -14,13 +14,13 @@ import json
 import statistics
 from pathlib import Path
 
+from dalab.bench import run_state
 from dalab.trainer import RunConfig, train
 
 
 def run_or_load(cfg: RunConfig, runs_dir: Path, device: str) -> dict:
-    d = runs_dir / cfg.run_id()
-    if (d / "done").is_file() and (d / "record.json").is_file():
-        return json.loads((d / "record.json").read_text())
+    if run_state(runs_dir, cfg.run_id()) == "done":
+        return json.loads((runs_dir / cfg.run_id() / "record.json").read_text())
     return train(cfg, runs_dir, device=device, progress=False)
 
 
