@@ -10,9 +10,18 @@ optimizer (SGD, momentum 0.9), it times the training steps of
 2. dalab's trainer (``dalab.trainer.train``, its step time, evaluation excluded),
 3. pytorch-adapt's adapter (``DANN`` / ``Classifier``, ``training_step``),
 
-for DANN and for source-only, and prints steps/s, images/s and the ratios dalab/bare and
-dalab/pytorch-adapt (median over repeats, variants interleaved so drift hits all alike), plus
-peak memory (CUDA: per variant; CPU: the process's peak RSS, which is shared, so only indicative).
+for DANN and for source-only, and prints steps/s, images/s and ratios (median over repeats,
+variants interleaved so drift hits all alike), plus peak memory (CUDA: per variant; CPU: the
+process's peak RSS, which is shared, so only indicative).
+
+Each loop runs in two settings: ``fp32`` (float32, NCHW: what a hand-written loop and
+pytorch-adapt do by default) and ``fast`` (dalab's defaults on this device: bf16 autocast where
+the device has native bf16, channels_last for the conv net). So
+
+- dalab/bare in the same setting is the trainer's overhead (target >= 0.95),
+- dalab (its defaults) / pytorch-adapt (its defaults) is what a user gets by switching (target >= 1.5),
+- pytorch-adapt ``fast`` applies the same autocast + channels_last from outside its adapter, to
+  show how much of the gap is settings and how much is per-step overhead.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ import torch.nn.functional as F
 from dalab.datasets import load_domain
 from dalab.methods.layers import dann_lambda, grad_reverse
 from dalab.methods.nets import build_classifier, domain_discriminator
-from dalab.trainer import RunConfig, pick_device, train
+from dalab.trainer import RunConfig, autocast, pick_device, resolve_precision, train
 
 BS = 64
 
@@ -44,10 +53,19 @@ def _batches(split, gen):
     return split.sampler(BS, gen)
 
 
-def bare(method: str, steps: int, dev, src, tgt, backbone: str) -> float:
+def _setting(fast: bool, dev, *splits):
+    """(precision, memory format) of a setting; sets the splits' input layout."""
+    fmt = torch.channels_last if fast else torch.contiguous_format
+    for s in splits:
+        s.memory_format = fmt
+    return (resolve_precision("auto", dev) if fast else "fp32"), fmt
+
+
+def bare(method: str, steps: int, dev, src, tgt, backbone: str, fast: bool) -> float:
     """A hand-written loop: same model and data path, no trainer. Returns seconds for ``steps``."""
+    prec, fmt = _setting(fast, dev, src, tgt)
     torch.manual_seed(0)
-    net = build_classifier(backbone, 10).to(dev)
+    net = build_classifier(backbone, 10).to(dev, memory_format=fmt)
     disc = domain_discriminator(net.backbone.out_dim).to(dev)
     params = list(net.parameters()) + (list(disc.parameters()) if method == "dann" else [])
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -58,14 +76,15 @@ def bare(method: str, steps: int, dev, src, tgt, backbone: str) -> float:
     t0 = time.perf_counter()
     for step in range(steps):
         xs, ys = next(si)
-        if method == "dann":
-            xt = next(ti)[0]
-            f = net.backbone(torch.cat([xs, xt]))
-            d = disc(grad_reverse(f, dann_lambda(step / steps))).squeeze(1)
-            dom = torch.cat([torch.ones(len(xs), device=dev), torch.zeros(len(xt), device=dev)])
-            loss = F.cross_entropy(net.head(f[: len(xs)]), ys) + F.binary_cross_entropy_with_logits(d, dom)
-        else:
-            loss = F.cross_entropy(net(xs), ys)
+        with autocast(dev, prec):
+            if method == "dann":
+                xt = next(ti)[0]
+                f = net.backbone(torch.cat([xs, xt]))
+                d = disc(grad_reverse(f, dann_lambda(step / steps))).squeeze(1)
+                dom = torch.cat([torch.ones(len(xs), device=dev), torch.zeros(len(xt), device=dev)])
+                loss = F.cross_entropy(net.head(f[: len(xs)]), ys) + F.binary_cross_entropy_with_logits(d, dom)
+            else:
+                loss = F.cross_entropy(net(xs), ys)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -74,20 +93,21 @@ def bare(method: str, steps: int, dev, src, tgt, backbone: str) -> float:
     return time.perf_counter() - t0
 
 
-def dalab_trainer(method: str, steps: int, dev, runs_dir: str, backbone: str) -> float:
+def dalab_trainer(method: str, steps: int, dev, runs_dir: str, backbone: str, fast: bool) -> float:
     cfg = RunConfig("dann" if method == "dann" else "source_only", "mnist5k", "ucidigits", steps=steps,
-                    eval_every=10 ** 9, backbone=backbone)
-    rec = train(cfg, runs_dir, device=str(dev), progress=False, tensorboard=False)
+                    eval_every=10 ** 9, backbone=backbone, precision="auto" if fast else "fp32")
+    rec = train(cfg, runs_dir, device=str(dev), progress=False, tensorboard=False, channels_last=fast)
     return rec["train"]["train_time_s"]
 
 
-def pytorch_adapt(method: str, steps: int, dev, src, tgt, backbone: str) -> float:
+def pytorch_adapt(method: str, steps: int, dev, src, tgt, backbone: str, fast: bool) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from pytorch_adapt.adapters import DANN, Classifier
         from pytorch_adapt.containers import LRSchedulers, Models, Optimizers
+    prec, fmt = _setting(fast, dev, src, tgt)
     torch.manual_seed(0)
-    net = build_classifier(backbone, 10).to(dev)
+    net = build_classifier(backbone, 10).to(dev, memory_format=fmt)
     models = {"G": net.backbone, "C": net.head}
     if method == "dann":
         # pytorch-adapt's domain loss wants one logit per image as a 1-d tensor
@@ -105,7 +125,8 @@ def pytorch_adapt(method: str, steps: int, dev, src, tgt, backbone: str) -> floa
         batch = {"src_imgs": xs, "src_labels": ys, "src_domain": zeros}
         if method == "dann":
             batch.update(target_imgs=next(ti)[0], target_domain=ones)
-        adapter.training_step(batch)
+        with autocast(dev, prec):  # fp32 setting: a no-op
+            adapter.training_step(batch)
     _sync(dev)
     return time.perf_counter() - t0
 
@@ -128,16 +149,18 @@ def main(argv=None) -> int:
     dev = pick_device(args.device)
     src, tgt = load_domain("mnist5k", 0, dev).train, load_domain("ucidigits", 0, dev).train
     runs = tempfile.mkdtemp(prefix="dalab-speed-")
-    variants = {
-        "bare": lambda m, n: bare(m, n, dev, src, tgt, args.backbone),
-        "dalab": lambda m, n: dalab_trainer(m, n, dev, runs, args.backbone),
-        "pytorch-adapt": lambda m, n: pytorch_adapt(m, n, dev, src, tgt, args.backbone),
-    }
+    loops = {"bare": lambda m, n, fast: bare(m, n, dev, src, tgt, args.backbone, fast),
+             "dalab": lambda m, n, fast: dalab_trainer(m, n, dev, runs, args.backbone, fast),
+             "pytorch-adapt": lambda m, n, fast: pytorch_adapt(m, n, dev, src, tgt, args.backbone, fast)}
+    variants = {(loop, setting): (lambda m, n, f=fn, fast=setting == "fast": f(m, n, fast))
+                for setting in ("fp32", "fast") for loop, fn in loops.items()}
+    fast_prec = resolve_precision("auto", dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; {args.steps} timed steps x {args.repeats} repeats; "
-          f"batch {BS} source + {BS} target; backbone {args.backbone}\n")
-    print("| method | loop | steps/s | images/s | peak mem (MiB) |")
-    print("|---|---|---|---|---|")
+          f"batch {BS} source + {BS} target; backbone {args.backbone}; "
+          f"fast = {fast_prec} autocast + channels_last\n")
+    print("| method | loop | setting | steps/s | images/s | peak mem (MiB) |")
+    print("|---|---|---|---|---|---|")
     for method in args.methods:
         times: dict[str, list[float]] = {k: [] for k in variants}
         mem = {}
@@ -151,10 +174,16 @@ def main(argv=None) -> int:
                 mem[k] = peak_mem(dev)
         sps = {k: args.steps / statistics.median(v) for k, v in times.items()}
         imgs = BS * (2 if method == "dann" else 1)
-        for k in variants:
-            print(f"| {method} | {k} | {sps[k]:.1f} | {sps[k] * imgs:.0f} | {mem[k]:.0f} |")
-        print(f"| {method} | **ratios** | dalab/bare = {sps['dalab'] / sps['bare']:.2f} | "
-              f"dalab/pytorch-adapt = {sps['dalab'] / sps['pytorch-adapt']:.2f} | |", flush=True)
+        for (loop, setting) in variants:
+            k = (loop, setting)
+            print(f"| {method} | {loop} | {setting} | {sps[k]:.1f} | {sps[k] * imgs:.0f} | {mem[k]:.0f} |")
+        r = lambda a, b: sps[a] / sps[b]  # noqa: E731
+        print(f"| {method} | **dalab/bare** (trainer overhead) | fp32 {r(('dalab', 'fp32'), ('bare', 'fp32')):.2f}, "
+              f"fast {r(('dalab', 'fast'), ('bare', 'fast')):.2f} | | | |")
+        print(f"| {method} | **dalab/pytorch-adapt** | defaults (dalab fast / pa fp32) "
+              f"{r(('dalab', 'fast'), ('pytorch-adapt', 'fp32')):.2f}; same setting: fp32 "
+              f"{r(('dalab', 'fp32'), ('pytorch-adapt', 'fp32')):.2f}, fast "
+              f"{r(('dalab', 'fast'), ('pytorch-adapt', 'fast')):.2f} | | | |", flush=True)
     return 0
 
 

@@ -7,9 +7,10 @@ exclusively created ``<id>.claim`` file) before training it, so several workers 
 ``dalab bench`` processes on the same results dir -- never train the same run twice. A claim left
 by a dead process on this host is stale and is taken over.
 
-Launchers: ``local`` (this process, sequential), ``local --jobs N`` (N worker processes; one per
-GPU when GPUs are visible, else CPU workers splitting the cores), ``submitit-local`` and ``slurm``
-(through submitit's executors; we do not write our own scheduler).
+Launchers: ``local`` (this process, sequential), ``local --jobs N`` (N worker processes: with
+GPUs visible they are spread round-robin over the GPUs, so ``--jobs 8`` on one GPU trains 8 runs of
+a small model concurrently on it; without GPUs they split the CPU cores), ``submitit-local`` and
+``slurm`` (through submitit's executors; we do not write our own scheduler).
 """
 
 from __future__ import annotations
@@ -43,7 +44,11 @@ class BenchSpec:
     backbone: str = "lenet"
     pretrained: str | None = None
     split_seed: int = 0
+    precision: str = "auto"                              # auto | fp32 | bf16 (see dalab.trainer)
     hparams: dict[str, dict[str, Any]] = field(default_factory=dict)  # {method or "all": {name: value}}
+    # data options swept as separate rows: [{hparam: value, ...}, ...] applied on top of hparams;
+    # [{}] = defaults only. E.g. [{}, {mixup: source}, {vat: 1.0}]
+    variants: list[dict[str, Any]] = field(default_factory=lambda: [{}])
     trials: int = 1                                      # 1 = defaults only; n > 1 adds n-1 random draws
     search_seed: int = 0
     selection: list[str] = field(default_factory=lambda: list(RULES))
@@ -97,6 +102,8 @@ class BenchSpec:
         for r in self.selection:
             if r not in RULES:
                 bad("selection", f"has unknown rule {r!r}; allowed: {', '.join(RULES)}")
+        if not isinstance(self.variants, list) or not self.variants or not all(isinstance(v, dict) for v in self.variants):
+            bad("variants", f"must be a non-empty list of {{hparam: value}} mappings ([{{}}] = defaults), got {self.variants!r}")
         if not isinstance(self.hparams, dict) or not all(isinstance(v, dict) for v in self.hparams.values()):
             bad("hparams", "must map a method name (or 'all') to {hparam: value}")
         if isinstance(self.pairs, list) and not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in self.pairs):
@@ -167,14 +174,16 @@ def expand(spec: BenchSpec):
         budgets = [b for b in spec.budgets if budget_kind(parse_budget(b)) in cls.label_budgets]
         for src, tgt in pairs:
             for b in budgets:
-                for t in range(spec.trials):
-                    hp = trial_hparams(method, t, spec)
-                    for seed in spec.seeds:
-                        cfg = RunConfig(method, src, tgt, seed=seed, budget=b, steps=spec.steps,
-                                        eval_every=spec.eval_every, backbone=spec.backbone,
-                                        pretrained=spec.pretrained, split_seed=spec.split_seed, hparams=hp)
-                        validate(cfg)
-                        out.append((cfg, t))
+                for variant in spec.variants:
+                    for t in range(spec.trials):
+                        hp = {**trial_hparams(method, t, spec), **variant}
+                        for seed in spec.seeds:
+                            cfg = RunConfig(method, src, tgt, seed=seed, budget=b, steps=spec.steps,
+                                            eval_every=spec.eval_every, backbone=spec.backbone,
+                                            pretrained=spec.pretrained, split_seed=spec.split_seed,
+                                            precision=spec.precision, hparams=hp)
+                            validate(cfg)
+                            out.append((cfg, t))
     return out
 
 
@@ -232,7 +241,7 @@ def release_claim(runs_dir: Path, run_id: str) -> None:
 # --------------------------------------------------------------------------- workers and launchers
 
 def work(cfg_dicts: list[dict], runs_dir: str, device: str = "auto", threads: int | None = None,
-         data_root: str | None = None, worker: str = "") -> list[tuple[str, str]]:
+         data_root: str | None = None, worker: str = "", compile: bool = False) -> list[tuple[str, str]]:
     """Train every not-yet-done run of the list that this worker can claim. Returns
     [(run_id, state)] where state is done / diverged / skipped / failed: <error>."""
     import torch
@@ -256,7 +265,7 @@ def work(cfg_dicts: list[dict], runs_dir: str, device: str = "auto", threads: in
             t0 = time.perf_counter()
             # a partial run (killed mid-way) continues from its last checkpoint
             rec = train(cfg, rd, device=device, progress=False, data_root=data_root,
-                        checkpoint_every=cfg.eval_every, resume=True)
+                        checkpoint_every=cfg.eval_every, resume=True, compile=compile)
             acc = rec["final"]["tgt_test"]["acc"] * 100 if rec["final"] else float("nan")
             print(f"{worker}{rec['status']:<8} {rid}  tgt_test {acc:5.1f}  "
                   f"({time.perf_counter() - t0:.0f} s, {rec['train']['steps_per_s']:.0f} steps/s)", flush=True)
@@ -276,23 +285,24 @@ def _worker_entry(args) -> list[tuple[str, str]]:
 
 
 def launch(spec: BenchSpec, grid, launcher: str = "local", jobs: int = 1, device: str = "auto",
-           data_root: str | None = None, submitit_dir: str | None = None, slurm: dict | None = None):
+           data_root: str | None = None, submitit_dir: str | None = None, slurm: dict | None = None,
+           compile: bool = False):
     """Run every not-done run of ``grid``; returns [(run_id, state)]."""
     todo = [cfg.__dict__ for cfg, _ in grid if run_state(Path(spec.runs_dir), cfg.run_id()) != "done"]
     if not todo:
         return []
     if launcher == "local" and jobs <= 1:
-        return work(todo, spec.runs_dir, device, None, data_root)
+        return work(todo, spec.runs_dir, device, None, data_root, "", compile)
     if launcher == "local":
         import multiprocessing as mp
 
         import torch
         ngpu = torch.cuda.device_count() if device in ("auto", "cuda") else 0
-        if ngpu:
-            jobs = min(jobs, ngpu) if jobs > 1 else ngpu
         cores = os.cpu_count() or 1
-        args = [(todo, spec.runs_dir, f"cuda:{i}" if ngpu else "cpu",
-                 None if ngpu else max(1, cores // jobs), data_root, f"[w{i}] ") for i in range(jobs)]
+        # GPUs: worker i -> cuda:(i mod ngpu), several workers share a GPU when jobs > ngpu; each
+        # worker keeps a slice of the CPU cores for its Python loop and evaluation metrics.
+        args = [(todo, spec.runs_dir, f"cuda:{i % ngpu}" if ngpu else device if device != "auto" else "cpu",
+                 max(1, cores // jobs), data_root, f"[w{i}] ", compile) for i in range(jobs)]
         with mp.get_context("spawn").Pool(jobs) as pool:
             parts = pool.map(_worker_entry, args)
         return _merge(parts)
@@ -305,7 +315,7 @@ def launch(spec: BenchSpec, grid, launcher: str = "local", jobs: int = 1, device
                              **{k: v for k, v in (slurm or {}).items() if k != "timeout_min"})
         n = max(1, jobs)
         chunks = [todo[i::n] for i in range(n)]
-        jobs_ = [ex.submit(work, c, spec.runs_dir, device, None, data_root, f"[job{i}] ")
+        jobs_ = [ex.submit(work, c, spec.runs_dir, device, None, data_root, f"[job{i}] ", compile)
                  for i, c in enumerate(chunks) if c]
         return _merge([j.result() for j in jobs_])
     raise DalabError(f"unknown launcher {launcher!r}; use local, submitit-local or slurm")

@@ -69,10 +69,12 @@ def cmd_run(args) -> int:
         os.environ["DALAB_DOWNLOAD"] = "1"  # read by the torchvision-backed domains
     cfg = RunConfig(method=args.method, source=args.source, target=args.target, seed=args.seed,
                     budget=args.budget, steps=args.steps, eval_every=args.eval_every,
-                    backbone=args.backbone, pretrained=args.pretrained, hparams=parse_sets(args.set))
+                    backbone=args.backbone, pretrained=args.pretrained, precision=args.precision,
+                    hparams=parse_sets(args.set))
     rec = train(cfg, runs_dir=args.runs_dir, device=args.device, progress=not args.quiet,
                 data_root=args.data_root, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                deterministic=args.deterministic)
+                deterministic=args.deterministic, channels_last=not args.no_channels_last,
+                compile=args.compile)
     f = rec["final"]
     if rec["status"] != "done":
         print(f"{rec['run_id']}: {rec['status']} at step {rec['train']['diverged_at']} "
@@ -109,7 +111,7 @@ def cmd_bench(args) -> int:
     import time
     t0 = time.perf_counter()
     results = launch(spec, grid, launcher=args.launcher, jobs=args.jobs, device=args.device,
-                     data_root=args.data_root)
+                     data_root=args.data_root, compile=args.compile)
     failed = [r for r in results if r[1].startswith("failed")]
     print(f"grid finished in {time.perf_counter() - t0:.0f} s: {len(results)} runs attempted, "
           f"{sum(r[1] == 'diverged' for r in results)} diverged, {len(failed)} failed")
@@ -167,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint.pt")
     pr.add_argument("--deterministic", action="store_true",
                     help="deterministic GPU kernels (slower); CPU runs are deterministic anyway")
+    pr.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="bf16 autocast of forward passes; auto = bf16 on GPUs and CPUs that have it natively")
+    pr.add_argument("--no-channels-last", action="store_true", help="keep NCHW layout for conv backbones")
+    pr.add_argument("--compile", action="store_true", help="torch.compile the backbone (GPU / long runs)")
     pr.add_argument("--download", action="store_true",
                     help="let torchvision download MNIST/USPS/SVHN into --data-root (needs internet)")
     pr.set_defaults(fn=cmd_run)
@@ -182,7 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("spec", help="YAML spec, e.g. benchmarks/digits.yaml")
     pb.add_argument("--dry-run", action="store_true", help="list the runs and their state; train nothing")
     pb.add_argument("--launcher", default="local", choices=["local", "submitit-local", "slurm"])
-    pb.add_argument("--jobs", type=int, default=1, help="parallel workers (local: processes; one per GPU if any)")
+    pb.add_argument("--jobs", type=int, default=1,
+                    help="parallel workers (local: processes, spread round-robin over the GPUs if any, "
+                         "so --jobs 8 on one GPU runs 8 small-model runs concurrently on it)")
+    pb.add_argument("--compile", action="store_true", help="torch.compile each run's backbone")
     pb.add_argument("--device", default="auto")
     pb.add_argument("--runs-dir", default=None, help="override the spec's runs_dir")
     pb.add_argument("--out", default=None, help="override the spec's table folder")

@@ -20,12 +20,14 @@ from dalab.utils import DalabError
 
 def source_config(cfg):
     """The ``source_only`` RunConfig a method run with config ``cfg`` starts from. Only the pair,
-    seed, backbone, step budget and split define it: the method's own hyperparameters do not."""
+    seed, backbone, step budget, split, precision and input standardisation define it: the method's
+    own hyperparameters (and its augmentation/mixup/VAT options) do not."""
     from dalab.trainer import RunConfig
 
+    hp = {k: cfg.hparams[k] for k in ("standardize",) if k in cfg.hparams}
     return RunConfig("source_only", cfg.source, cfg.target, seed=cfg.seed, budget="0", steps=cfg.steps,
                      eval_every=cfg.eval_every, backbone=cfg.backbone, pretrained=cfg.pretrained,
-                     split_seed=cfg.split_seed)
+                     split_seed=cfg.split_seed, precision=cfg.precision, hparams=hp)
 
 
 def source_pretrained(cfg, runs_dir: str | Path, device: str = "auto", data_root: str | None = None,

@@ -83,7 +83,13 @@ def setting(rec: dict) -> str:
         s += f", pretrained {c['pretrained']}"
     if c.get("split_seed", 0):
         s += f", split {c['split_seed']}"
-    return s
+    prec = rec.get("train", {}).get("precision")
+    if prec and prec != "fp32":
+        s += f", {prec}"
+    from dalab.methods.base import DATA_HPARAMS
+    hp = rec.get("hparams", {})
+    opts = [f"{k}={hp[k]}" for k in DATA_HPARAMS if k in hp and hp[k] != DATA_HPARAMS[k].default]
+    return s + (", " + ", ".join(opts) if opts else "")
 
 
 def row_key(rec: dict) -> tuple[str, str, str, str]:

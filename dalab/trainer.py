@@ -44,6 +44,7 @@ class RunConfig:
     backbone: str = "lenet"
     pretrained: str | None = None   # local ImageNet weights (ResNets only)
     split_seed: int = 0             # the data split is fixed across run seeds
+    precision: str = "auto"         # auto | fp32 | bf16 (autocast); auto = bf16 where the device has it
     hparams: dict[str, Any] = field(default_factory=dict)  # overrides of the defaults
 
     def key(self) -> dict[str, Any]:
@@ -55,6 +56,34 @@ class RunConfig:
         """Deterministic, readable id: a hash of the full config behind the main fields."""
         h = hashlib.sha1(json.dumps(self.key(), sort_keys=True).encode()).hexdigest()[:8]
         return f"{self.method}__{self.source}-{self.target}__b{self.budget}__s{self.seed}__{h}"
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, dev: torch.device) -> str:
+    """``auto`` -> ``bf16`` on a CUDA GPU with bf16 support or a CPU with native bf16, else ``fp32``."""
+    if precision != "auto":
+        return precision
+    if dev.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if dev.type == "cpu" and cpu_has_bf16() else "fp32"
+
+
+def autocast(dev: torch.device, precision: str):
+    """The forward-pass autocast context of a run: bf16 matmuls/convolutions, fp32 losses and
+    reductions (PyTorch's autocast op lists), fp32 weights and optimizer state."""
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -82,7 +111,7 @@ def validate(cfg: RunConfig) -> Prepared:
     """Check a config before any data is built or anything is written; DalabError if it is bad."""
     from dalab.datasets.base import get_domain, parse_budget
     from dalab.methods import get_method, resolve_hparams
-    from dalab.methods.base import budget_kind
+    from dalab.methods.base import TargetData, budget_kind
 
     method_cls = get_method(cfg.method)
     get_domain(cfg.source)
@@ -92,23 +121,34 @@ def validate(cfg: RunConfig) -> Prepared:
     if kind not in method_cls.label_budgets:
         raise DalabError(f"method {cfg.method!r} does not support target-label budget {cfg.budget!r} "
                          f"(it supports {', '.join(method_cls.label_budgets)}; 'k' = labels per class)")
+    if cfg.precision not in PRECISIONS:
+        raise DalabError(f"precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
     for name, v, lo in (("steps", cfg.steps, 1), ("eval_every", cfg.eval_every, 1), ("seed", cfg.seed, 0)):
         if not isinstance(v, int) or v < lo:
             raise DalabError(f"{name}={v!r} must be an integer >= {lo}")
     hp = resolve_hparams(method_cls, cfg.hparams)
+    if hp["mixup"] == "cross" and method_cls.target_data not in (TargetData.UNLABELED, TargetData.BOTH):
+        raise DalabError(f"mixup=cross mixes source with unlabeled target inputs, but method {cfg.method!r} "
+                         f"uses no unlabeled target data; use mixup=source, or a method that adapts (e.g. dann)")
     return Prepared(cfg, method_cls, hp, budget)
 
 
 # --------------------------------------------------------------------------- evaluation
 
-@torch.no_grad()
-def predict_split(method, split, batch_size: int = 1024) -> tuple[torch.Tensor, np.ndarray]:
-    """Logits (float32, CPU) and labels of a whole split."""
+EVAL_BATCH = 256  # cache-friendly on CPU (1024 was 2x slower on LeNet), plenty on a GPU
+
+
+@torch.inference_mode()
+def predict_split(method, split, batch_size: int = EVAL_BATCH, precision: str = "fp32") -> tuple[torch.Tensor, np.ndarray]:
+    """Logits (float32, CPU) and labels of a whole split; device-side results are moved to the
+    host once, at the end."""
     logits, labels = [], []
-    for x, y in split.batches(batch_size):
-        logits.append(method.predict(x).float().cpu())
-        labels.append(y.cpu())
-    return torch.cat(logits), torch.cat(labels).numpy()
+    dev = split.device
+    with autocast(dev, precision):
+        for x, y in split.batches(batch_size):
+            logits.append(method.predict(x).float())
+            labels.append(y)
+    return torch.cat(logits).cpu(), torch.cat(labels).cpu().numpy()
 
 
 def classification_metrics(logits: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
@@ -137,19 +177,44 @@ def unsupervised_scores(logits: torch.Tensor) -> dict[str, float]:
             "snd": float(SNDValidator()(target_train=split))}
 
 
-def evaluate(method, data: dict) -> dict[str, Any]:
+def evaluate(method, data: dict, precision: str = "fp32") -> dict[str, Any]:
     """Metrics on every labeled split, label-free scores on target train."""
     was_training = method.training
     method.eval()
     out: dict[str, Any] = {}
     for name in ("src_val", "tgt_val", "tgt_test"):
-        out[name] = classification_metrics(*predict_split(method, data[name]))
-    out["tgt_train_unsup"] = unsupervised_scores(predict_split(method, data["tgt_train"])[0])
+        out[name] = classification_metrics(*predict_split(method, data[name], precision=precision))
+    out["tgt_train_unsup"] = unsupervised_scores(predict_split(method, data["tgt_train"], precision=precision)[0])
     method.train(was_training)
     return out
 
 
 # --------------------------------------------------------------------------- the loop
+
+def set_up_data_options(hp: dict, domains) -> dict[str, Any]:
+    """Apply the run's ``standardize`` to every split of each domain and resolve ``augment``;
+    returns what was applied, for the run record. Image-folder domains are normalised by their
+    transforms (ImageNet statistics), so only ``auto``/``imagenet`` are valid for them."""
+    from dalab.augment import standardization
+    from dalab.datasets.base import TensorSplit
+
+    out: dict[str, Any] = {}
+    for role, dom in domains.items():
+        tensor = isinstance(dom.train, TensorSplit)
+        if tensor:
+            mean, std = standardization(hp["standardize"], dom.train.images)
+            for split in dom.splits():
+                split.set_standardization(mean, std)
+        elif hp["standardize"] in ("fixed", "domain"):
+            raise DalabError(f"standardize={hp['standardize']} is for tensor (digits) domains; {dom.name!r} is an "
+                             f"image-folder domain normalised with ImageNet statistics: use standardize=auto or imagenet")
+        else:
+            mean, std = standardization("imagenet", None)
+        augment = hp["augment"] if hp["augment"] != "auto" else ("none" if tensor else "light")
+        out[role] = {"standardize": hp["standardize"], "mean": [round(v, 5) for v in mean],
+                     "std": [round(v, 5) for v in std], "augment": augment}
+    return out
+
 
 class _Inputs:
     """Re-iterable batches of a split for ``Method.on_train_end``: inputs, or (inputs, labels)."""
@@ -198,7 +263,8 @@ def _device_name(device: torch.device) -> str:
 def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "auto",
           progress: bool = True, tensorboard: bool = True, log_every: int = 50,
           data_root: str | None = None, save_model: bool = False, checkpoint_every: int | None = None,
-          resume: bool = False, deterministic: bool = False) -> dict[str, Any]:
+          resume: bool = False, deterministic: bool = False, channels_last: bool = True,
+          compile: bool = False) -> dict[str, Any]:
     """Train one run to its step budget and write its record. Returns the record.
 
     ``data_root`` locates domains read from disk; it is not part of the run's identity.
@@ -208,7 +274,13 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
     scheduler, RNG states, step, evaluations so far. ``resume`` continues from it when present; on
     CPU a resumed run ends with the same numbers as an uninterrupted one (same thread count).
     ``deterministic`` selects deterministic GPU kernels (cuDNN deterministic, no autotuning,
-    ``torch.use_deterministic_algorithms``); otherwise CUDA runs let cuDNN autotune for speed."""
+    ``torch.use_deterministic_algorithms``); otherwise CUDA runs let cuDNN autotune for speed.
+
+    Speed options (they change float rounding only, never the algorithm; recorded in provenance):
+    ``cfg.precision`` (bf16 autocast of the forward passes; part of the run's identity),
+    ``channels_last`` (NHWC memory layout for conv backbones: faster convolutions and pooling on
+    CPU and on tensor-core GPUs), ``compile`` (``torch.compile`` the backbone; pays off on GPUs and
+    long runs, not for a 500-step LeNet run on CPU, where compiling takes longer than training)."""
     from dalab.datasets.base import check_same_classes, labeled_indices, load_domain
     from dalab.methods.base import Batch, TargetData
     from dalab.methods.nets import build_classifier
@@ -219,6 +291,7 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
     src = load_domain(cfg.source, cfg.split_seed, dev, root=data_root)
     tgt = load_domain(cfg.target, cfg.split_seed, dev, root=data_root)
     check_same_classes(src, tgt)
+    data_options = set_up_data_options(prep.hp, {"source": src, "target": tgt})
 
     init_from = None
     if prep.method_cls.starts_from_source(prep.hp):  # before seeding, so a cache hit or miss changes nothing
@@ -230,17 +303,31 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
         net.load_state_dict(init_state)
     method = prep.method_cls(net, src.num_classes, prep.hp, cfg.steps).to(dev)
     method.train()
+    from dalab.augment import extra_terms, mixup_source
+    method.extra_terms = extra_terms(prep.hp, src.num_classes)
+    precision = resolve_precision(cfg.precision, dev)
+    channels_last = channels_last and any(isinstance(m, torch.nn.Conv2d) for m in net.backbone.modules())
+    if channels_last:
+        method.to(memory_format=torch.channels_last)
+        for split in (*src.splits(), *tgt.splits()):
+            split.memory_format = torch.channels_last
+    if compile:
+        net.backbone.compile()
 
     # data streams: each gets its own generator so adding a stream never changes another's order
     bs = prep.hp["batch_size"]
     gens = [torch.Generator().manual_seed(cfg.seed * 1000 + i) for i in range(3)]
-    src_iter = src.train.sampler(bs, gens[0])
+    aug_s, aug_t = data_options["source"]["augment"], data_options["target"]["augment"]
+    src_iter = src.train.sampler(bs, gens[0], aug_s)
     uses = prep.method_cls.target_data
-    tgt_iter = tgt.train.sampler(bs, gens[1]) if uses in (TargetData.UNLABELED, TargetData.BOTH) else None
+    # VAT regularises on target inputs: with a method that declares none, the run uses them for it
+    vat_only = prep.hp["vat"] > 0 and uses not in (TargetData.UNLABELED, TargetData.BOTH)
+    tgt_iter = (tgt.train.sampler(bs, gens[1], aug_t)
+                if uses in (TargetData.UNLABELED, TargetData.BOTH) or vat_only else None)
     lab_idx = labeled_indices(tgt.train.labels.cpu().numpy(), cfg.budget, cfg.split_seed)
     lab_iter = None
     if uses in (TargetData.LABELED, TargetData.BOTH) and len(lab_idx):
-        lab_iter = tgt.train.subset(lab_idx).sampler(bs, gens[2])
+        lab_iter = tgt.train.subset(lab_idx).sampler(bs, gens[2], aug_t)
 
     data = {"src_val": src.val, "tgt_val": tgt.val, "tgt_test": tgt.test, "tgt_train": tgt.train}
     run_dir = Path(runs_dir) / cfg.run_id()
@@ -278,12 +365,15 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
     for step in range(start, cfg.steps + 1):
         t_step = time.perf_counter()
         xs, ys = next(src_iter)
+        if prep.hp["mixup"] == "source":
+            xs, ys = mixup_source(xs, ys, src.num_classes, prep.hp["mixup_alpha"])
         batch = Batch(xs, ys)
         if tgt_iter is not None:
             batch.x_tgt = next(tgt_iter)[0]           # labels dropped: unsupervised use
         if lab_iter is not None:
             batch.x_tgt_lab, batch.y_tgt_lab = next(lab_iter)
-        out = method.update(batch, step)
+        with autocast(dev, precision):
+            out = method.train_step(batch, step)
         train_time += time.perf_counter() - t_step
         if step % log_every == 0 or step == cfg.steps:
             # the only host sync of the loop: losses become floats on logging steps only
@@ -303,7 +393,7 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
             method.on_train_end(_Inputs(tgt.train) if tgt_iter is not None else None,
                                 _Inputs(tgt.train.subset(lab_idx), labels=True) if lab_iter is not None else None)
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            ev = {"step": step, **evaluate(method, data)}
+            ev = {"step": step, **evaluate(method, data, precision)}
             evals.append(ev)
             if writer:
                 for split in ("src_val", "tgt_val", "tgt_test"):
@@ -330,16 +420,19 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
         "config": cfg.key(),
         "hparams": prep.hp,
         "method": {"name": cfg.method, "family": prep.method_cls.family,
-                   "target_data": prep.method_cls.target_data.value, "budget": str(cfg.budget),
+                   "target_data": prep.method_cls.target_data.value + (" (+ unlabeled for vat)" if vat_only else ""),
+                   "budget": str(cfg.budget),
                    "init_from": init_from},
         "data": {"source": {"classes": len(src.classes), **{k: len(getattr(src, k)) for k in ("train", "val", "test")}},
                  "target": {"classes": len(tgt.classes), **{k: len(getattr(tgt, k)) for k in ("train", "val", "test")},
-                            "labeled": int(len(lab_idx)) if lab_iter is not None else 0}},
+                            "labeled": int(len(lab_idx)) if lab_iter is not None else 0},
+                 "options": data_options},
         "evals": evals,
         "final": evals[-1] if evals and status == "done" else None,
         "train": {"steps": steps_done, "wall_time_s": wall, "train_time_s": train_time,
                   "steps_per_s": steps_done / max(train_time, 1e-9), "last_losses": last_losses,
-                  "diverged_at": diverged_at},
+                  "diverged_at": diverged_at, "precision": precision, "channels_last": channels_last,
+                  "compile": compile},
         "provenance": {**git_commit(), "versions": package_versions(), "device": str(dev),
                        "device_name": _device_name(dev), "torch_threads": torch.get_num_threads(),
                        "deterministic": deterministic,

@@ -150,13 +150,24 @@ class TensorSplit:
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
+        self.memory_format = torch.contiguous_format  # the trainer sets channels_last for conv nets
+        self.set_standardization([0.5] * 3, [0.5] * 3)  # inputs in [-1, 1] unless the run says otherwise
+
+    def set_standardization(self, mean: list[float], std: list[float]) -> None:
+        """Per-channel mean/std (on [0, 1] pixels) that ``to_input`` normalises with."""
+        self.mean, self.std = list(mean), list(std)
+        self._mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
+        self._inv_std = 1.0 / torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, idx: np.ndarray) -> "TensorSplit":
         i = torch.as_tensor(idx, dtype=torch.long, device=self.device)
-        return TensorSplit(self.images[i], self.labels[i], self.device)
+        sub = TensorSplit(self.images[i], self.labels[i], self.device)
+        sub.memory_format = self.memory_format
+        sub.set_standardization(self.mean, self.std)
+        return sub
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -164,27 +175,42 @@ class TensorSplit:
         return (3, *self.images.shape[2:])
 
     def to_input(self, x: Tensor) -> Tensor:
-        """uint8 N x C x H x W -> float N x 3 x H x W in [-1, 1]."""
-        x = x.float().div_(127.5).sub_(1.0)
-        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        """uint8 N x C x H x W -> float N x 3 x H x W, standardised (default: [-1, 1])."""
+        return self.normalize(x.float().div_(255.0))
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """[0, 1] N x C x H x W (C = 1 or 3) -> standardised N x 3 x H x W model input."""
+        x = (x - self._mean) * self._inv_std  # broadcasting turns one grey channel into three
+        return x.contiguous(memory_format=self.memory_format)
 
     def batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         """The whole split once, in order (evaluation)."""
         for i in range(0, len(self), batch_size):
             yield self.to_input(self.images[i:i + batch_size]), self.labels[i:i + batch_size]
 
-    def sampler(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-        """Infinite shuffled batches (a fresh permutation per epoch, last partial batch dropped
-        unless the split is smaller than one batch)."""
+    def sampler(self, batch_size: int, generator: torch.Generator,
+                augment: str = "none") -> Iterator[tuple[Tensor, Tensor]]:
+        """Infinite shuffled training batches (a fresh permutation per epoch, last partial batch
+        dropped unless the split is smaller than one batch), augmented on the device, in batch,
+        when ``augment`` is ``light``/``strong`` (:func:`dalab.augment.augment_batch`)."""
+        from dalab.augment import augment_batch
+
         n = len(self)
         if n == 0:
             raise DalabError("cannot sample from an empty split")
+        aug_gen = None
+        if augment != "none":  # its own device generator, seeded from the stream's
+            aug_gen = torch.Generator(device=self.device)
+            aug_gen.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=generator)))
         while True:
             perm = torch.randperm(n, generator=generator).to(self.device)
             stop = max(n - batch_size + 1, 1)
             for i in range(0, stop, batch_size):
                 j = perm[i:i + batch_size]
-                yield self.to_input(self.images[j]), self.labels[j]
+                x = self.images[j].float().div_(255.0)
+                if aug_gen is not None:
+                    x = augment_batch(x, augment, aug_gen)
+                yield self.normalize(x), self.labels[j]
 
 
 @dataclass
@@ -202,6 +228,9 @@ class DomainSplits:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def splits(self) -> tuple:
+        return (self.train, self.val, self.test)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

@@ -36,13 +36,18 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".gif", ".tif", ".tiff", 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def imagenet_transform(train: bool, size: int = 224, resize: int = 256):
-    """ImageNet-style preprocessing: random-resized crop + flip for training, resize + centre crop
-    for evaluation, then ImageNet normalisation (what the pretrained ResNets expect)."""
+def imagenet_transform(train: bool, size: int = 224, resize: int = 256, augment: str = "light"):
+    """ImageNet-style preprocessing: for training, ``light`` = random-resized crop + horizontal flip
+    (the ResNet / TLlib protocol), ``strong`` = that + colour jitter, ``none`` = the evaluation
+    transform (resize + centre crop); then ImageNet normalisation (what pretrained ResNets expect)."""
     from torchvision import transforms as T
 
-    aug = ([T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if train
-           else [T.Resize(resize), T.CenterCrop(size)])
+    if not train or augment == "none":
+        aug = [T.Resize(resize), T.CenterCrop(size)]
+    else:
+        aug = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
+        if augment == "strong":
+            aug.append(T.ColorJitter(0.4, 0.4, 0.4))
     return T.Compose([*aug, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
@@ -83,6 +88,7 @@ class ImageSplit:
         self.device = torch.device(device)
         self.labels = labels.to(torch.int64).to(self.device)
         self.size, self.resize = size, resize
+        self.memory_format = torch.contiguous_format  # the trainer sets channels_last for conv nets
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -92,18 +98,21 @@ class ImageSplit:
         return (3, self.size, self.size)
 
     def subset(self, idx: np.ndarray) -> "ImageSplit":
-        return ImageSplit([self.paths[i] for i in np.asarray(idx, dtype=np.int64)],
-                          self.labels.cpu()[torch.as_tensor(idx, dtype=torch.long)], self.device,
-                          self.size, self.resize)
+        sub = ImageSplit([self.paths[i] for i in np.asarray(idx, dtype=np.int64)],
+                         self.labels.cpu()[torch.as_tensor(idx, dtype=torch.long)], self.device,
+                         self.size, self.resize)
+        sub.memory_format = self.memory_format
+        return sub
 
-    def _loader(self, batch_size: int, train: bool, generator: torch.Generator | None = None):
+    def _loader(self, batch_size: int, train: bool, generator: torch.Generator | None = None,
+                augment: str = "light"):
         workers = loader_workers()
         ds = _Files(self.paths, self.labels.cpu().tolist(),
-                    imagenet_transform(train, self.size, self.resize), self.size)
+                    imagenet_transform(train, self.size, self.resize, augment), self.size)
         return torch.utils.data.DataLoader(
             ds, batch_size=batch_size, shuffle=train, generator=generator, num_workers=workers,
             drop_last=train and len(self) >= batch_size, pin_memory=self.device.type == "cuda",
-            persistent_workers=train and workers > 0)
+            persistent_workers=train and workers > 0, prefetch_factor=4 if workers > 0 else None)
 
     def _to_device(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         if (y < 0).any():
@@ -111,18 +120,21 @@ class ImageSplit:
             raise DalabError(f"cannot read image {bad}: not a readable image file; "
                              f"replace it or remove it from the dataset folder / image list")
         nb = self.device.type == "cuda"
-        return x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)
+        return (x.to(self.device, non_blocking=nb).contiguous(memory_format=self.memory_format),
+                y.to(self.device, non_blocking=nb))
 
     def batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         """The whole split once, in order, with test transforms (evaluation)."""
         for x, y in self._loader(batch_size, train=False):
             yield self._to_device(x, y)
 
-    def sampler(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-        """Infinite shuffled batches with train transforms; workers persist across epochs."""
+    def sampler(self, batch_size: int, generator: torch.Generator,
+                augment: str = "light") -> Iterator[tuple[Tensor, Tensor]]:
+        """Infinite shuffled batches with train transforms (decoded and augmented in workers;
+        see :func:`imagenet_transform`); workers persist across epochs."""
         if len(self) == 0:
             raise DalabError("cannot sample from an empty split")
-        loader = self._loader(batch_size, train=True, generator=generator)
+        loader = self._loader(batch_size, train=True, generator=generator, augment=augment)
         while True:
             for x, y in loader:
                 yield self._to_device(x, y)

@@ -49,7 +49,7 @@ class Batch:
     and the run's label budget allow it, so a method cannot peek at data it did not declare."""
 
     x_src: Tensor
-    y_src: Tensor
+    y_src: Tensor                      # class indices, or class probabilities under source mixup
     x_tgt: Tensor | None = None        # unlabeled target inputs (target train, labels never given)
     x_tgt_lab: Tensor | None = None    # labeled target inputs (the budget's k per class, or all)
     y_tgt_lab: Tensor | None = None
@@ -70,6 +70,7 @@ class HParam:
     help: str = ""
     low: float | None = None
     high: float | None = None
+    choices: tuple | None = None      # allowed values (when there is no "choice" search space)
 
     def sample(self, rng) -> Any:
         """Draw from the search space with a ``numpy.random.Generator``."""
@@ -112,8 +113,9 @@ class HParam:
             raise DalabError(f"hyperparameter {name}={value!r} out of range "
                              f"[{self.low if self.low is not None else '-inf'}, "
                              f"{self.high if self.high is not None else 'inf'}]")
-        if self.space is not None and self.space[0] == "choice" and kind is str and value not in self.space[1]:
-            raise DalabError(f"hyperparameter {name}={value!r} must be one of {list(self.space[1])}")
+        allowed = self.choices or (self.space[1] if self.space is not None and self.space[0] == "choice" else None)
+        if allowed is not None and kind is str and value not in allowed:
+            raise DalabError(f"hyperparameter {name}={value!r} must be one of {list(allowed)}")
         return value
 
 
@@ -129,6 +131,28 @@ SHARED_HPARAMS: dict[str, HParam] = {
                                "lr multiplier of the backbone (0.1 for pretrained backbones)",
                                low=0.0, high=10.0),
 }
+
+
+# Data options (implemented once, in dalab.augment and the data path; no method re-codes them).
+# No search space: they are swept explicitly (a spec's `variants:`), not drawn in random trials,
+# and runs that differ in them are different table rows.
+DATA_HPARAMS: dict[str, HParam] = {
+    "standardize": HParam("auto", None, "input normalisation: auto (digits: fixed; image folders: imagenet), "
+                          "fixed ([-1, 1]), domain (each domain's train-split mean/std), imagenet",
+                          choices=("auto", "fixed", "domain", "imagenet")),
+    "augment": HParam("auto", None, "train-only augmentation: auto (digits: none; image folders: light), none, "
+                      "light (digits: affine jitter; images: random-resized crop + flip), strong (+ colour jitter)",
+                      choices=("auto", "none", "light", "strong")),
+    "mixup": HParam("none", None, "none; source (mixup within the source batch, labels mixed; Zhang et al. 2018); "
+                    "cross (source x target mixup with soft target pseudo-labels; Yan et al. 2020)",
+                    choices=("none", "source", "cross")),
+    "mixup_alpha": HParam(0.2, None, "mixup lambda ~ Beta(alpha, alpha)", low=1e-3, high=100.0),
+    "mixup_weight": HParam(1.0, None, "weight of the cross-domain mixup loss", low=0.0),
+    "vat": HParam(0.0, None, "weight of virtual adversarial training on target inputs (0 = off)", low=0.0),
+    "vat_eps": HParam(6.0, None, "VAT perturbation radius (L2, model-input units)", low=0.0),
+    "vat_xi": HParam(1e-6, None, "VAT finite-difference step", low=0.0),
+}
+SHARED_HPARAMS.update(DATA_HPARAMS)
 
 
 def resolve_hparams(method_cls: type["Method"], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -205,6 +229,11 @@ class Method(nn.Module):
         self.num_classes = num_classes
         self.hp = SimpleNamespace(**hp)
         self.total_steps = max(int(total_steps), 1)
+        # extra objective terms from the run's data options (dalab.augment: cross mixup, VAT); the
+        # trainer sets them, optimize() adds them to the method's loss
+        self.extra_terms: list = []
+        self._batch: Batch | None = None
+        self._extra_logs: dict[str, Tensor] = {}
         self.build()
         self.optimizer = self.make_optimizer(self.param_groups())
         self.scheduler = self.make_scheduler(self.optimizer)
@@ -265,10 +294,27 @@ class Method(nn.Module):
     def make_scheduler(self, opt: torch.optim.Optimizer):
         return torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
 
+    def train_step(self, batch: Batch, step: int) -> dict[str, Tensor | float]:
+        """What the trainer calls: :meth:`update`, with the extra terms of the run's data options
+        (if any) added to the objective in :meth:`optimize`, and their values logged."""
+        self._batch, self._extra_logs = batch, {}
+        try:
+            out = self.update(batch, step)
+        finally:
+            self._batch = None
+        return {**out, **self._extra_logs}
+
     def optimize(self, loss: Tensor) -> None:
-        """zero_grad -> backward -> step -> lr schedule step."""
+        """(+ extra terms) -> zero_grad -> backward -> step -> lr schedule step. The backward pass
+        runs outside the trainer's autocast region (its ops take the dtypes of their forward ops)."""
+        if self.extra_terms and self._batch is not None:
+            for term in self.extra_terms:
+                extra, logs = term(self, self._batch)
+                loss = loss + extra
+                self._extra_logs.update(logs)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with torch.autocast(loss.device.type, enabled=False):
+            loss.backward()
         self.optimizer.step()
         self.scheduler.step()
 
