@@ -9,7 +9,7 @@ STAMP := $(VENV)/.dalab-installed
 RUNS ?= results/runs
 JOBS ?= 2
 
-.PHONY: setup test bench dann-vs-source speed clean-runs
+.PHONY: setup test bench dann-vs-source augment-bench speed clean-runs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ bench: setup
 # Issue-2 check: source-only vs DANN on mnist5k -> ucidigits, 3 seeds -> results/dann_vs_source_only.md
 dann-vs-source: setup
 	$(PY) -m dalab.benchmarks.dann_vs_source_only --runs-dir $(RUNS) --out results/dann_vs_source_only.md
+
+# Issue-8 check: source-only and DANN with/without each data option, mnist5k -> ucidigits, 3 seeds
+augment-bench: setup
+	$(VENV)/bin/dalab bench benchmarks/augment.yaml --jobs $(JOBS) --command "make augment-bench"
 
 # Throughput: bare loop vs dalab trainer vs pytorch-adapt adapter (prints a table)
 speed: setup

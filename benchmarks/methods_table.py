@@ -30,5 +30,18 @@ def markdown() -> str:
     return "\n".join(rows)
 
 
+def data_options_markdown() -> str:
+    """The data options every method accepts (``--set NAME=VALUE``, or a spec's ``hparams``/``variants``)."""
+    from dalab.methods.base import DATA_HPARAMS
+
+    rows = ["| option | default | values | what it does |", "|---|---|---|---|"]
+    for name, h in DATA_HPARAMS.items():
+        values = ", ".join(map(str, h.choices)) if h.choices else f">= {h.low:g}" if h.low is not None else "any"
+        rows.append(f"| `{name}` | `{h.default}` | {values} | {h.help} |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     print(markdown())
+    print()
+    print(data_options_markdown())

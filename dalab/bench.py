@@ -156,9 +156,11 @@ def trial_hparams(method: str, trial: int, spec: BenchSpec) -> dict[str, Any]:
     return out
 
 
-def expand(spec: BenchSpec):
+def expand(spec: BenchSpec, skipped: list[str] | None = None):
     """The grid as a list of RunConfig, validated, in a stable order (source_only first so
-    source-pretrained models exist before the methods that start from them)."""
+    source-pretrained models exist before the methods that start from them). A variant a method
+    cannot take (e.g. ``mixup: cross`` for ``source_only``, which sees no target data) is left out
+    for that method and the reason appended to ``skipped``; any other invalid run is an error."""
     from dalab.datasets.base import parse_budget
     from dalab.methods import get_method
     from dalab.methods.base import budget_kind
@@ -182,7 +184,15 @@ def expand(spec: BenchSpec):
                                             eval_every=spec.eval_every, backbone=spec.backbone,
                                             pretrained=spec.pretrained, split_seed=spec.split_seed,
                                             precision=spec.precision, hparams=hp)
-                            validate(cfg)
+                            try:
+                                validate(cfg)
+                            except DalabError as e:
+                                if not variant:
+                                    raise
+                                msg = f"variant {variant} skipped for {method}: {e}"
+                                if skipped is not None and msg not in skipped:
+                                    skipped.append(msg)
+                                continue
                             out.append((cfg, t))
     return out
 

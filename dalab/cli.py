@@ -27,9 +27,13 @@ def parse_sets(items: Sequence[str]) -> dict[str, str]:
 
 def cmd_list(args) -> int:
     if args.markdown:  # the README's methods table
-        from dalab.benchmarks.methods_table import markdown
+        from dalab.benchmarks.methods_table import data_options_markdown, markdown
         print(markdown())
+        print()
+        print(data_options_markdown())
         return 0
+    import textwrap
+
     from dalab.datasets import DOMAINS
     from dalab.methods import METHODS
 
@@ -38,12 +42,17 @@ def cmd_list(args) -> int:
     for name, cls in sorted(METHODS.items(), key=lambda kv: (kv[1].family, kv[0])):
         paper = cls.paper.split(". http")[0] if cls.paper else ""
         print(f"  {name:<16} {cls.family:<14} {cls.target_data.value:<18} {','.join(cls.label_budgets):<14} {paper}")
+    from dalab.methods.base import DATA_HPARAMS
+    print("data options (any method; --set NAME=VALUE, or a spec's hparams/variants):")
+    for name, h in DATA_HPARAMS.items():
+        print(textwrap.fill(h.help, 110, initial_indent=f"  {name:<13} {str(h.default):<6} ",
+                            subsequent_indent=" " * 23))
+    print("speed options (dalab run/bench): --precision auto|fp32|bf16 (part of a run's identity), "
+          "--no-channels-last, --compile")
     print("domains:")
     for name, d in sorted(DOMAINS.items(), key=lambda kv: (kv[1].family, kv[0])):
         if not d.hidden or args.all:
             print(f"  {name:<22} {d.family:<11} {d.description}")
-    import textwrap
-
     from dalab.datasets import BENCHMARKS
     print("pairs (source->target; 'digits' is the default offline benchmark):")
     for bench, pairs in BENCHMARKS.items():
@@ -99,7 +108,10 @@ def cmd_bench(args) -> int:
         spec.runs_dir = args.runs_dir
     if args.out:
         spec.out = args.out
-    grid = expand(spec)  # validates every run before anything is trained or written
+    skipped: list[str] = []
+    grid = expand(spec, skipped)  # validates every run before anything is trained or written
+    for msg in skipped:
+        print(msg)
     rd = Path(spec.runs_dir)
     states = [run_state(rd, cfg.run_id()) for cfg, _ in grid]
     n_done = states.count("done")

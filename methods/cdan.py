@@ -42,6 +42,8 @@ class CDAN(Method):
         "rand_dim": HParam(1024, ("choice", (512, 1024)), "output size of the randomized map", low=1),
         "disc_hidden": HParam(500, ("choice", (500, 1024)), "discriminator width", low=1),
         "disc_depth": HParam(2, ("int", 1, 3), "hidden layers of the discriminator", low=1, high=8),
+        "disc_bn": HParam(True, ("choice", (False, True)), "BatchNorm in the discriminator's hidden layers "
+                          "(per domain; as TLlib's and our DANN's default)"),
     }
 
     def build(self):
@@ -53,7 +55,7 @@ class CDAN(Method):
         else:
             self.map = multilinear_map
         in_dim = self.hp.rand_dim if self.randomized else d * k
-        self.disc = domain_discriminator(in_dim, self.hp.disc_hidden, self.hp.disc_depth)
+        self.disc = domain_discriminator(in_dim, self.hp.disc_hidden, self.hp.disc_depth, self.hp.disc_bn)
 
     def update(self, batch: Batch, step: int):
         lam = dann_lambda(self.progress(step), self.hp.gamma)

@@ -56,20 +56,33 @@ def cdan_entropy_weights(g: Tensor) -> Tensor:
     return w / w.sum()
 
 
-def adversarial_domain_loss(disc, f_s: Tensor, f_t: Tensor, coeff: float,
-                            w_s: Tensor | None = None, w_t: Tensor | None = None) -> Tensor:
-    """Domain classifier BCE (source = 1, target = 0) behind a gradient reversal layer of
-    coefficient ``coeff``; mean of the two domain terms, each a (weighted, weights summing to 1)
-    mean over its samples."""
+def domain_logits(disc, f_s: Tensor, f_t: Tensor, coeff: float) -> tuple[Tensor, Tensor]:
+    """Discriminator logits of source and target features behind a gradient reversal layer of
+    coefficient ``coeff``: one call on the concatenation when the discriminator has no BatchNorm
+    (the same numbers, half the kernel launches), one call per domain when it has (BatchNorm
+    statistics per domain)."""
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in disc.modules()):
+        return disc(grad_reverse(f_s, coeff)).squeeze(1), disc(grad_reverse(f_t, coeff)).squeeze(1)
+    d = disc(grad_reverse(torch.cat([f_s, f_t]), coeff)).squeeze(1)
+    return d[: len(f_s)], d[len(f_s):]
+
+
+def domain_bce(d_s: Tensor, d_t: Tensor, w_s: Tensor | None = None, w_t: Tensor | None = None) -> Tensor:
+    """Domain classifier BCE (source = 1, target = 0): mean of the two domain terms, each a
+    (weighted, weights summing to 1) mean over its samples."""
     import torch.nn.functional as F
 
-    d_s = disc(grad_reverse(f_s, coeff)).squeeze(1)
-    d_t = disc(grad_reverse(f_t, coeff)).squeeze(1)
     l_s = F.binary_cross_entropy_with_logits(d_s, torch.ones_like(d_s), reduction="none")
     l_t = F.binary_cross_entropy_with_logits(d_t, torch.zeros_like(d_t), reduction="none")
     l_s = (l_s * w_s).sum() if w_s is not None else l_s.mean()
     l_t = (l_t * w_t).sum() if w_t is not None else l_t.mean()
     return 0.5 * (l_s + l_t)
+
+
+def adversarial_domain_loss(disc, f_s: Tensor, f_t: Tensor, coeff: float,
+                            w_s: Tensor | None = None, w_t: Tensor | None = None) -> Tensor:
+    """:func:`domain_bce` of :func:`domain_logits`: the adversarial loss of DANN-style methods."""
+    return domain_bce(*domain_logits(disc, f_s, f_t, coeff), w_s, w_t)
 
 
 def mdd_disparity(y_s: Tensor, y_t: Tensor, adv_s: Tensor, adv_t: Tensor, margin: float) -> Tensor:
