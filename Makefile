@@ -40,7 +40,7 @@ augment-bench: setup
 
 # Throughput: bare loop vs dalab trainer vs pytorch-adapt adapter (prints a table)
 speed: setup
-	$(PY) -m dalab.benchmarks.speed
+	$(PY) -m dalab.benchmarks.speed --out results/speed.md
 
 clean-runs:
 	rm -rf $(RUNS)

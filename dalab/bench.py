@@ -294,6 +294,16 @@ def _worker_entry(args) -> list[tuple[str, str]]:
     return work(*args)
 
 
+def worker_placement(jobs: int, ngpu: int, cores: int, device: str = "auto") -> list[tuple[str, int]]:
+    """(device, torch threads) of each local worker. With GPUs, worker i runs on cuda:(i mod ngpu),
+    so jobs > ngpu puts several concurrent runs on each GPU; every worker keeps a slice of the CPU
+    cores (its Python loop, evaluation metrics). Without GPUs the workers split the cores."""
+    threads = max(1, cores // max(jobs, 1))
+    if ngpu:
+        return [(f"cuda:{i % ngpu}", threads) for i in range(jobs)]
+    return [("cpu" if device == "auto" else device, threads) for _ in range(jobs)]
+
+
 def launch(spec: BenchSpec, grid, launcher: str = "local", jobs: int = 1, device: str = "auto",
            data_root: str | None = None, submitit_dir: str | None = None, slurm: dict | None = None,
            compile: bool = False):
@@ -308,11 +318,8 @@ def launch(spec: BenchSpec, grid, launcher: str = "local", jobs: int = 1, device
 
         import torch
         ngpu = torch.cuda.device_count() if device in ("auto", "cuda") else 0
-        cores = os.cpu_count() or 1
-        # GPUs: worker i -> cuda:(i mod ngpu), several workers share a GPU when jobs > ngpu; each
-        # worker keeps a slice of the CPU cores for its Python loop and evaluation metrics.
-        args = [(todo, spec.runs_dir, f"cuda:{i % ngpu}" if ngpu else device if device != "auto" else "cpu",
-                 max(1, cores // jobs), data_root, f"[w{i}] ", compile) for i in range(jobs)]
+        args = [(todo, spec.runs_dir, dev, threads, data_root, f"[w{i}] ", compile)
+                for i, (dev, threads) in enumerate(worker_placement(jobs, ngpu, os.cpu_count() or 1, device))]
         with mp.get_context("spawn").Pool(jobs) as pool:
             parts = pool.map(_worker_entry, args)
         return _merge(parts)

@@ -245,3 +245,11 @@ def test_runs_are_deterministic_in_each_precision_and_layout(runs_dir, tmp_path,
     r3 = train(cfg, tmp_path / "nchw", channels_last=False, **kw)
     assert r3["train"]["channels_last"] is False and r1["train"]["channels_last"] is True
     assert abs(r3["evals"][-1]["src_val"]["acc"] - r1["evals"][-1]["src_val"]["acc"]) < 0.1
+
+
+def test_workers_share_gpus_round_robin():
+    from dalab.bench import worker_placement
+
+    assert worker_placement(4, 1, 16) == [("cuda:0", 4)] * 4           # 4 runs share one GPU
+    assert [d for d, _ in worker_placement(5, 2, 16)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert worker_placement(2, 0, 2) == [("cpu", 1), ("cpu", 1)]        # CPU: workers split the cores
