@@ -198,8 +198,8 @@ class VAT:
         R_vat = KL( p(x_t) || p(x_t + r_adv) ),  r_adv = eps * unit(grad_d KL(p(x_t) || p(x_t + xi d)))
 
     with ``iters`` power iterations from a random unit d, p(x_t) treated as a constant. Added as
-    ``weight * R_vat`` to any method's objective. Computed in float32 even under bf16 autocast
-    (a perturbation of norm xi = 1e-6 vanishes in bf16). The gradient w.r.t. d is taken with
+    ``weight * R_vat`` to any method's objective. Computed in float32 even in a bf16 run (a
+    perturbation of norm xi = 1e-6 vanishes in bf16). The gradient w.r.t. d is taken with
     ``torch.autograd.grad`` so parameter gradients only ever see the final term."""
 
     name = "vat"
@@ -209,7 +209,7 @@ class VAT:
 
     def __call__(self, method, batch) -> tuple[Tensor, dict[str, Tensor]]:
         x = batch.x_tgt
-        with torch.autocast(x.device.type, enabled=False), _FrozenBNStats(method):
+        with method.full_precision(), _FrozenBNStats(method):
             x = x.float()
             with torch.no_grad():
                 logp = F.log_softmax(method.predict(x).float(), 1)

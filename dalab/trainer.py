@@ -81,8 +81,9 @@ def resolve_precision(precision: str, dev: torch.device) -> str:
 
 
 def autocast(dev: torch.device, precision: str):
-    """The forward-pass autocast context of a run: bf16 matmuls/convolutions, fp32 losses and
-    reductions (PyTorch's autocast op lists), fp32 weights and optimizer state."""
+    """bf16 autocast (a no-op for fp32), as a hand-written loop would use it (benchmarks/speed.py).
+    The trainer itself autocasts only the backbone (``Method.features``): heads, discriminators and
+    losses stay float32, weights and optimizer state are float32 throughout."""
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
@@ -139,15 +140,13 @@ EVAL_BATCH = 256  # cache-friendly on CPU (1024 was 2x slower on LeNet), plenty 
 
 
 @torch.inference_mode()
-def predict_split(method, split, batch_size: int = EVAL_BATCH, precision: str = "fp32") -> tuple[torch.Tensor, np.ndarray]:
-    """Logits (float32, CPU) and labels of a whole split; device-side results are moved to the
-    host once, at the end."""
+def predict_split(method, split, batch_size: int = EVAL_BATCH) -> tuple[torch.Tensor, np.ndarray]:
+    """Logits (float32, CPU) and labels of a whole split (in the method's precision); device-side
+    results are moved to the host once, at the end."""
     logits, labels = [], []
-    dev = split.device
-    with autocast(dev, precision):
-        for x, y in split.batches(batch_size):
-            logits.append(method.predict(x).float())
-            labels.append(y)
+    for x, y in split.batches(batch_size):
+        logits.append(method.predict(x).float())
+        labels.append(y)
     return torch.cat(logits).cpu(), torch.cat(labels).cpu().numpy()
 
 
@@ -177,14 +176,14 @@ def unsupervised_scores(logits: torch.Tensor) -> dict[str, float]:
             "snd": float(SNDValidator()(target_train=split))}
 
 
-def evaluate(method, data: dict, precision: str = "fp32") -> dict[str, Any]:
+def evaluate(method, data: dict) -> dict[str, Any]:
     """Metrics on every labeled split, label-free scores on target train."""
     was_training = method.training
     method.eval()
     out: dict[str, Any] = {}
     for name in ("src_val", "tgt_val", "tgt_test"):
-        out[name] = classification_metrics(*predict_split(method, data[name], precision=precision))
-    out["tgt_train_unsup"] = unsupervised_scores(predict_split(method, data["tgt_train"], precision=precision)[0])
+        out[name] = classification_metrics(*predict_split(method, data[name]))
+    out["tgt_train_unsup"] = unsupervised_scores(predict_split(method, data["tgt_train"])[0])
     method.train(was_training)
     return out
 
@@ -277,7 +276,7 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
     ``torch.use_deterministic_algorithms``); otherwise CUDA runs let cuDNN autotune for speed.
 
     Speed options (they change float rounding only, never the algorithm; recorded in provenance):
-    ``cfg.precision`` (bf16 autocast of the forward passes; part of the run's identity),
+    ``cfg.precision`` (bf16 autocast of the backbone; part of the run's identity),
     ``channels_last`` (NHWC memory layout for conv backbones: faster convolutions and pooling on
     CPU and on tensor-core GPUs), ``compile`` (``torch.compile`` the backbone; pays off on GPUs and
     long runs, not for a 500-step LeNet run on CPU, where compiling takes longer than training)."""
@@ -306,6 +305,7 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
     from dalab.augment import extra_terms, mixup_source
     method.extra_terms = extra_terms(prep.hp, src.num_classes)
     precision = resolve_precision(cfg.precision, dev)
+    method.precision = precision
     channels_last = channels_last and any(isinstance(m, torch.nn.Conv2d) for m in net.backbone.modules())
     if channels_last:
         method.to(memory_format=torch.channels_last)
@@ -372,8 +372,7 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
             batch.x_tgt = next(tgt_iter)[0]           # labels dropped: unsupervised use
         if lab_iter is not None:
             batch.x_tgt_lab, batch.y_tgt_lab = next(lab_iter)
-        with autocast(dev, precision):
-            out = method.train_step(batch, step)
+        out = method.train_step(batch, step)
         train_time += time.perf_counter() - t_step
         if step % log_every == 0 or step == cfg.steps:
             # the only host sync of the loop: losses become floats on logging steps only
@@ -393,7 +392,7 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
             method.on_train_end(_Inputs(tgt.train) if tgt_iter is not None else None,
                                 _Inputs(tgt.train.subset(lab_idx), labels=True) if lab_iter is not None else None)
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            ev = {"step": step, **evaluate(method, data, precision)}
+            ev = {"step": step, **evaluate(method, data)}
             evals.append(ev)
             if writer:
                 for split in ("src_val", "tgt_val", "tgt_test"):

@@ -20,6 +20,7 @@ their defaults follow the DANN paper's protocol (SGD, momentum 0.9, mu_p = mu0 /
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from types import SimpleNamespace
@@ -232,6 +233,7 @@ class Method(nn.Module):
         # extra objective terms from the run's data options (dalab.augment: cross mixup, VAT); the
         # trainer sets them, optimize() adds them to the method's loss
         self.extra_terms: list = []
+        self.precision = "fp32"  # "bf16": the backbone runs under bf16 autocast (see features())
         self._batch: Batch | None = None
         self._extra_logs: dict[str, Tensor] = {}
         self.build()
@@ -265,10 +267,27 @@ class Method(nn.Module):
 
     # -- what the trainer and validators call
     def predict(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return self.net.head(self.features(x))
 
     def features(self, x: Tensor) -> Tensor:
+        """Backbone output, always float32. With ``precision = "bf16"`` (set by the trainer) the
+        backbone -- nearly all of the compute -- runs under bf16 autocast; heads, discriminators and
+        every loss run in float32 (no method has to care about low-precision corner cases)."""
+        if self.precision == "bf16":
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                f = self.net.backbone(x)
+            return f.float()
         return self.net.backbone(x)
+
+    @contextmanager
+    def full_precision(self):
+        """Inside: the backbone runs in float32 whatever the run's precision (e.g. VAT's tiny
+        finite-difference perturbations, which bf16 would round away)."""
+        saved, self.precision = self.precision, "fp32"
+        try:
+            yield
+        finally:
+            self.precision = saved
 
     # -- shared machinery
     def progress(self, step: int) -> float:
@@ -305,16 +324,14 @@ class Method(nn.Module):
         return {**out, **self._extra_logs}
 
     def optimize(self, loss: Tensor) -> None:
-        """(+ extra terms) -> zero_grad -> backward -> step -> lr schedule step. The backward pass
-        runs outside the trainer's autocast region (its ops take the dtypes of their forward ops)."""
+        """(+ extra terms) -> zero_grad -> backward -> step -> lr schedule step."""
         if self.extra_terms and self._batch is not None:
             for term in self.extra_terms:
                 extra, logs = term(self, self._batch)
                 loss = loss + extra
                 self._extra_logs.update(logs)
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(loss.device.type, enabled=False):
-            loss.backward()
+        loss.backward()
         self.optimizer.step()
         self.scheduler.step()
 
