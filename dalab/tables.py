@@ -135,7 +135,8 @@ def build_table(records: list[dict], rule: str, pairs: list[str] | None = None) 
     agg = aggregate(records, rule)
     pairs = pairs or sorted({p for v in agg.values() for p in v})
     budget_order = lambda b: (b != "0", b == "all", int(b) if b.isdigit() else 0)  # noqa: E731
-    rows = sorted(agg, key=lambda rk: (budget_order(rk[1]), rk[0] != "baseline", rk[0], rk[2]))
+    # within a method, the plainest setting (defaults) first, then its variants
+    rows = sorted(agg, key=lambda rk: (budget_order(rk[1]), rk[0] != "baseline", rk[0], rk[2], len(rk[3]), rk[3]))
     table = []
     for rk in rows:
         cells = {p: agg[rk].get(p, {"accs": [], "n_failed": 0}) for p in pairs}

@@ -253,3 +253,15 @@ def test_workers_share_gpus_round_robin():
     assert worker_placement(4, 1, 16) == [("cuda:0", 4)] * 4           # 4 runs share one GPU
     assert [d for d, _ in worker_placement(5, 2, 16)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
     assert worker_placement(2, 0, 2) == [("cpu", 1), ("cpu", 1)]        # CPU: workers split the cores
+
+
+def test_image_folder_augmentation_levels():
+    from torchvision import transforms as T
+
+    from dalab.datasets.images import imagenet_transform
+
+    kinds = lambda t: [type(x) for x in t.transforms]  # noqa: E731
+    assert T.RandomResizedCrop in kinds(imagenet_transform(True, augment="light"))
+    assert T.ColorJitter in kinds(imagenet_transform(True, augment="strong"))
+    assert kinds(imagenet_transform(True, augment="none")) == kinds(imagenet_transform(False))
+    assert T.RandomResizedCrop not in kinds(imagenet_transform(False, augment="strong"))  # eval: never
