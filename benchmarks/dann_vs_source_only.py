@@ -48,8 +48,8 @@ def main(argv=None) -> int:
         accs = [r["final"]["tgt_test"]["acc"] * 100 if r["final"] else float("nan") for r in recs]
         print(f"{m}: " + "  ".join(f"s{s}={a:.1f}" for s, a in zip(args.seeds, accs)), flush=True)
     lines = [f"{src} -> {tgt}, {args.steps} steps, backbone {args.backbone}, {len(args.seeds)} seeds; selection "
-             f"rule: last step (fixed budget, no target labels); target test accuracy (%). "dann" is dalab's "
-             f"default (BatchNorm discriminator); "dann:disc_bn=false" the paper's plain 768-100-1 discriminator", "",
+             f"rule: last step (fixed budget, no target labels); target test accuracy (%). `dann` is dalab's "
+             f"default (BatchNorm discriminator); `dann:disc_bn=false` the paper's plain 768-100-1 discriminator", "",
              "| method | tgt_test acc | per seed | src_val acc | steps/s |", "|---|---|---|---|---|"]
     for m, recs in rows.items():
         ok = [r for r in recs if r["final"]]
