@@ -98,7 +98,7 @@ def bare(method: str, steps: int, dev, src, tgt, backbone: str, fast: bool) -> f
 def dalab_trainer(method: str, steps: int, dev, runs_dir: str, backbone: str, fast: bool) -> float:
     cfg = RunConfig("dann" if method == "dann" else "source_only", "mnist5k", "ucidigits", steps=steps,
                     eval_every=10 ** 9, backbone=backbone, precision="auto" if fast else "fp32",
-                    hparams={"disc_bn": False} if method == "dann" else {})  # the paper's 768-100-1 D, as below
+                    hparams={"disc_bn": "false"} if method == "dann" else {})  # the paper's 768-100-1 D, as below
     rec = train(cfg, runs_dir, device=str(dev), progress=False, tensorboard=False, channels_last=fast)
     return rec["train"]["train_time_s"]
 

@@ -105,7 +105,7 @@ class HParam:
             elif kind is float:
                 value = float(value)
             elif kind is str:
-                value = str(value)
+                value = ("true" if value else "false") if isinstance(value, bool) else str(value)
         except (TypeError, ValueError):
             raise DalabError(f"hyperparameter {name}={value!r} must be a {kind.__name__}") from None
         if isinstance(value, float) and not math.isfinite(value):

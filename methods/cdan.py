@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from .base import Batch, HParam, Method, TargetData, register
 from .layers import adversarial_domain_loss, cdan_entropy_weights, dann_lambda, multilinear_map
-from .nets import domain_discriminator
+from .nets import discriminator_bn, domain_discriminator
 
 
 @register("cdan")
@@ -42,8 +42,9 @@ class CDAN(Method):
         "rand_dim": HParam(1024, ("choice", (512, 1024)), "output size of the randomized map", low=1),
         "disc_hidden": HParam(500, ("choice", (500, 1024)), "discriminator width", low=1),
         "disc_depth": HParam(2, ("int", 1, 3), "hidden layers of the discriminator", low=1, high=8),
-        "disc_bn": HParam(True, ("choice", (False, True)), "BatchNorm in the discriminator's hidden layers "
-                          "(per domain; as TLlib's and our DANN's default)"),
+        "disc_bn": HParam("auto", None, "BatchNorm in the discriminator's hidden layers (per domain): auto = when "
+                          "the backbone has BatchNorm (lenet_bn, ResNets), as TLlib; the BN-free paper LeNet keeps "
+                          "the paper's plain discriminator", choices=("auto", "true", "false")),
     }
 
     def build(self):
@@ -55,7 +56,8 @@ class CDAN(Method):
         else:
             self.map = multilinear_map
         in_dim = self.hp.rand_dim if self.randomized else d * k
-        self.disc = domain_discriminator(in_dim, self.hp.disc_hidden, self.hp.disc_depth, self.hp.disc_bn)
+        self.disc = domain_discriminator(in_dim, self.hp.disc_hidden, self.hp.disc_depth,
+                                         discriminator_bn(self.hp.disc_bn, self.net.backbone))
 
     def update(self, batch: Batch, step: int):
         lam = dann_lambda(self.progress(step), self.hp.gamma)

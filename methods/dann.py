@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from .base import Batch, HParam, Method, TargetData, register
 from .layers import dann_lambda, domain_bce, domain_logits
-from .nets import domain_discriminator
+from .nets import discriminator_bn, domain_discriminator
 
 
 @register("dann")
@@ -25,13 +25,14 @@ class DANN(Method):
 
     Deviations: the domain loss is the mean of the source and target BCE terms (not a sum over
     the joint batch); source and target go through the backbone in one concatenated forward, so
-    BatchNorm (our LeNet addition) normalises over both domains. The discriminator has BatchNorm
-    in its hidden layer by default (as TLlib's), applied per domain: with the paper's plain
-    768-100-1 discriminator, DANN collapsed to chance on syndigits->mnist5k in every seed (the
-    discriminator wins at once and the reversed gradient stops the classifier from learning) and
-    swung 38-65% on mnist5k->mnistm5k; with it, over the 4 default pairs x 3 seeds (lenet_bn, 500
-    steps), mean target accuracy 58.2 vs 45.5, no collapse (results in the issue-6/8 closing note;
-    it costs ~7 points on mnist5k->ucidigits). ``disc_bn=False`` restores the paper's.
+    BatchNorm (our lenet_bn addition) normalises over both domains. With a BatchNorm backbone
+    (lenet_bn, ResNets) the discriminator has BatchNorm in its hidden layer (``disc_bn=auto``, as
+    TLlib's), applied per domain: with the paper's plain 768-100-1 discriminator on lenet_bn,
+    DANN collapsed to chance on syndigits->mnist5k in every seed (the discriminator wins at once
+    and the reversed gradient stops the classifier from learning) and swung 38-65% on
+    mnist5k->mnistm5k; with it, 4 default pairs x 3 seeds (500 steps): mean target accuracy 58.2 vs
+    45.5. On the BN-free paper LeNet the plain discriminator is better (mnist5k->ucidigits, 2000
+    steps: 73.2 vs 60.1), so ``auto`` keeps the paper's there. ``disc_bn=true|false`` forces it.
     """
 
     family = "adversarial"
@@ -43,13 +44,14 @@ class DANN(Method):
         "gamma": HParam(10.0, ("choice", (5.0, 10.0)), "steepness of the lambda_p schedule", low=0.0),
         "disc_hidden": HParam(100, ("choice", (100, 500, 1024)), "domain discriminator width", low=1),
         "disc_depth": HParam(1, ("int", 1, 3), "hidden layers of the discriminator", low=1, high=8),
-        "disc_bn": HParam(True, ("choice", (False, True)), "BatchNorm in the discriminator's hidden layers "
-                          "(per domain); off = the paper's plain 768-100-1"),
+        "disc_bn": HParam("auto", None, "BatchNorm in the discriminator's hidden layers (per domain): auto = when "
+                          "the backbone has BatchNorm (lenet_bn, ResNets), as TLlib; the BN-free paper LeNet keeps "
+                          "the paper's plain discriminator", choices=("auto", "true", "false")),
     }
 
     def build(self):
         self.disc = domain_discriminator(self.net.backbone.out_dim, self.hp.disc_hidden,
-                                         self.hp.disc_depth, self.hp.disc_bn)
+                                         self.hp.disc_depth, discriminator_bn(self.hp.disc_bn, self.net.backbone))
 
     def domain_loss(self, f_s, f_t, lam: float):
         """BCE of the discriminator behind a GRL with coefficient ``lam`` (source = 1, target = 0),

@@ -134,6 +134,16 @@ def domain_discriminator(in_dim: int, hidden: int = 100, depth: int = 1, bn: boo
     return nn.Sequential(*layers, nn.Linear(dims[-1], 1))
 
 
+def has_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def discriminator_bn(setting: str, backbone: nn.Module) -> bool:
+    """A discriminator's ``disc_bn`` hparam: ``auto`` = BatchNorm exactly when the backbone has it
+    (the BN-free paper LeNet keeps the paper's plain discriminator; BN backbones get TLlib's)."""
+    return setting == "true" or (setting == "auto" and has_batchnorm(backbone))
+
+
 def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
     """The backbone's stages, input to output (what "fine-tune the last k blocks" counts):
     LeNet's two conv stages; a ResNet's stem and its four residual stages."""
