@@ -171,7 +171,9 @@ class _FrozenBNStats:
     (VAT's extra forward passes must not move the statistics used at test time)."""
 
     def __init__(self, module: torch.nn.Module):
-        self.bns = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        from dalab.methods.nets import batchnorm_layers
+
+        self.bns = batchnorm_layers(module)
 
     def __enter__(self):
         self.saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)

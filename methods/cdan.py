@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Batch, HParam, Method, TargetData, register
+from .dann import DANN
 from .layers import adversarial_domain_loss, cdan_entropy_weights, dann_lambda, multilinear_map
 from .nets import discriminator_bn, domain_discriminator
 
@@ -42,9 +43,7 @@ class CDAN(Method):
         "rand_dim": HParam(1024, ("choice", (512, 1024)), "output size of the randomized map", low=1),
         "disc_hidden": HParam(500, ("choice", (500, 1024)), "discriminator width", low=1),
         "disc_depth": HParam(2, ("int", 1, 3), "hidden layers of the discriminator", low=1, high=8),
-        "disc_bn": HParam("auto", None, "BatchNorm in the discriminator's hidden layers (per domain): auto = when "
-                          "the backbone has BatchNorm (lenet_bn, ResNets), as TLlib; the BN-free paper LeNet keeps "
-                          "the paper's plain discriminator", choices=("auto", "true", "false")),
+        "disc_bn": DANN.hparams["disc_bn"],  # the same rule as DANN's discriminator
     }
 
     def build(self):

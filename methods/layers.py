@@ -61,7 +61,9 @@ def domain_logits(disc, f_s: Tensor, f_t: Tensor, coeff: float) -> tuple[Tensor,
     coefficient ``coeff``: one call on the concatenation when the discriminator has no BatchNorm
     (the same numbers, half the kernel launches), one call per domain when it has (BatchNorm
     statistics per domain)."""
-    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in disc.modules()):
+    from .nets import has_batchnorm
+
+    if has_batchnorm(disc):
         return disc(grad_reverse(f_s, coeff)).squeeze(1), disc(grad_reverse(f_t, coeff)).squeeze(1)
     d = disc(grad_reverse(torch.cat([f_s, f_t]), coeff)).squeeze(1)
     return d[: len(f_s)], d[len(f_s):]

@@ -134,8 +134,13 @@ def domain_discriminator(in_dim: int, hidden: int = 100, depth: int = 1, bn: boo
     return nn.Sequential(*layers, nn.Linear(dims[-1], 1))
 
 
+def batchnorm_layers(module: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm layer (1d/2d/3d) inside ``module``."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def has_batchnorm(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    return bool(batchnorm_layers(module))
 
 
 def discriminator_bn(setting: str, backbone: nn.Module) -> bool:
