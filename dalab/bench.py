@@ -210,6 +210,20 @@ def run_state(runs_dir: Path, run_id: str) -> str:
     return "partial" if d.exists() else "missing"
 
 
+def run_or_load(cfg, runs_dir: str | os.PathLike, device: str = "auto", cached_only: bool = False,
+                tensorboard: bool = True) -> dict | None:
+    """The record of run ``cfg``: read when it is done under ``runs_dir``, else trained now (or
+    ``None`` with ``cached_only``). For benchmark scripts that reuse finished runs."""
+    from dalab.trainer import train
+
+    rd = Path(runs_dir)
+    if run_state(rd, cfg.run_id()) == "done":
+        return json.loads((rd / cfg.run_id() / "record.json").read_text())
+    if cached_only:
+        return None
+    return train(cfg, rd, device=device, progress=False, tensorboard=tensorboard)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

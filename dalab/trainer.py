@@ -12,6 +12,7 @@ events) and, last, a ``done`` marker.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -61,6 +62,7 @@ class RunConfig:
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower."""
     try:
@@ -78,13 +80,6 @@ def resolve_precision(precision: str, dev: torch.device) -> str:
     if dev.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if dev.type == "cpu" and cpu_has_bf16() else "fp32"
-
-
-def autocast(dev: torch.device, precision: str):
-    """bf16 autocast (a no-op for fp32), as a hand-written loop would use it (benchmarks/speed.py).
-    The trainer itself autocasts only the backbone (``Method.features``): heads, discriminators and
-    losses stay float32, weights and optimizer state are float32 throughout."""
-    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def pick_device(device: str = "auto") -> torch.device:
