@@ -28,6 +28,7 @@ class AFN(Method):
     """
 
     family = "regularization"
+    display = "AFN"
     paper = "Xu et al., Larger Norm More Transferable: An Adaptive Feature Norm Approach for Unsupervised Domain Adaptation, ICCV 2019. https://arxiv.org/abs/1811.07456"
     target_data = TargetData.UNLABELED
     label_budgets = ("0",)

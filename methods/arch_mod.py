@@ -56,6 +56,7 @@ class ArchMod(Method):
     """
 
     family = "architecture"
+    display = "Arch. mod. + AdaBN"
     paper = "Li et al., Revisiting Batch Normalization For Practical Domain Adaptation (AdaBN), ICLR-W 2017. https://arxiv.org/abs/1603.04779"
     target_data = TargetData.BOTH
     label_budgets = ("0", "k")

@@ -183,6 +183,7 @@ def register(name: str):
         if not cls.family:
             raise ValueError(f"method {name!r} must declare a family")
         cls.name = name
+        cls.display = cls.__dict__.get("display") or name  # tables and figures; the registry name stays the CLI's
         METHODS[name] = cls
         return cls
 
@@ -210,6 +211,7 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""
     family: ClassVar[str] = ""
+    display: ClassVar[str] = ""                    # name in tables and figures ("CDAN+E"); default: the registry name
     paper: ClassVar[str] = ""                      # "Authors, Title, Venue Year. URL"
     target_data: ClassVar[TargetData] = TargetData.NONE
     label_budgets: ClassVar[tuple[str, ...]] = ("0",)

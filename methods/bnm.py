@@ -17,6 +17,7 @@ class BNM(TargetRegularized):
     """
 
     family = "regularization"
+    display = "BNM"
     paper = "Cui et al., Towards Discriminability and Diversity: Batch Nuclear-norm Maximization under Label Insufficient Situations, CVPR 2020. https://arxiv.org/abs/2003.12237"
     hparams = {"trade_off": HParam(1.0, ("log", 0.1, 10.0), "weight of the BNM loss", low=0.0)}
 

@@ -32,6 +32,7 @@ class CDAN(Method):
     """
 
     family = "adversarial"
+    display = "CDAN+E"
     paper = "Long et al., Conditional Adversarial Domain Adaptation, NeurIPS 2018. https://arxiv.org/abs/1705.10667"
     target_data = TargetData.UNLABELED
     label_budgets = ("0",)

@@ -22,6 +22,7 @@ class DAN(Joint):
 
     paper = "Long et al., Learning Transferable Features with Deep Adaptation Networks, ICML 2015. https://arxiv.org/abs/1502.02791"
     family = "discrepancy"
+    display = "DAN"
     target_data = TargetData.UNLABELED
     label_budgets = ("0",)  # the paper is unsupervised; label budgets are joint's
     hparams = {**Joint.hparams,

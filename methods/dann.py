@@ -36,6 +36,7 @@ class DANN(Method):
     """
 
     family = "adversarial"
+    display = "DANN"
     paper = "Ganin et al., Domain-Adversarial Training of Neural Networks, JMLR 2016. https://arxiv.org/abs/1505.07818"
     target_data = TargetData.UNLABELED
     label_budgets = ("0",)

@@ -19,6 +19,7 @@ class DeepCORAL(Joint):
 
     paper = "Sun & Saenko, Deep CORAL: Correlation Alignment for Deep Domain Adaptation, ECCV-W 2016. https://arxiv.org/abs/1607.01719"
     family = "discrepancy"
+    display = "Deep CORAL"
     target_data = TargetData.UNLABELED
     label_budgets = ("0",)  # the paper is unsupervised; label budgets are joint's
     hparams = {**Joint.hparams,

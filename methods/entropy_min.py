@@ -19,6 +19,7 @@ class EntropyMin(TargetRegularized):
     """
 
     family = "regularization"
+    display = "Entropy min."
     paper = "Grandvalet & Bengio, Semi-supervised Learning by Entropy Minimization, NeurIPS 2004. https://papers.nips.cc/paper/2740-semi-supervised-learning-by-entropy-minimization"
     hparams = {
         "trade_off": HParam(0.1, ("log", 0.01, 1.0), "weight of the target term", low=0.0),

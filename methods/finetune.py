@@ -24,6 +24,7 @@ class Finetune(Method):
     """
 
     family = "fine-tuning"
+    display = "Fine-tuning"
     paper = "Li et al., Explicit Inductive Bias for Transfer Learning with Convolutional Networks (L2-SP), ICML 2018. https://arxiv.org/abs/1802.01483"
     target_data = TargetData.LABELED
     label_budgets = ("k", "all")

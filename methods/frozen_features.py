@@ -29,6 +29,7 @@ class FrozenFeatures(Method):
     """
 
     family = "fine-tuning"
+    display = "Frozen features"
     paper = "Donahue et al., DeCAF: A Deep Convolutional Activation Feature for Generic Visual Recognition, ICML 2014. https://arxiv.org/abs/1310.1531"
     target_data = TargetData.LABELED
     label_budgets = ("k", "all")

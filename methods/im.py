@@ -18,6 +18,7 @@ class IM(EntropyMin):
     with source CE (SHOT adapts a source model without source data).
     """
 
+    display = "IM"
     paper = "Shi & Sha, Information-Theoretical Learning of Discriminative Clusters for Unsupervised Domain Adaptation, ICML 2012. https://arxiv.org/abs/1206.6438"
     hparams = {**EntropyMin.hparams,
                "trade_off": HParam(1.0, ("log", 0.01, 10.0), "weight of the IM term", low=0.0),

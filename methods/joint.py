@@ -47,6 +47,7 @@ class Joint(Method):
     """
 
     family = "joint"
+    display = "Joint"
     paper = "Joint objective: labels of both domains + a DAN, Deep CORAL or DANN alignment term."
     target_data = TargetData.BOTH
     label_budgets = ("0", "k", "all")

@@ -20,6 +20,7 @@ class MCC(TargetRegularized):
     """
 
     family = "regularization"
+    display = "MCC"
     paper = "Jin et al., Minimum Class Confusion for Versatile Domain Adaptation, ECCV 2020. https://arxiv.org/abs/1912.03699"
     hparams = {
         "trade_off": HParam(1.0, ("log", 0.1, 10.0), "weight of the class-confusion loss", low=0.0),

@@ -30,6 +30,7 @@ class MDD(Method):
     """
 
     family = "adversarial"
+    display = "MDD"
     paper = "Zhang et al., Bridging Theory and Algorithm for Domain Adaptation, ICML 2019. https://arxiv.org/abs/1904.05801"
     target_data = TargetData.UNLABELED
     label_budgets = ("0",)

@@ -16,6 +16,7 @@ class SourceOnly(Method):
     """
 
     family = "baseline"
+    display = "Source only"
     paper = "Lower bound (no adaptation)."
     target_data = TargetData.NONE
     label_budgets = ("0",)

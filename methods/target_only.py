@@ -17,6 +17,7 @@ class TargetOnly(Method):
     """
 
     family = "oracle"
+    display = "Target only (oracle)"
     paper = "Upper bound (supervised on target labels)."
     target_data = TargetData.LABELED
     label_budgets = ("k", "all")
