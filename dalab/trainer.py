@@ -126,6 +126,9 @@ def validate(cfg: RunConfig) -> Prepared:
     if hp["mixup"] == "cross" and method_cls.target_data not in (TargetData.UNLABELED, TargetData.BOTH):
         raise DalabError(f"mixup=cross mixes source with unlabeled target inputs, but method {cfg.method!r} "
                          f"uses no unlabeled target data; use mixup=source, or a method that adapts (e.g. dann)")
+    if not method_cls.uses_source and hp["mixup"] != "none":
+        raise DalabError(f"method {cfg.method!r} is source-free (its adaptation sees no source data), so "
+                         f"mixup={hp['mixup']} cannot apply; use mixup=none")
     return Prepared(cfg, method_cls, hp, budget)
 
 
@@ -221,6 +224,14 @@ class _Inputs:
             yield (x, y) if self.labels else x
 
 
+def refresh_period(every: int | str | None, n_target: int, batch_size: int) -> int | None:
+    """Steps between two :meth:`Method.refresh` calls: ``every`` steps, one pass over target train
+    (``"epoch"``), or never (``None``)."""
+    if every is None:
+        return None
+    return math.ceil(n_target / batch_size) if every == "epoch" else int(every)
+
+
 def set_determinism(on: bool, device: torch.device) -> None:
     """Deterministic GPU kernels, or cuDNN autotuning for speed. CPU kernels are deterministic for a
     fixed thread count either way."""
@@ -313,7 +324,8 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
     bs = prep.hp["batch_size"]
     gens = [torch.Generator().manual_seed(cfg.seed * 1000 + i) for i in range(3)]
     aug_s, aug_t = data_options["source"]["augment"], data_options["target"]["augment"]
-    src_iter = src.train.sampler(bs, gens[0], aug_s)
+    # a source-free method's adaptation phase is given no source data at all
+    src_iter = src.train.sampler(bs, gens[0], aug_s) if prep.method_cls.uses_source else None
     uses = prep.method_cls.target_data
     # VAT regularises on target inputs: with a method that declares none, the run uses them for it
     vat_only = prep.hp["vat"] > 0 and uses not in (TargetData.UNLABELED, TargetData.BOTH)
@@ -357,11 +369,19 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
         start = state["step"] + 1
         if bar:
             bar.update(state["step"])
+    tgt_inputs = _Inputs(tgt.train) if tgt_iter is not None else None
+    refresh = refresh_period(prep.method_cls.refresh_every, len(tgt.train), bs)
+    if start == 1:
+        method.on_train_start(tgt_inputs)
     for step in range(start, cfg.steps + 1):
         t_step = time.perf_counter()
-        xs, ys = next(src_iter)
-        if prep.hp["mixup"] == "source":
-            xs, ys = mixup_source(xs, ys, src.num_classes, prep.hp["mixup_alpha"])
+        if refresh and (step - 1) % refresh == 0:  # pseudo-labels, clusters, memory banks
+            method.refresh(_Inputs(tgt.train), step)
+        xs = ys = None
+        if src_iter is not None:
+            xs, ys = next(src_iter)
+            if prep.hp["mixup"] == "source":
+                xs, ys = mixup_source(xs, ys, src.num_classes, prep.hp["mixup_alpha"])
         batch = Batch(xs, ys)
         if tgt_iter is not None:
             batch.x_tgt = next(tgt_iter)[0]           # labels dropped: unsupervised use
@@ -384,7 +404,7 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
         if bar:
             bar.update(1)
         if step == cfg.steps:  # post-training adaptation (AdaBN, probes) sees only declared target data
-            method.on_train_end(_Inputs(tgt.train) if tgt_iter is not None else None,
+            method.on_train_end(tgt_inputs,
                                 _Inputs(tgt.train.subset(lab_idx), labels=True) if lab_iter is not None else None)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             ev = {"step": step, **evaluate(method, data)}

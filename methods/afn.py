@@ -50,9 +50,9 @@ class AFN(Method):
 
     def update(self, batch: Batch, step: int):
         n = len(batch.x_src)
-        h = self.features(torch.cat([batch.x_src, batch.x_tgt]))
+        h = self.features_cat(batch.x_src, batch.x_tgt)
         cls_loss = F.cross_entropy(self.net.head(h[:n]), batch.y_src)
         transfer_loss = self.norm_loss(h)
         loss = cls_loss + self.hp.trade_off * transfer_loss
-        self.optimize(loss)
+        self.step(loss)
         return {"loss": loss, "cls_loss": cls_loss, "afn_loss": transfer_loss}

@@ -87,7 +87,7 @@ class ArchMod(Method):
         if batch.x_tgt_lab is not None:
             out["tgt_cls_loss"] = F.cross_entropy(self.predict(batch.x_tgt_lab), batch.y_tgt_lab)
             loss = loss + out["tgt_cls_loss"]
-        self.optimize(loss)
+        self.step(loss)
         return {"loss": loss, **out}
 
     @torch.no_grad()

@@ -32,6 +32,8 @@ from torch import Tensor, nn
 
 from dalab.utils import DalabError
 
+from .nets import has_batchnorm
+
 
 # --------------------------------------------------------------------------- data a step sees
 
@@ -49,8 +51,8 @@ class Batch:
     """One training step's data. A target field is ``None`` unless the method's ``target_data``
     and the run's label budget allow it, so a method cannot peek at data it did not declare."""
 
-    x_src: Tensor
-    y_src: Tensor                      # class indices, or class probabilities under source mixup
+    x_src: Tensor | None               # None only for source-free methods (``uses_source = False``)
+    y_src: Tensor | None               # class indices, or class probabilities under source mixup
     x_tgt: Tensor | None = None        # unlabeled target inputs (target train, labels never given)
     x_tgt_lab: Tensor | None = None    # labeled target inputs (the budget's k per class, or all)
     y_tgt_lab: Tensor | None = None
@@ -128,6 +130,9 @@ SHARED_HPARAMS: dict[str, HParam] = {
     "lr_schedule": HParam("dann", ("choice", ("dann", "constant", "cosine")),
                           "dann: mu0 / (1 + 10 p)^0.75 (Ganin et al. 2016); p = step / steps"),
     "batch_size": HParam(64, ("choice", (32, 64, 128)), "batch size per domain", low=1, high=4096),
+    "bn_mode": HParam("joint", None, "BatchNorm over two domains: joint (one forward on cat(source, target), "
+                      "statistics pooled) or split (one forward per domain, per-domain statistics)",
+                      choices=("joint", "split")),
     "backbone_lr_mult": HParam(1.0, ("choice", (0.1, 1.0)),
                                "lr multiplier of the backbone (0.1 for pretrained backbones)",
                                low=0.0, high=10.0),
@@ -233,18 +238,20 @@ class Method(nn.Module):
         self.hp = SimpleNamespace(**hp)
         self.total_steps = max(int(total_steps), 1)
         # extra objective terms from the run's data options (dalab.augment: cross mixup, VAT); the
-        # trainer sets them, optimize() adds them to the method's loss
+        # trainer sets them, step() adds them to the first loss stepped in each training step
         self.extra_terms: list = []
         self.precision = "fp32"  # "bf16": the backbone runs under bf16 autocast (see features())
         self._batch: Batch | None = None
         self._extra_logs: dict[str, Tensor] = {}
         self.build()
-        self.optimizer = self.make_optimizer(self.param_groups())
-        self.scheduler = self.make_scheduler(self.optimizer)
+        from dalab.optim import Optimization
+        self.optim = Optimization(self.optimizers(), self.hp, self.total_steps, self.parameters())
 
     # -- hooks for subclasses
     def build(self) -> None:
-        """Create method-specific modules (discriminators, ...) here; runs before the optimizer."""
+        """Create method-specific modules (discriminators, teachers, ...) here; runs before the
+        optimizers are built. With ``init_from_source`` the network already holds the
+        source-pretrained weights here."""
 
     def param_groups(self) -> list[dict]:
         """Parameter groups with their lr multipliers: the backbone at ``backbone_lr_mult``,
@@ -256,9 +263,35 @@ class Method(nn.Module):
                   {"params": rest, "lr_mult": 1.0}]
         return [g for g in groups if g["params"]]
 
+    def optimizers(self) -> dict[str, list[dict]]:
+        """Named optimizers, each a list of parameter groups ``{"params": [...], "lr_mult": m}``.
+        The trainer builds one optimizer per name (SGD/Adam from the shared hyperparameters) and
+        sets every LR once per step from the schedule. Default: one optimizer, ``"main"``, over
+        :meth:`param_groups`. A method with several (``{"G": ..., "C": ..., "D": ...}``) steps each by
+        name: ``self.step(loss, "D")``."""
+        return {"main": self.param_groups()}
+
     def update(self, batch: Batch, step: int) -> dict[str, Tensor | float]:
-        """One training step: compute the losses, step the optimizer, return scalars to log."""
+        """One training step: compute the losses, call :meth:`step` on each (one or more times, with
+        named optimizers), return scalars to log."""
         raise NotImplementedError
+
+    # optional hooks the trainer calls
+    uses_source: ClassVar[bool] = True   # False: source-free adaptation, batches carry no source data
+    # refresh(): every K steps (an int), once per pass over target train ("epoch"), or never (None)
+    refresh_every: ClassVar[int | str | None] = None
+
+    def on_train_start(self, x_tgt: Iterable[Tensor] | None) -> None:
+        """Called once before the first step (phase change into adaptation), with re-iterable
+        batches of target train inputs (``None`` unless declared). Default: nothing."""
+
+    def refresh(self, x_tgt: Iterable[Tensor], step: int) -> None:
+        """Called before step ``step`` every ``refresh_every`` steps (first before step 1) with
+        re-iterable batches of unlabeled target train inputs: pseudo-labels, clustering, memory banks.
+        State kept here must live in buffers or ``get_extra_state`` so checkpoints keep it."""
+
+    def after_step(self, step: int) -> None:
+        """Called after every training step (e.g. an EMA teacher update). Default: nothing."""
 
     def on_train_end(self, x_tgt: Iterable[Tensor] | None,
                      labeled: Iterable[tuple[Tensor, Tensor]] | None) -> None:
@@ -281,6 +314,21 @@ class Method(nn.Module):
             return f.float()
         return self.net.backbone(x)
 
+    def features_cat(self, *xs: Tensor) -> Tensor:
+        """Backbone features of several domains' batches, concatenated in order. ``bn_mode``
+        (shared) decides how BatchNorm layers see them: ``joint`` -- one forward on the
+        concatenation, statistics pooled over the domains; ``split`` -- one forward per batch,
+        per-domain statistics (as pytorch-adapt's hooks). Without BatchNorm both are the same
+        function. Every method that trains on several domains at once goes through here."""
+        if self.hp.bn_mode == "split" and len(xs) > 1 and has_batchnorm(self.net.backbone):
+            return torch.cat([self.features(x) for x in xs])
+        return self.features(torch.cat(xs))
+
+    def features_st(self, x_s: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`features_cat` of a source and a target batch, split back into (f_s, f_t)."""
+        f = self.features_cat(x_s, x_t)
+        return f[: len(x_s)], f[len(x_s):]
+
     @contextmanager
     def full_precision(self):
         """Inside: the backbone runs in float32 whatever the run's precision (e.g. VAT's tiny
@@ -296,60 +344,41 @@ class Method(nn.Module):
         """Training progress p in [0, 1] (the p of the DANN paper's schedules)."""
         return min(step / self.total_steps, 1.0)
 
-    def make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
-        hp = self.hp
-        for g in groups:
-            g["lr"] = hp.lr * g["lr_mult"]
-        if hp.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        return torch.optim.Adam(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-
-    def lr_factor(self, step: int) -> float:
-        p = self.progress(step)
-        if self.hp.lr_schedule == "dann":
-            return (1.0 + 10.0 * p) ** -0.75
-        if self.hp.lr_schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * p))
-        return 1.0
-
-    def make_scheduler(self, opt: torch.optim.Optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
-
     def train_step(self, batch: Batch, step: int) -> dict[str, Tensor | float]:
-        """What the trainer calls: :meth:`update`, with the extra terms of the run's data options
-        (if any) added to the objective in :meth:`optimize`, and their values logged."""
+        """What the trainer calls once per step: set the LRs, :meth:`update` (the extra terms of the
+        run's data options are added to the first loss it steps, and logged), :meth:`after_step`."""
         self._batch, self._extra_logs = batch, {}
+        self.optim.begin_step(step)
         try:
             out = self.update(batch, step)
         finally:
             self._batch = None
+        self.after_step(step)
         return {**out, **self._extra_logs}
 
-    def optimize(self, loss: Tensor) -> None:
-        """(+ extra terms) -> zero_grad -> backward -> step -> lr schedule step."""
-        if self.extra_terms and self._batch is not None:
+    def step(self, loss: Tensor, *names: str, retain_graph: bool = False) -> None:
+        """Backward ``loss`` and step the named optimizers (default: all of them). The trainer's
+        :class:`~dalab.optim.Optimization` does the work; the extra terms of the run's data options
+        (cross mixup, VAT) join the first loss stepped in a training step."""
+        if self.extra_terms and self._batch is not None and self.optim.steps_taken == 0:
             for term in self.extra_terms:
                 extra, logs = term(self, self._batch)
                 loss = loss + extra
                 self._extra_logs.update(logs)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
+        self.optim.step(loss, names or tuple(self.optim.optimizers), retain_graph)
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[-1]["lr"]
+        return self.optim.lr
 
     def training_state(self) -> dict:
-        """Everything needed to resume: weights, optimizer and scheduler."""
-        return {"model": self.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict()}
+        """Everything needed to resume: weights and buffers (teachers, pseudo-labels, memory banks
+        are modules or buffers, or a method's ``get_extra_state``), and every optimizer's state."""
+        return {"model": self.state_dict(), "optimizers": self.optim.state_dict()}
 
     def load_training_state(self, state: dict) -> None:
         self.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.optim.load_state_dict(state["optimizers"])
 
 
 class TargetRegularized(Method):
@@ -357,7 +386,7 @@ class TargetRegularized(Method):
 
         loss = CE(C(G(x_s)), y_s) + trade_off * R(C(G(x_t)))
 
-    with source and target in one forward pass. Subclasses declare ``trade_off`` and implement
+    with source and target through :meth:`Method.features_cat` (``bn_mode``). Subclasses declare ``trade_off`` and implement
     :meth:`target_loss` (R and the scalars to log); the update is written once, here."""
 
     target_data = TargetData.UNLABELED
@@ -369,9 +398,9 @@ class TargetRegularized(Method):
 
     def update(self, batch: Batch, step: int):
         n = len(batch.x_src)
-        logits = self.predict(torch.cat([batch.x_src, batch.x_tgt]))
+        logits = self.net.head(self.features_cat(batch.x_src, batch.x_tgt))
         cls_loss = F.cross_entropy(logits[:n], batch.y_src)
         transfer_loss, logs = self.target_loss(logits[n:])
         loss = cls_loss + self.hp.trade_off * transfer_loss
-        self.optimize(loss)
+        self.step(loss)
         return {"loss": loss, "cls_loss": cls_loss, **logs}

@@ -62,7 +62,7 @@ class CDAN(Method):
     def update(self, batch: Batch, step: int):
         lam = dann_lambda(self.progress(step), self.hp.gamma)
         n = len(batch.x_src)
-        f = self.features(torch.cat([batch.x_src, batch.x_tgt]))
+        f = self.features_cat(batch.x_src, batch.x_tgt)
         logits = self.net.head(f)
         cls_loss = F.cross_entropy(logits[:n], batch.y_src)
         g = torch.softmax(logits, 1).detach()
@@ -71,5 +71,5 @@ class CDAN(Method):
                     else (None, None))
         transfer_loss = adversarial_domain_loss(self.disc, h[:n], h[n:], lam, w_s, w_t)
         loss = cls_loss + self.hp.trade_off * transfer_loss
-        self.optimize(loss)
+        self.step(loss)
         return {"loss": loss, "cls_loss": cls_loss, "domain_loss": transfer_loss, "lambda": lam}

@@ -63,11 +63,11 @@ class DANN(Method):
 
     def update(self, batch: Batch, step: int):
         lam = dann_lambda(self.progress(step), self.hp.gamma)
-        f = self.features(torch.cat([batch.x_src, batch.x_tgt]))
+        f = self.features_cat(batch.x_src, batch.x_tgt)
         f_s, f_t = f[: len(batch.x_src)], f[len(batch.x_src):]
         cls_loss = F.cross_entropy(self.net.head(f_s), batch.y_src)
         domain_loss, domain_acc = self.domain_loss(f_s, f_t, lam)
         loss = cls_loss + self.hp.trade_off * domain_loss
-        self.optimize(loss)
+        self.step(loss)
         return {"loss": loss, "cls_loss": cls_loss, "domain_loss": domain_loss,
                 "domain_acc": domain_acc, "lambda": lam}

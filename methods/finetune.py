@@ -63,5 +63,5 @@ class Finetune(Method):
         if self.hp.l2sp_alpha > 0:
             out["l2sp"] = sum(((p - getattr(self, f"w0_{i}")) ** 2).sum() for i, p in enumerate(self.trained))
             loss = loss + 0.5 * self.hp.l2sp_alpha * out["l2sp"]
-        self.optimize(loss)
+        self.step(loss)
         return {"loss": loss, **out}

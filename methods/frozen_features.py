@@ -60,7 +60,7 @@ class FrozenFeatures(Method):
         with torch.no_grad():
             f = self.features(batch.x_tgt_lab)
         loss = F.cross_entropy(self.net.head(f), batch.y_tgt_lab)
-        self.optimize(loss)
+        self.step(loss)
         return {"loss": loss, "cls_loss": loss}
 
     @torch.no_grad()

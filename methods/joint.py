@@ -84,7 +84,7 @@ class Joint(Method):
     def update(self, batch: Batch, step: int):
         n, m = len(batch.x_src), len(batch.x_tgt)
         xs = [batch.x_src, batch.x_tgt] + ([batch.x_tgt_lab] if batch.x_tgt_lab is not None else [])
-        zs, logits = self.taps(self.features(torch.cat(xs)))
+        zs, logits = self.taps(self.features_cat(*xs))
         cls_loss = F.cross_entropy(logits[:n], batch.y_src)
         out = {"cls_loss": cls_loss}
         if batch.x_tgt_lab is not None:
@@ -96,5 +96,5 @@ class Joint(Method):
         else:
             transfer_loss = sum(self.align(z[:n], z[n:n + m]) for z in zs)
         loss = cls_loss + self.hp.trade_off * transfer_loss
-        self.optimize(loss)
+        self.step(loss)
         return {"loss": loss, **out, "transfer_loss": transfer_loss}

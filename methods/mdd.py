@@ -47,11 +47,11 @@ class MDD(Method):
     def update(self, batch: Batch, step: int):
         coeff = self.hp.grl_max * dann_lambda(self.progress(step), self.hp.gamma)
         n = len(batch.x_src)
-        f = self.features(torch.cat([batch.x_src, batch.x_tgt]))
+        f = self.features_cat(batch.x_src, batch.x_tgt)
         y = self.net.head(f)
         y_adv = self.adv_head(grad_reverse(f, coeff))
         cls_loss = F.cross_entropy(y[:n], batch.y_src)
         transfer_loss = mdd_disparity(y[:n].detach(), y[n:].detach(), y_adv[:n], y_adv[n:], self.hp.margin)
         loss = cls_loss + self.hp.trade_off * transfer_loss
-        self.optimize(loss)
+        self.step(loss)
         return {"loss": loss, "cls_loss": cls_loss, "disparity": -transfer_loss, "grl_coeff": coeff}

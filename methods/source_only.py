@@ -23,5 +23,5 @@ class SourceOnly(Method):
 
     def update(self, batch: Batch, step: int):
         loss = F.cross_entropy(self.predict(batch.x_src), batch.y_src)
-        self.optimize(loss)
+        self.step(loss)
         return {"loss": loss, "cls_loss": loss}

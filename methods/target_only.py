@@ -24,5 +24,5 @@ class TargetOnly(Method):
 
     def update(self, batch: Batch, step: int):
         loss = F.cross_entropy(self.predict(batch.x_tgt_lab), batch.y_tgt_lab)
-        self.optimize(loss)
+        self.step(loss)
         return {"loss": loss, "cls_loss": loss}

@@ -1,0 +1,104 @@
+"""The trainer's side of every optimizer step: named optimizers, their LR schedule, backward.
+
+A method declares named parameter groups (:meth:`dalab.methods.base.Method.optimizers`, e.g.
+``{"main": [...]}`` or ``{"G": [...], "C": [...], "D": [...]}``, each group with an ``lr_mult``);
+:class:`Optimization` builds one optimizer per name from the run's shared hyperparameters and owns
+
+- the schedule: every optimizer's LR is set ONCE per training step, from the step index
+  (:meth:`Optimization.begin_step`), however many optimizer steps the method takes in that step
+  (a per-call scheduler would anneal MCD's LR six times per batch);
+- backward and step (:meth:`Optimization.step`): a method never calls ``.backward()`` itself, so
+  gradient clipping, mixed precision and distributed training apply to every method the same way.
+
+Like ``torch.optim.lr_scheduler.LambdaLR``, the LR used in step ``s`` (counted from 1) is
+``base_lr * factor(p)`` with ``p = (s - 1) / steps``: runs match the earlier one-optimizer loop bit
+for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from dalab.utils import DalabError
+
+
+def lr_factor(schedule: str, p: float) -> float:
+    """The LR multiplier at training progress ``p`` in [0, 1]: ``dann`` = (1 + 10 p)^-0.75 (Ganin et
+    al. 2016), ``cosine``, or ``constant``."""
+    if schedule == "dann":
+        return (1.0 + 10.0 * p) ** -0.75
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * p))
+    return 1.0
+
+
+def make_optimizer(groups: list[dict], hp: Any) -> torch.optim.Optimizer:
+    """SGD (momentum, weight decay) or Adam over ``groups``, each at ``hp.lr * lr_mult``."""
+    for g in groups:
+        g["lr"] = hp.lr * g.get("lr_mult", 1.0)
+    if hp.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+    return torch.optim.Adam(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+
+
+class Optimization:
+    """Named optimizers of one method, their per-step LR schedule and the one backward path."""
+
+    def __init__(self, groups: Mapping[str, list[dict]], hp: Any, total_steps: int,
+                 params: Iterable[Tensor] = ()):
+        groups = {name: [g for g in gs if g["params"]] for name, gs in groups.items()}
+        empty = [name for name, gs in groups.items() if not gs]
+        if empty or not groups:
+            raise DalabError(f"optimizer(s) {empty or '(none)'} have no trainable parameters; "
+                             f"declare at least one parameter group per optimizer in Method.optimizers()")
+        self.hp = hp
+        self.total_steps = max(int(total_steps), 1)
+        self.optimizers = {name: make_optimizer(gs, hp) for name, gs in groups.items()}
+        self.base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in self.optimizers.items()}
+        self.params = list(params)          # every parameter whose .grad a step clears
+        self.max_grad_norm: float | None = None  # set by the trainer (gradient clipping), None = off
+        self.steps_taken = 0                # optimizer steps in the current training step (tests, logs)
+
+    def begin_step(self, step: int) -> None:
+        """Set every optimizer's LR for training step ``step`` (from 1). Call once per step."""
+        f = lr_factor(self.hp.lr_schedule, min((step - 1) / self.total_steps, 1.0))
+        for name, opt in self.optimizers.items():
+            for g, base in zip(opt.param_groups, self.base_lrs[name]):
+                g["lr"] = base * f
+        self.steps_taken = 0
+
+    def step(self, loss: Tensor, names: Iterable[str], retain_graph: bool = False) -> None:
+        """Clear every gradient, backpropagate ``loss``, step the named optimizers only."""
+        opts = []
+        for n in names:
+            if n not in self.optimizers:
+                raise KeyError(f"no optimizer named {n!r}; this method declares {sorted(self.optimizers)}")
+            opts.append(self.optimizers[n])
+        for p in self.params:
+            p.grad = None
+        loss.backward(retain_graph=retain_graph)
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for o in opts for g in o.param_groups for p in g["params"]],
+                                           self.max_grad_norm)
+        for o in opts:
+            o.step()
+        self.steps_taken += 1
+
+    @property
+    def lr(self) -> float:
+        """The current LR of the first optimizer's last group (the head's, for logging)."""
+        return next(iter(self.optimizers.values())).param_groups[-1]["lr"]
+
+    def state_dict(self) -> dict:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: Mapping[str, dict]) -> None:
+        if set(state) != set(self.optimizers):
+            raise DalabError(f"checkpoint holds optimizers {sorted(state)}, this method has "
+                             f"{sorted(self.optimizers)}; the checkpoint is from another method version")
+        for name, st in state.items():
+            self.optimizers[name].load_state_dict(st)
