@@ -1,6 +1,6 @@
 # One command sets up and runs the main job; one sets up and runs the tests.
 #   make bench   -> venv + install + the offline digits benchmark (writes results/)
-#   make test    -> venv + install + pytest (what .ci/run calls)
+#   make test    -> venv + install + ruff (lint) + pytest (what .ci/run calls)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 test: setup
+	$(PY) -m ruff check .
 	@$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     for method in args.methods:
         times: dict[str, list[float]] = {k: [] for k in variants}
         mem = {}
-        for k, fn in variants.items():  # warm-up (imports, allocator, first-call overheads)
+        for fn in variants.values():  # warm-up (imports, allocator, first-call overheads)
             fn(method, args.warmup)
         for _ in range(args.repeats):
             for k, fn in variants.items():
@@ -192,7 +192,8 @@ def main(argv=None) -> int:
         for (loop, setting) in variants:
             k = (loop, setting)
             print(f"| {method} | {loop} | {setting} | {sps[k]:.1f} | {sps[k] * imgs:.0f} | {mem[k]:.0f} |")
-        r = lambda a, b: sps[a] / sps[b]  # noqa: E731
+        def r(a, b, sps=sps):
+            return sps[a] / sps[b]
         print(f"| {method} | **dalab/bare** (trainer overhead) | fp32 {r(('dalab', 'fp32'), ('bare', 'fp32')):.2f}, "
               f"fast {r(('dalab', 'fast'), ('bare', 'fast')):.2f} | | | |")
         print(f"| {method} | **dalab/pytorch-adapt** | defaults (dalab fast / pa fp32) "

@@ -140,7 +140,9 @@ def resolve_methods(spec: BenchSpec) -> list[str]:
 
 def trial_hparams(method: str, trial: int, spec: BenchSpec) -> dict[str, Any]:
     """Trial 0: the defaults (plus spec overrides). Trial t > 0: a seeded random draw from every
-    hyperparameter's search space (the method's own and the shared ones), then spec overrides."""
+    hyperparameter's search space (the method's own and the shared ones), then spec overrides.
+    Each hyperparameter draws from its own generator, seeded by (search seed, method, trial, its
+    name), so adding or removing a hyperparameter never changes the others' draws."""
     import numpy as np
 
     from dalab.methods import SHARED_HPARAMS, get_method
@@ -148,9 +150,10 @@ def trial_hparams(method: str, trial: int, spec: BenchSpec) -> dict[str, Any]:
     cls = get_method(method)
     out: dict[str, Any] = {}
     if trial > 0:
-        rng = np.random.default_rng([spec.search_seed, zlib.crc32(method.encode()), trial])
         table = {**SHARED_HPARAMS, **cls.hparams}
-        out = {k: h.sample(rng) for k, h in sorted(table.items()) if h.space is not None and k != "batch_size"}
+        out = {k: h.sample(np.random.default_rng([spec.search_seed, zlib.crc32(method.encode()), trial,
+                                                  zlib.crc32(k.encode())]))
+               for k, h in sorted(table.items()) if h.space is not None and k != "batch_size"}
     out.update(spec.hparams.get("all", {}))
     out.update(spec.hparams.get(method, {}))
     return out

@@ -34,7 +34,6 @@ def source_pretrained(cfg, runs_dir: str | Path, device: str = "auto", data_root
                       progress: bool = False) -> tuple[dict, str]:
     """(state dict of the source-trained Classifier on CPU, run id it came from); trains the
     ``source_only`` run first when it is not cached."""
-    from dalab.trainer import train
 
     scfg = source_config(cfg)
     run_dir = Path(runs_dir) / scfg.run_id()

@@ -190,7 +190,7 @@ def to_markdown(t: dict, command: str = "") -> str:
     lines.append(f"Target test accuracy (%), mean ± std over {t['n']} seeds"
                  + (f" ({t['settings'][0]})" if len(t.get("settings", [])) == 1 else "")
                  + ". Best per label-budget group in "
-                 f"**bold**, second _italic_. † = runs that diverged or have no checkpoint under this rule.")
+                 "**bold**, second _italic_. † = runs that diverged or have no checkpoint under this rule.")
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     budget = None
     for r in t["rows"]:

@@ -61,12 +61,12 @@ def cached(version: str) -> Callable[[Callable[[], DomainData]], Callable[[], Do
                 try:
                     return load_cached(path)
                 except Exception as e:  # truncated or from an incompatible torch: rebuild
-                    warnings.warn(f"rebuilding {fn.__name__}: cannot read cache {path} ({e})")
+                    warnings.warn(f"rebuilding {fn.__name__}: cannot read cache {path} ({e})", stacklevel=2)
             data = fn()
             try:
                 save_domain(data, path)
             except OSError as e:
-                warnings.warn(f"could not cache {fn.__name__} at {path} ({e}); set DALAB_CACHE")
+                warnings.warn(f"could not cache {fn.__name__} at {path} ({e}); set DALAB_CACHE", stacklevel=2)
             return data
 
         build.cache_version = version  # type: ignore[attr-defined]

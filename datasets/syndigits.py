@@ -54,8 +54,8 @@ def _zero_height(path: str) -> int:
     """Height of the glyph '0' at size 100: fonts differ, so sizes are set by glyph height."""
     from PIL import ImageFont
 
-    l, t, r, b = ImageFont.truetype(path, 100).getbbox("0")
-    return b - t
+    _, top, _, bottom = ImageFont.truetype(path, 100).getbbox("0")
+    return bottom - top
 
 
 @functools.lru_cache(maxsize=4096)
@@ -76,12 +76,12 @@ def render_digit(font_path: Path, digit: int, rng: np.random.Generator):
 
     mask = Image.new("L", (2 * n, 2 * n), 0)          # room to rotate without clipping
     draw = ImageDraw.Draw(mask)
-    l, t, r, b = draw.textbbox((0, 0), str(digit), font=font, stroke_width=stroke)
+    left, top, right, bottom = draw.textbbox((0, 0), str(digit), font=font, stroke_width=stroke)
     cx, cy = n + rng.normal(0, 0.06 * n), n + rng.normal(0, 0.05 * n)
-    x0, y0 = cx - (l + r) / 2, cy - (t + b) / 2
+    x0, y0 = cx - (left + right) / 2, cy - (top + bottom) / 2
     draw.text((x0, y0), str(digit), font=font, fill=255, stroke_width=stroke, stroke_fill=255)
     if rng.random() < 0.35:                            # cropped neighbours, as in house numbers
-        gap = (r - l) + rng.uniform(0.05, 0.25) * n
+        gap = (right - left) + rng.uniform(0.05, 0.25) * n
         for side in (-1, 1):
             if rng.random() < 0.7:
                 draw.text((x0 + side * gap, y0), str(int(rng.integers(10))), font=font, fill=255,

@@ -46,6 +46,19 @@ def test_hparam_trials_are_seeded_and_trial_zero_is_default(tmp_path):
     assert [c.hparams for c, _ in expand(spec(tmp_path, methods=["dann"], seeds=[0], trials=3))] == hps
 
 
+def test_adding_a_hyperparameter_never_changes_the_others_draws(tmp_path, monkeypatch):
+    from dalab.methods import METHODS, HParam
+    from dalab.bench import trial_hparams
+
+    s = spec(tmp_path, methods=["dann"], seeds=[0], trials=3)
+    before = [trial_hparams("dann", t, s) for t in (1, 2)]
+    monkeypatch.setattr(METHODS["dann"], "hparams", {"aaa_new": HParam(1.0, ("uniform", 0.0, 1.0)),
+                                                     **METHODS["dann"].hparams})
+    after = [trial_hparams("dann", t, s) for t in (1, 2)]
+    for b, a in zip(before, after):
+        assert "aaa_new" in a and {k: v for k, v in a.items() if k != "aaa_new"} == b
+
+
 @pytest.mark.parametrize("over,needle", [
     ({"stepz": 3}, "unknown field 'stepz'"),
     ({"steps": -1}, "'steps' must be an integer >= 1"),

@@ -46,7 +46,9 @@ def test_weighted_domain_loss_by_hand():
     disc = nn.Identity()
     f_s, f_t = torch.tensor([[0.0], [2.0]]), torch.tensor([[1.0]])
     w_s = torch.tensor([0.25, 0.75])
-    sp = lambda z: math.log1p(math.exp(z))  # BCE(z, 1) = softplus(-z), BCE(z, 0) = softplus(z)
+    def sp(z):  # BCE(z, 1) = softplus(-z), BCE(z, 0) = softplus(z)
+        return math.log1p(math.exp(z))
+
     expect = 0.5 * ((0.25 * sp(-0.0) + 0.75 * sp(-2.0)) + sp(1.0))
     loss = adversarial_domain_loss(disc, f_s, f_t, 1.0, w_s, torch.tensor([1.0]))
     assert math.isclose(float(loss), expect, rel_tol=1e-6)
@@ -69,10 +71,14 @@ def _mk_mmd_by_hand(x: np.ndarray, y: np.ndarray, scales) -> float:
     """Unbiased quadratic MK-MMD^2 with Gaussian kernels exp(-||a-b||^2 * s / median) averaged over
     the scales s; the median is over all source-source squared distances, diagonal included
     (pytorch-adapt's choice), and is torch's LOWER median for an even count."""
-    d = lambda a, b: float(((a - b) ** 2).sum())
+    def d(a, b):
+        return float(((a - b) ** 2).sum())
+
     dists = sorted(d(a, b) for a in x for b in x)
     med = dists[(len(dists) - 1) // 2]
-    k = lambda a, b: sum(math.exp(-d(a, b) * s / med) for s in scales) / len(scales)
+    def k(a, b):
+        return sum(math.exp(-d(a, b) * s / med) for s in scales) / len(scales)
+
     n, m = len(x), len(y)
     kxx = sum(k(x[i], x[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
     kyy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
