@@ -1,6 +1,10 @@
-"""The README's methods table, generated from the registry.
+"""The README's generated tables (methods, data options), from the registries.
 
-    python -m dalab.benchmarks.methods_table        (same as: dalab list --markdown)
+    python -m dalab.benchmarks.methods_table           print them (same as: dalab list --markdown)
+    python -m dalab.benchmarks.methods_table --write   rewrite their blocks in README.md
+
+In README.md each table sits between ``<!-- generated: NAME -->`` and ``<!-- end: NAME -->``;
+tests/test_readme.py fails when a block differs from what the registries give.
 """
 
 from __future__ import annotations
@@ -41,7 +45,54 @@ def data_options_markdown() -> str:
     return "\n".join(rows)
 
 
+def shared_hparams_markdown() -> str:
+    """The shared hyperparameters every method has (optimizer, schedule, batch, BatchNorm handling)."""
+    from dalab.methods.base import DATA_HPARAMS, SHARED_HPARAMS
+
+    rows = ["| hyperparameter | default | search space | what it is |", "|---|---|---|---|"]
+    for name, h in SHARED_HPARAMS.items():
+        if name in DATA_HPARAMS:
+            continue
+        space = (", ".join(map(str, h.space[1])) if h.space and h.space[0] == "choice"
+                 else f"{h.space[0]} [{h.space[1]:g}, {h.space[2]:g}]" if h.space
+                 else "not searched (" + ", ".join(map(str, h.choices)) + ")" if h.choices else "not searched")
+        rows.append(f"| `{name}` | `{h.default}` | {space} | {h.help} |")
+    return "\n".join(rows)
+
+
+BLOCKS = {"methods": markdown, "shared-hparams": shared_hparams_markdown, "data-options": data_options_markdown}
+
+
+def readme_blocks(text: str) -> dict[str, str]:
+    """The generated blocks of a README text, by name (content between the markers, stripped)."""
+    import re
+
+    return {m.group(1): m.group(2).strip()
+            for m in re.finditer(r"<!-- generated: ([\w-]+) -->\n(.*?)<!-- end: \1 -->", text, re.S)}
+
+
+def rewrite_readme(text: str) -> str:
+    """``text`` with every generated block replaced by the registries' current table."""
+    for name, make in BLOCKS.items():
+        start, end = f"<!-- generated: {name} -->\n", f"<!-- end: {name} -->"
+        if start not in text or end not in text:
+            raise SystemExit(f"error: README has no block {start.strip()} ... {end}; add the two markers")
+        head, rest = text.split(start, 1)
+        text = head + start + make() + "\n" + end + rest.split(end, 1)[1]
+    return text
+
+
 if __name__ == "__main__":
-    print(markdown())
-    print()
-    print(data_options_markdown())
+    import sys
+    from pathlib import Path
+
+    if "--write" in sys.argv[1:]:
+        from dalab.utils import atomic_write_text
+
+        readme = Path(__file__).resolve().parent.parent / "README.md"
+        atomic_write_text(readme, rewrite_readme(readme.read_text()))
+        print(f"rewrote the generated blocks of {readme}")
+    else:
+        print(markdown())
+        print()
+        print(data_options_markdown())
