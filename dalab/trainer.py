@@ -161,17 +161,37 @@ def classification_metrics(logits: torch.Tensor, labels: np.ndarray) -> dict[str
 UNSUPERVISED_VALIDATORS = ("im", "entropy", "snd")
 
 
+def snd_score(preds: torch.Tensor, temperature: float = 0.05, chunk: int = 1024) -> float:
+    """Soft neighbourhood density (Saito et al., ICCV 2021) of softmax predictions: the mean over
+    samples of the entropy of softmax(cos(p_i, p_j) / T) over the other samples j. The same
+    numbers as pytorch-adapt's SNDValidator (tested bit-identical), computed with one matrix
+    product per chunk of rows and the self-similarity masked to -inf instead of being cut out
+    row by row -- 3-4x faster; it was a third of an evaluation point on CPU."""
+    from pytorch_metric_learning.utils.common_functions import small_val
+
+    p = torch.nn.functional.normalize(preds.float(), dim=1)
+    eps = small_val(p.dtype)
+    out = []
+    for i in range(0, len(p), chunk):
+        sim = p[i:i + chunk] @ p.T
+        rows = torch.arange(len(sim))
+        sim[rows, rows + i] = float("-inf")
+        q = torch.softmax(sim / temperature, 1)
+        out.append(-(q * torch.log(q + eps)).sum(1))
+    return float(torch.cat(out).mean())
+
+
 def unsupervised_scores(logits: torch.Tensor) -> dict[str, float]:
-    """pytorch-adapt's IM (Shi & Sha 2012), negative entropy, and SND (Saito et al. 2021) of
-    target-train predictions. No target label is touched."""
+    """pytorch-adapt's IM (Shi & Sha 2012) and negative entropy, and SND (Saito et al. 2021,
+    :func:`snd_score`) of target-train predictions. No target label is touched."""
     import warnings
     with warnings.catch_warnings():  # torchmetrics 0.9 (pytorch-adapt's pin) warns about pkg_resources
         warnings.simplefilter("ignore")
-        from pytorch_adapt.validators import EntropyValidator, IMValidator, SNDValidator
+        from pytorch_adapt.validators import EntropyValidator, IMValidator
     split = {"logits": logits, "preds": torch.softmax(logits, 1)}
     return {"im": float(IMValidator()(target_train=split)),
             "entropy": float(EntropyValidator()(target_train=split)),
-            "snd": float(SNDValidator()(target_train=split))}
+            "snd": snd_score(split["preds"])}
 
 
 def evaluate(method, data: dict) -> dict[str, Any]:

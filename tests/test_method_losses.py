@@ -183,3 +183,19 @@ def test_update_loss_uses_these_pieces(name):
             zs = {"features": [f], "logits": [logits], "head": head_taps(m.net.head, f)}[m.hp.layers]
             expect = sum(m.align(z[:8], z[8:]) for z in zs)
     assert math.isclose(float(out[key].detach()), float(expect), rel_tol=1e-4, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0, 30.0])
+def test_snd_score_equals_pytorch_adapt(scale):
+    """dalab's chunked SND (the `snd` selection rule's score) is pytorch-adapt's SNDValidator."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from pytorch_adapt.validators import SNDValidator
+    from dalab.trainer import snd_score
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1500, 10, generator=g) * scale  # > one chunk of 1024 rows
+    preds = torch.softmax(logits, 1)
+    ref = SNDValidator()(target_train={"logits": logits, "preds": preds})
+    assert snd_score(preds) == pytest.approx(float(ref), rel=1e-6, abs=1e-6)
