@@ -363,3 +363,29 @@ def _merge(parts) -> list[tuple[str, str]]:
             if rid not in best or best[rid] == "skipped":
                 best[rid] = st
     return list(best.items())
+
+
+# --------------------------------------------------------------------------- where a grid's time goes
+
+def time_split(records: list[dict], wall_s: float, workers: int) -> dict[str, float]:
+    """How ``workers`` processes spent ``wall_s`` seconds on the runs of ``records`` (those trained
+    by this launch): training steps, evaluation, per-run set-up (data, model, records) and the rest
+    (orchestration: process start-up, imports, waiting for the last worker). ``efficiency`` is the
+    training-step time over the workers' total time: what a bare loop doing only the grid's steps
+    would need, relative to the wall clock (the trainer's step costs within a few % of a bare
+    loop's: results/speed.md)."""
+    total = max(wall_s * max(workers, 1), 1e-9)
+    train = sum(r["train"]["train_time_s"] for r in records)
+    ev = sum(r["train"].get("eval_time_s", 0.0) for r in records)
+    run = sum(r["train"]["wall_time_s"] for r in records)
+    return {"runs": len(records), "wall_s": wall_s, "workers": workers, "train_s": train, "eval_s": ev,
+            "setup_s": max(run - train - ev, 0.0), "orchestration_s": max(total - run, 0.0),
+            "efficiency": train / total}
+
+
+def format_time_split(t: dict[str, float]) -> str:
+    total = t["wall_s"] * t["workers"]
+    parts = ", ".join(f"{k[:-2]} {t[k]:.0f} s ({100 * t[k] / max(total, 1e-9):.0f}%)"
+                      for k in ("train_s", "eval_s", "setup_s", "orchestration_s"))
+    return (f"time split over {t['workers']} worker(s) x {t['wall_s']:.0f} s for {t['runs']} runs: {parts}; "
+            f"grid efficiency (training-step time / worker time) {t['efficiency']:.2f}")

@@ -124,11 +124,22 @@ def cmd_bench(args) -> int:
     t0 = time.perf_counter()
     results = launch(spec, grid, launcher=args.launcher, jobs=args.jobs, device=args.device,
                      data_root=args.data_root, compile=args.compile)
+    wall = time.perf_counter() - t0
     failed = [r for r in results if r[1].startswith("failed")]
-    print(f"grid finished in {time.perf_counter() - t0:.0f} s: {len(results)} runs attempted, "
+    print(f"grid finished in {wall:.0f} s: {len(results)} runs attempted, "
           f"{sum(r[1] == 'diverged' for r in results)} diverged, {len(failed)} failed")
     ids = {cfg.run_id() for cfg, _ in grid}
     records = [r for r in load_records(rd) if r["run_id"] in ids]
+    trained = {rid for rid, st in results if st in ("done", "diverged")}
+    if trained:
+        from dalab.bench import format_time_split, time_split
+        from dalab.utils import atomic_write_json
+
+        split = time_split([r for r in records if r["run_id"] in trained], wall,
+                           args.jobs if args.launcher == "local" else 1)
+        print(format_time_split(split))
+        Path(spec.out).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(spec.out) / "timing.json", {**split, "command": args.command or f"dalab bench {args.spec}"})
     pairs = list(dict.fromkeys(f"{c.source}→{c.target}" for c, _ in grid))
     command = args.command or f"dalab bench {args.spec}"
     for path in write_tables(records, spec.out, spec.selection, command, pairs):

@@ -374,13 +374,14 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
         bar = tqdm(total=cfg.steps, desc=f"{cfg.method} {cfg.source}->{cfg.target} s{cfg.seed}",
                    leave=False, dynamic_ncols=True)
     t0 = time.perf_counter()
-    train_time = 0.0
+    train_time = eval_time = 0.0
     start = 1
     ckpt = run_dir / "checkpoint.pt"
     if resume and ckpt.is_file():
         state = torch.load(ckpt, map_location=dev, weights_only=False)  # our own file: RNG tuples inside
         method.load_training_state(state["method"])
         evals, last_losses, train_time = state["evals"], state["last_losses"], state["train_time"]
+        eval_time = state.get("eval_time", 0.0)
         for _ in range(state["step"]):  # replay the data streams to where they were (indexing only)
             for it in (src_iter, tgt_iter, lab_iter):
                 if it is not None:
@@ -427,7 +428,9 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
             method.on_train_end(tgt_inputs,
                                 _Inputs(tgt.train.subset(lab_idx), labels=True) if lab_iter is not None else None)
         if step % cfg.eval_every == 0 or step == cfg.steps:
+            t_eval = time.perf_counter()
             ev = {"step": step, **evaluate(method, data)}
+            eval_time += time.perf_counter() - t_eval
             evals.append(ev)
             if writer:
                 for split in ("src_val", "tgt_val", "tgt_test"):
@@ -438,7 +441,8 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
         if checkpoint_every and step % checkpoint_every == 0 and step < cfg.steps:
             tmp = run_dir / ".checkpoint.pt.tmp"
             torch.save({"step": step, "method": method.training_state(), "evals": evals,
-                        "last_losses": last_losses, "train_time": train_time, "rng": _get_rng_state()}, tmp)
+                        "last_losses": last_losses, "train_time": train_time, "eval_time": eval_time,
+                        "rng": _get_rng_state()}, tmp)
             os.replace(tmp, ckpt)  # atomic: a crash leaves the previous checkpoint intact
     wall = time.perf_counter() - t0
     if bar:
@@ -464,6 +468,7 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
         "evals": evals,
         "final": evals[-1] if evals and status == "done" else None,
         "train": {"steps": steps_done, "wall_time_s": wall, "train_time_s": train_time,
+                  "eval_time_s": eval_time,
                   "steps_per_s": steps_done / max(train_time, 1e-9), "last_losses": last_losses,
                   "diverged_at": diverged_at, "precision": precision, "channels_last": channels_last,
                   "compile": compile},

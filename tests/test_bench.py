@@ -3,6 +3,7 @@ concurrent runners, and the submitit local executor path."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -87,8 +88,13 @@ def test_bench_runs_skips_finished_and_writes_tables(tmp_path, capsys):
     assert main(["bench", str(p)]) == 0
     out = capsys.readouterr().out
     assert out.count("done     ") == 4
-    for f in ("table.md", "table.tex", "table.csv", "runs.csv", "accuracy.png"):
+    for f in ("table.md", "table.tex", "table.csv", "runs.csv", "accuracy.png", "timing.json"):
         assert (tmp_path / "out" / f).is_file()
+    assert "grid efficiency" in out
+    t = json.loads((tmp_path / "out" / "timing.json").read_text())
+    assert t["runs"] == 4 and 0 < t["efficiency"] <= 1 and t["train_s"] > 0 and t["eval_s"] > 0
+    parts = t["train_s"] + t["eval_s"] + t["setup_s"] + t["orchestration_s"]
+    assert abs(parts - t["wall_s"] * t["workers"]) < 1e-6 * parts + 1e-6  # the split covers the wall time
     assert main(["bench", str(p)]) == 0  # everything done: nothing re-run
     assert "0 runs attempted" in capsys.readouterr().out
     assert main(["bench", str(p), "--dry-run"]) == 0
