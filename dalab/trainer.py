@@ -459,7 +459,7 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
         "hparams": prep.hp,
         "method": {"name": cfg.method, "family": prep.method_cls.family,
                    "target_data": prep.method_cls.target_data.value + (" (+ unlabeled for vat)" if vat_only else ""),
-                   "budget": str(cfg.budget),
+                   "budget": str(cfg.budget), "uses_source": prep.method_cls.uses_source,
                    "init_from": init_from},
         "data": {"source": {"classes": len(src.classes), **{k: len(getattr(src, k)) for k in ("train", "val", "test")}},
                  "target": {"classes": len(tgt.classes), **{k: len(getattr(tgt, k)) for k in ("train", "val", "test")},

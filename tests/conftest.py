@@ -13,12 +13,15 @@ def runs_dir(tmp_path):
     return tmp_path / "runs"
 
 
-def tiny_batch(n: int = 8, seed: int = 0, labeled: bool = True, unlabeled: bool = True):
-    """A Batch of random 3x28x28 inputs for 10 classes."""
+def tiny_batch(n: int = 8, seed: int = 0, labeled: bool = True, unlabeled: bool = True, source: bool = True):
+    """A Batch of random 3x28x28 inputs for 10 classes (``source=False``: no source fields, as the
+    trainer builds them for a source-free method; the target draws stay the same)."""
     from dalab.methods import Batch
 
     g = torch.Generator().manual_seed(seed)
     b = Batch(torch.randn(n, 3, 28, 28, generator=g), torch.arange(n) % 10)
+    if not source:
+        b.x_src = b.y_src = None
     if unlabeled:
         b.x_tgt = torch.randn(n, 3, 28, 28, generator=g) + 0.5
     if labeled:

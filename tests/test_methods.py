@@ -22,9 +22,10 @@ def make(name: str, steps: int = 10, **over):
 
 
 def batch_for(cls, kind: str, seed: int = 0) -> Batch:
-    """The batch the trainer would build: target fields only where declared and budgeted."""
+    """The batch the trainer would build: target fields only where declared and budgeted, source
+    fields only for methods that use source data (``uses_source``)."""
     uses = cls.target_data
-    return tiny_batch(seed=seed,
+    return tiny_batch(seed=seed, source=cls.uses_source,
                       unlabeled=uses in (TargetData.UNLABELED, TargetData.BOTH),
                       labeled=uses in (TargetData.LABELED, TargetData.BOTH) and kind != "0")
 
