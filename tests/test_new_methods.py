@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -17,10 +19,26 @@ KW = dict(device="cpu", progress=False, tensorboard=False)
 
 def _shot_cfg(steps: int = 12) -> RunConfig:
     # toy_b: 160 train images, batch 32 -> a refresh (pseudo-labels) every 5 steps: 1, 6, 11
-    return RunConfig("shot", "toy_a", "toy_b", steps=steps, eval_every=4, hparams={"batch_size": 32})
+    return RunConfig("shot", "toy_a", "toy_b", steps=steps, eval_every=6, hparams={"batch_size": 32})
 
 
-def test_shot_adaptation_batches_carry_no_source_data(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def shot_source(tmp_path_factory):
+    """The shared source pretraining of :func:`_shot_cfg`, trained once for this module."""
+    from dalab.pretrain import source_config
+
+    d = tmp_path_factory.mktemp("shot_source")
+    train(source_config(_shot_cfg()), d, **KW)
+    return d
+
+
+def _runs_dir(shot_source, path):
+    """A fresh runs dir that already holds the source-pretrained run (a cache hit)."""
+    shutil.copytree(shot_source, path)
+    return path
+
+
+def test_shot_adaptation_batches_carry_no_source_data(tmp_path, monkeypatch, shot_source):
     """Through the real trainer: every batch SHOT's update receives has no source tensors (and no
     target labels); pseudo-labels are refreshed once per pass over target train."""
     cls = METHODS["shot"]
@@ -37,7 +55,7 @@ def test_shot_adaptation_batches_carry_no_source_data(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cls, "update", spy_update)
     monkeypatch.setattr(cls, "refresh", spy_refresh)
-    rec = train(_shot_cfg(), tmp_path, **KW)
+    rec = train(_shot_cfg(), _runs_dir(shot_source, tmp_path / "r"), **KW)
     assert rec["status"] == "done" and rec["method"]["init_from"].startswith("source_only__")
     assert rec["method"]["uses_source"] is False
     assert len(seen) == 12
@@ -67,12 +85,14 @@ def test_shot_source_hypothesis_stays_bitwise_frozen():
     assert any(k.startswith("backbone.") for k in moved) and any(k.startswith("head.0.") for k in moved)
 
 
-def test_shot_pseudo_labels_survive_resume(tmp_path, monkeypatch):
+def test_shot_pseudo_labels_survive_resume(tmp_path, monkeypatch, shot_source):
     """Killed at step 7 (checkpoint at 4, last refresh at 1), the resumed run's step 5 uses the
     pseudo-labelling state (snapshot, centroids, labelset) restored from the checkpoint: it ends
     bitwise equal to an uninterrupted run; dropping that state on load would not."""
     cls = METHODS["shot"]
     cfg = _shot_cfg()
+    for d in "abc":
+        _runs_dir(shot_source, tmp_path / d)
     full = train(cfg, tmp_path / "a", save_model=True, checkpoint_every=4, **KW)
 
     real = cls.update
