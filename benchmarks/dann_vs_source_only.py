@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from dalab import display
 from dalab.bench import run_or_load
+from dalab.render import Table
+from dalab.selection import RULES
 from dalab.trainer import RunConfig
 from dalab.utils import write_report
 
@@ -40,11 +43,26 @@ def main(argv=None) -> int:
         rows[m] = recs
         accs = [r["final"]["tgt_test"]["acc"] * 100 if r["final"] else float("nan") for r in recs]
         print(f"{m}: " + "  ".join(f"s{s}={a:.1f}" for s, a in zip(args.seeds, accs)), flush=True)
-    lines = [f"{src} -> {tgt}, {args.steps} steps, backbone {args.backbone}, {len(args.seeds)} seeds; selection "
-             f"rule: last step (fixed budget, no target labels); target test accuracy (%). `dann` is dalab's "
-             f"default (disc_bn=auto: the paper's plain 768-100-1 discriminator on this BN-free LeNet); "
-             f"`dann:disc_bn=true` a BatchNorm discriminator (the default on BN backbones)", "",
-             "| method | tgt_test acc | per seed | src_val acc | steps/s |", "|---|---|---|---|---|"]
+    text = table(rows, src, tgt, args.steps, args.backbone).markdown()
+    print("\n" + text)
+    if args.out:
+        write_report(args.out, "dalab.benchmarks.dann_vs_source_only", argv, text)
+    return 0
+
+
+def _row_name(m: str) -> str:
+    """``dann:disc_bn=true`` -> ``DANN (disc_bn=true)``."""
+    name, _, sets = m.partition(":")
+    return display.method(name) + (f" ({sets})" if sets else "")
+
+
+def table(rows: dict[str, list[dict]], src: str, tgt: str, steps: int, backbone: str) -> Table:
+    n = max((len(r) for r in rows.values()), default=0)
+    tab = Table(["Method", "Target test acc", "Per seed", "Source val acc", "Steps/s"],
+                caption=f"{display.pair(src, tgt)}, {steps} steps, backbone {backbone}, {n} seeds; selection rule "
+                        f"`last` ({RULES['last'].text}); target test accuracy (%). DANN is dalab's default "
+                        f"(disc_bn=auto: the paper's plain 768-100-1 discriminator on this BN-free LeNet); "
+                        f"DANN (disc_bn=true) a BatchNorm discriminator (the default on BN backbones).")
     for m, recs in rows.items():
         ok = [r for r in recs if r["final"]]
         accs = [r["final"]["tgt_test"]["acc"] * 100 for r in ok]
@@ -52,15 +70,10 @@ def main(argv=None) -> int:
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
         sps = statistics.mean(r["train"]["steps_per_s"] for r in recs)
         diverged = len(recs) - len(ok)
-        mean = f"{statistics.mean(accs):.1f} ± {sd:.1f}" if accs else "—"
-        lines.append(f"| {m} | {mean} | {', '.join(f'{a:.1f}' for a in accs)}"
-                     f"{f' ({diverged} diverged)' if diverged else ''} | "
-                     f"{statistics.mean(sv) if sv else float('nan'):.1f} | {sps:.1f} |")
-    text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    if args.out:
-        write_report(args.out, "dalab.benchmarks.dann_vs_source_only", argv, text)
-    return 0
+        tab.add(_row_name(m), f"{statistics.mean(accs):.1f} ± {sd:.1f}" if accs else "—",
+                ", ".join(f"{a:.1f}" for a in accs) + (f" ({diverged} diverged)" if diverged else ""),
+                f"{statistics.mean(sv) if sv else float('nan'):.1f}", f"{sps:.1f}")
+    return tab
 
 
 if __name__ == "__main__":

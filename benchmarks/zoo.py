@@ -19,8 +19,11 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from dalab.methods import METHODS
+from dalab import display
 from dalab.bench import run_or_load
+from dalab.methods import METHODS
+from dalab.render import Table
+from dalab.selection import RULES
 from dalab.trainer import RunConfig
 from dalab.utils import write_report
 
@@ -61,40 +64,40 @@ def main(argv=None) -> int:
             acc = rec["final"]["tgt_test"]["acc"] * 100 if rec["final"] else float("nan")
             print(f"{n} b{b} s{s}: {acc:.1f}", flush=True)
 
-    lines = table(recs, args)
-    print("\n" + "\n".join(lines))
+    text = table(recs, src, tgt, args.backbone, args.steps, args.seeds).markdown()
+    print("\n" + text)
     if args.out:
-        write_report(args.out, "dalab.benchmarks.zoo", argv, "\n" + "\n".join(lines) + "\n")
+        write_report(args.out, "dalab.benchmarks.zoo", argv, "\n" + text)
     return 0
 
 
-def table(recs: dict[tuple[str, str], list[dict]], args) -> list[str]:
-    src, tgt = args.pair.split(":")
-    out: list[str] = []
-    base = [r["final"]["tgt_test"]["acc"] * 100 for r in recs[("source_only", "0")] if r["final"]]
+def table(recs: dict[tuple[str, str], list[dict]], src: str, tgt: str, backbone: str, steps: int,
+          seeds: list[int]) -> Table:
+    """One row per (method, budget): target test accuracy over seeds at the last step, the gain
+    over source-only, source-val accuracy and speed (dalab.render, display names)."""
+    base = [r["final"]["tgt_test"]["acc"] * 100 for r in recs.get(("source_only", "0"), []) if r["final"]]
     base_mean = statistics.mean(base) if base else float("nan")
-    out.append(f"{src} -> {tgt}, backbone {args.backbone}, {args.steps} steps, seeds {', '.join(map(str, args.seeds))}; selection rule: "
-          f"last step (fixed budget, no target labels used to select); target test accuracy (%); "
-          f"budget = target labels per class used in training (0: none; all: the oracle)")
-    out.append("")
-    out.append("| method | family | budget | tgt_test acc | per seed | vs source_only | src_val acc | steps/s |")
-    out.append("|---|---|---|---|---|---|---|---|")
+    tab = Table(["Method", "Family", "Target labels / class", "Target test acc", "Per seed", "Δ vs Source only",
+                 "Source val acc", "Steps/s"],
+                caption=f"{display.pair(src, tgt)}, backbone {backbone}, {steps} steps, seeds "
+                        f"{', '.join(map(str, seeds))}; selection rule `last` ({RULES['last'].text}); target test "
+                        f"accuracy (%); labels / class = target labels used in training (0: none; all: the oracle).")
     for (n, b), rs in recs.items():
         ok = [r for r in rs if r["final"]]
         accs = [r["final"]["tgt_test"]["acc"] * 100 for r in ok]
+        name, fam = display.method(n), display.family(METHODS[n].family if n in METHODS else "?")
         if not accs:
-            out.append(f"| {n} | {METHODS[n].family} | {b} | {'diverged' if rs else 'not run'} | | | | |")
+            tab.add(name, fam, b, "diverged" if rs else "not run", "", "", "", "")
             continue
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
         sv = statistics.mean(r["final"]["src_val"]["acc"] * 100 for r in ok)
         sps = statistics.mean(r["train"]["steps_per_s"] for r in rs)
         div = len(rs) - len(ok)
-        delta = statistics.mean(accs) - base_mean
-        out.append(f"| {n} | {METHODS[n].family} | {b} | {statistics.mean(accs):.1f} ± {sd:.1f} | "
-              f"{', '.join(f'{a:.1f}' for a in accs)}{f' ({div} diverged)' if div else ''}"
-              f"{f' (only {len(rs)} of {len(args.seeds)} seeds)' if len(rs) < len(args.seeds) else ''} | "
-              f"{'' if n == 'source_only' else f'{delta:+.1f}'} | {sv:.1f} | {sps:.1f} |")
-    return out
+        per_seed = (", ".join(f"{a:.1f}" for a in accs) + (f" ({div} diverged)" if div else "")
+                    + (f" (only {len(rs)} of {len(seeds)} seeds)" if len(rs) < len(seeds) else ""))
+        delta = "" if n == "source_only" else f"{statistics.mean(accs) - base_mean:+.1f}"
+        tab.add(name, fam, b, f"{statistics.mean(accs):.1f} ± {sd:.1f}", per_seed, delta, f"{sv:.1f}", f"{sps:.1f}")
+    return tab
 
 
 if __name__ == "__main__":

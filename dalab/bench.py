@@ -25,9 +25,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from dalab.selection import RULE_NAMES as RULES  # the one registry of selection rules
 from dalab.utils import DalabError
-
-RULES = ("last", "src_val", "oracle", "im", "entropy", "snd")
 
 
 @dataclass

@@ -147,19 +147,46 @@ def cmd_bench(args) -> int:
     return 1 if failed else 0
 
 
+def _table_command(args, out: str) -> str:
+    """The ``dalab table`` command line that regenerates these files (for their headers)."""
+    cmd = f"dalab table {args.runs_dir} --out {out} --rules {args.rules}"
+    for opt in ("methods", "pairs", "budgets"):
+        if getattr(args, opt):
+            cmd += f" --{opt} {getattr(args, opt)}"
+    return cmd + (f" --baseline {args.baseline}" if args.baseline != "source_only" else "")
+
+
 def cmd_table(args) -> int:
-    from dalab.tables import RULE_TEXT, load_records, write_tables
+    from dalab.selection import get_rule
+    from dalab.tables import (build_table, explain, load_records, parse_method, parse_pair, to_csv, to_latex,
+                              to_markdown, write_tables)
 
     records = load_records(args.runs_dir)
     if not records:
         raise DalabError(f"no finished runs under {args.runs_dir}; run `dalab bench SPEC` or `dalab run` first")
-    rules = args.rules.split(",")
-    for r in rules:
-        if r not in RULE_TEXT:
-            raise DalabError(f"unknown selection rule {r!r}; allowed: {', '.join(RULE_TEXT)}")
-    command = args.command or f"dalab table {args.runs_dir} --out {args.out} --rules {args.rules}"
-    for path in write_tables(records, args.out, rules, command):
-        print(f"wrote {path}")
+    if args.explain:
+        print(explain(records, args.explain[0], args.explain[1], get_rule(args.rule).name, parse_method(args.baseline)))
+        return 0
+    split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None  # noqa: E731
+    rules = [get_rule(r).name for r in split(args.rules)]
+    pairs = [parse_pair(p) for p in split(args.pairs)] if args.pairs else None
+    methods = [parse_method(m) for m in split(args.methods)] if args.methods else None
+    budgets, baseline = split(args.budgets), parse_method(args.baseline)
+    if pairs:
+        records = [r for r in records if f"{r['config']['source']}→{r['config']['target']}" in pairs]
+    if not args.format or args.out:
+        out = args.out or "results/tables"
+        command = args.command or _table_command(args, out)
+        for path in write_tables(records, out, rules, command, pairs, baseline=baseline, methods=methods,
+                                 budgets=budgets):
+            print(f"wrote {path}", file=sys.stderr if args.format else sys.stdout)
+    if args.format:
+        tables = [build_table(records, r, pairs, baseline, methods, budgets) for r in rules]
+        if args.format == "csv":
+            sys.stdout.write(to_csv(tables))
+        else:
+            render = to_markdown if args.format == "md" else to_latex
+            sys.stdout.write("\n".join(render(t) for t in tables))
     return 0
 
 
@@ -222,10 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--command", default=None, help=argparse.SUPPRESS)  # the command named in table headers
     pb.set_defaults(fn=cmd_bench)
 
-    pt = sub.add_parser("table", help="write Markdown/LaTeX/CSV tables and plots from run records")
-    pt.add_argument("runs_dir")
-    pt.add_argument("--out", default="results/tables")
-    pt.add_argument("--rules", default="last,src_val,im,entropy,snd,oracle", help="comma-separated selection rules")
+    from dalab.selection import RULES, help_text
+    pt = sub.add_parser("table", help="Markdown/LaTeX/CSV tables, significance and CD diagrams from run records",
+                        description="Selection rules: " + help_text())
+    pt.add_argument("runs_dir", nargs="?", default="results/runs")
+    pt.add_argument("--out", default=None, help="folder for table.md/.tex/.csv, runs.csv and figures "
+                                                "(default results/tables; with --format only if given)")
+    pt.add_argument("--rules", default=",".join(RULES), help="comma-separated selection rules: " + ", ".join(RULES))
+    pt.add_argument("--methods", default=None, help="comma-separated methods (registry or display names)")
+    pt.add_argument("--pairs", default=None, help="comma-separated pairs SOURCE:TARGET (default: all in the records)")
+    pt.add_argument("--budgets", default=None, help="comma-separated label budgets, e.g. 0,10,all")
+    pt.add_argument("--format", choices=["md", "tex", "csv"], default=None, help="print this format to stdout")
+    pt.add_argument("--baseline", default="source_only", help="method that defines the delta column and the "
+                                                              "significance marks (default source_only)")
+    pt.add_argument("--explain", nargs=2, metavar=("METHOD", "PAIR"), default=None,
+                    help="print the runs behind one cell (ids, seeds, chosen step, accuracy, command)")
+    pt.add_argument("--rule", default="last", help="selection rule for --explain (default last)")
     pt.add_argument("--command", default=None, help=argparse.SUPPRESS)
     pt.set_defaults(fn=cmd_table)
     return p

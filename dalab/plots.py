@@ -1,4 +1,5 @@
-"""Figures for papers, drawn from run records (matplotlib, Agg backend, PNG, atomic writes)."""
+"""Figures for papers, drawn from run records (matplotlib, Agg backend, PNG/PDF, atomic writes; each
+file carries what it shows and the command that made it in its metadata). Names from dalab.display."""
 
 from __future__ import annotations
 
@@ -8,27 +9,41 @@ import tempfile
 from pathlib import Path
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, what: str = "", command: str = "") -> Path:
+    """Write ``fig`` atomically (format from the suffix: .png or .pdf), with what it shows and the
+    command that made it in the file's metadata (read back by dalab.results_index)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    fmt = path.suffix.lstrip(".") or "png"
+    meta = ({"Title": what, "Description": what, "Software": command} if fmt == "png"
+            else {"Title": what, "Subject": what, "Creator": command} if fmt == "pdf" else None)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{fmt}", dir=path.parent)
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format=fmt,
+                    metadata={k: v for k, v in (meta or {}).items() if v} or None)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
 
 
-def accuracy_bars(table: dict, path: str | Path) -> Path:
+def _save_both(fig, stem: Path, what: str, command: str) -> list[Path]:
+    """PNG and PDF of one figure."""
+    return [_save(fig, stem.with_suffix(".png"), what, command), _save(fig, stem.with_suffix(".pdf"), what, command)]
+
+
+def accuracy_bars(table: dict, path: str | Path, command: str = "") -> Path:
     """One panel per pair: a bar per method row (mean target-test accuracy) with the std over
     seeds as error bar; the table's selection rule is in the title."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from dalab import display
+    from dalab.selection import RULES
+
     pairs, rows = table["pairs"], table["rows"]
-    labels = [r["method"] + ("" if r["budget"] == "0" else f" [{r['budget']}]") for r in rows]
+    labels = [r["display"] + ("" if r["budget"] == "0" else f" [{r['budget']}]") for r in rows]
     fig, axes = plt.subplots(1, len(pairs), figsize=(max(4.0, 0.32 * len(rows)) * len(pairs), 4.2), squeeze=False)
     colors = {"0": "tab:blue", "all": "tab:red"}
     for ax, p in zip(axes[0], pairs):
@@ -36,16 +51,95 @@ def accuracy_bars(table: dict, path: str | Path) -> Path:
         sds = [statistics.stdev(r["cells"][p]["accs"]) if len(r["cells"][p]["accs"]) > 1 else 0.0 for r in rows]
         ax.bar(range(len(rows)), means, yerr=sds, capsize=2,
                color=[colors.get(r["budget"], "tab:orange") for r in rows])
-        base = next((m for r, m in zip(rows, means) if r["method"] == "source_only"), None)
+        base = next((m for r, m in zip(rows, means) if r.get("is_baseline")), None)
         if base:
             ax.axhline(base, color="gray", lw=0.8, ls="--")
         ax.set_xticks(range(len(rows)), labels, rotation=70, ha="right", fontsize=7)
-        ax.set_title(p, fontsize=9)
+        ax.set_title(display.pair_key(p), fontsize=9)
         ax.set_ylim(0, 100)
         ax.set_ylabel("target test accuracy (%)")
-    fig.suptitle(f"selection: {table['rule']} (blue: no target labels, orange: k/class, red: all; dashed: source only)",
-                 fontsize=9)
-    out = _save(fig, Path(path))
+    rule = RULES[table["rule"]]
+    what = (f"Target test accuracy per pair and method, mean and std over seeds; selection: {rule.label}")
+    fig.suptitle(f"selection: {rule.label} (blue: no target labels, orange: k/class, red: all; dashed: "
+                 f"{table.get('baseline_display', 'source only')})", fontsize=9)
+    out = _save(fig, Path(path), what, command)
+    plt.close(fig)
+    return out
+
+
+def cd_diagram(table: dict, stem: str | Path, command: str = "") -> list[Path]:
+    """Critical-difference diagram (Demšar, JMLR 2006) of a table's Friedman + Nemenyi result
+    (dalab.stats): mean rank of each method without target labels over the pairs (the blocks);
+    methods joined by a bar are not significantly different (Nemenyi, alpha 0.05). Drawn by
+    scikit-posthocs; written as PNG and PDF."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import scikit_posthocs as sp
+
+    from dalab.selection import RULES
+
+    fr = table["friedman"]
+    rule = RULES[table["rule"]]
+    fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.22 * fr["n_methods"]))
+    sp.critical_difference_diagram(fr["ranks"], fr["nemenyi"], ax=ax, alpha=fr["alpha"],
+                                   label_props={"fontsize": 8})
+    what = (f"Critical-difference diagram, selection rule {rule.label}: mean rank (1 = best) of "
+            f"{fr['n_methods']} methods without target labels over {fr['n_blocks']} pairs (blocks); "
+            f"Friedman chi2 = {fr['statistic']:.2f}, p = {fr['p']:.3g}; bars join methods the Nemenyi "
+            f"post-hoc test does not separate (alpha {fr['alpha']})")
+    ax.set_title(f"selection: {rule.label}. Mean rank over {fr['n_blocks']} pairs (blocks), {fr['n_methods']} "
+                 f"methods; Friedman χ² = {fr['statistic']:.1f}, p = {fr['p']:.3g};\nbars: not separated by "
+                 f"Nemenyi post-hoc (α = {fr['alpha']}); few blocks give little power", fontsize=8)
+    out = _save_both(fig, Path(stem), what, command)
+    plt.close(fig)
+    return out
+
+
+def budget_curve(records: list[dict], stem: str | Path, rule: str = "last", baseline: str = "source_only",
+                 command: str = "") -> list[Path]:
+    """Target accuracy vs target labels per class (0, 1, 5, ..., all), one panel per pair, one line
+    per method (mean ± std over seeds under ``rule``); methods without target labels appear at 0,
+    the baseline as a dashed line. Written as PNG and PDF."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dalab import display
+    from dalab.selection import RULES, select
+    from dalab.tables import pair_name
+
+    by: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for r in records:
+        p = select(r, rule)
+        if p is not None:
+            by.setdefault(pair_name(r), {}).setdefault(r["method"]["name"], {}).setdefault(
+                r["method"]["budget"], []).append(p["tgt_test"]["acc"] * 100)
+    budgets = sorted({b for m in by.values() for bs in m.values() for b in bs},
+                     key=lambda b: (b == "all", int(b) if b.isdigit() else 0))
+    x = {b: i for i, b in enumerate(budgets)}
+    pairs = sorted(by)
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5.2 * len(pairs), 3.8), squeeze=False)
+    for ax, pair in zip(axes[0], pairs):
+        for i, (m, bs) in enumerate(sorted(by[pair].items(), key=lambda kv: (kv[0] != baseline, kv[0]))):
+            keys = sorted(bs, key=lambda b: x[b])
+            mean = [statistics.mean(bs[b]) for b in keys]
+            sd = [statistics.stdev(bs[b]) if len(bs[b]) > 1 else 0.0 for b in keys]
+            if m == baseline and keys == ["0"]:
+                ax.axhline(mean[0], color="gray", ls="--", lw=1, label=display.method(m))
+                continue
+            ax.errorbar([x[b] for b in keys], mean, yerr=sd, marker="o" if len(keys) > 1 else "s", capsize=3,
+                        label=display.method(m), lw=1.2, ms=4)
+        ax.set_xticks(range(len(budgets)), [b for b in budgets])
+        ax.set_xlabel("target labels per class")
+        ax.set_ylabel("target test accuracy (%)")
+        ax.set_title(display.pair_key(pair), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    what = (f"Label-budget curve: target test accuracy vs target labels per class ({', '.join(budgets)}), "
+            f"mean and std over seeds, selection {RULES[rule].label}")
+    fig.suptitle(f"selection: {RULES[rule].label}; mean ± std over seeds", fontsize=9)
+    out = _save_both(fig, Path(stem), what, command)
     plt.close(fig)
     return out
 

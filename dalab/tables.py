@@ -1,18 +1,16 @@
 """Model selection and paper tables, computed from run records only.
 
-Selection rules (each table names its rule):
-
-- ``last``     the final checkpoint of the fixed step budget (no selection at all);
-- ``src_val``  the checkpoint with the best source-validation accuracy;
-- ``im``, ``entropy``, ``snd``  the checkpoint with the best label-free pytorch-adapt validator
-  score on target-train predictions (information maximisation, negative entropy, soft
-  neighbourhood density);
-- ``oracle``   the checkpoint with the best TARGET-validation accuracy. It uses target labels, so it
-  is an upper bound for model selection, never a UDA result; its tables say so.
-
+Selection rules live in :mod:`dalab.selection` (one registry: name, description, whether it reads
+target labels); every table names its rule, and the oracle rule is always labelled as the oracle.
 The same rule picks among hyperparameter trials: the trial with the best mean selection score
 over seeds (for ``last``: the best mean source-validation accuracy at the last checkpoint).
 Reported numbers are always target-TEST accuracy at the selected checkpoint.
+
+Each table (one per rule) shows, per method row and pair, mean ± std over seeds, whether the cell
+differs from the baseline (source-only) beyond seed noise (dalab.stats: paired t-test over seeds),
+the average over pairs, its gain Δ over the baseline under the same rule, and the average rank;
+across pairs a Friedman test with a Nemenyi post-hoc (critical-difference diagram, dalab.plots).
+Names come from dalab.display; rendering from dalab.render (the one renderer of every table).
 """
 
 from __future__ import annotations
@@ -21,21 +19,22 @@ import csv
 import io
 import json
 import math
+import shlex
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
+from dalab import display
+from dalab.render import Cell, Table
+from dalab.selection import RULES, select, selection_score
 from dalab.utils import atomic_write_text
 
-RULE_TEXT = {
-    "last": "last checkpoint of the fixed step budget (no target labels)",
-    "src_val": "best source-validation accuracy (no target labels)",
-    "im": "best information-maximisation score on unlabeled target train (no target labels)",
-    "entropy": "lowest prediction entropy on unlabeled target train (no target labels)",
-    "snd": "best soft-neighbourhood density on unlabeled target train (no target labels)",
-    "oracle": "ORACLE: best target-validation accuracy -- uses target labels, an upper bound, not a UDA result",
-}
+__all__ = ["RULE_TEXT", "aggregate", "build_table", "explain", "load_records", "pair_name", "run_command",
+           "runs_csv", "select", "selection_score", "setting", "to_csv", "to_latex", "to_markdown", "write_tables"]
+
+RULE_TEXT = {name: r.text for name, r in RULES.items()}
+BASELINE = "source_only"
 
 
 def load_records(runs_dir: str | Path) -> list[dict]:
@@ -48,26 +47,6 @@ def load_records(runs_dir: str | Path) -> list[dict]:
             except ValueError:
                 continue
     return out
-
-
-def selection_score(ev: dict, rule: str) -> float:
-    if rule in ("last", "src_val"):
-        return ev["src_val"]["acc"]
-    if rule == "oracle":
-        return ev["tgt_val"]["acc"]
-    return ev["tgt_train_unsup"][rule]
-
-
-def select(record: dict, rule: str) -> dict | None:
-    """The evaluation point a rule picks in one run, or None (a diverged run under ``last``, or no
-    evaluation at all). Ties go to the later checkpoint."""
-    evals = record.get("evals") or []
-    if rule == "last":
-        return record["evals"][-1] if record.get("status") == "done" and evals else None
-    finite = [e for e in evals if math.isfinite(selection_score(e, rule))]
-    if not finite:
-        return None
-    return max(reversed(finite), key=lambda e: selection_score(e, rule))
 
 
 def pair_name(rec: dict) -> str:
@@ -101,7 +80,8 @@ def _trial_key(rec: dict) -> str:
 
 
 def aggregate(records: Iterable[dict], rule: str) -> dict[tuple, dict[str, dict]]:
-    """{row_key: {pair: {"accs": [...], "n_failed": int, "hparams": {...}}}} under ``rule``."""
+    """{row_key: {pair: cell}} under ``rule``; a cell is {"accs", "seeds", "runs" (run_id, seed,
+    step, acc, record per run of the chosen trial), "n_failed", "hparams", "n_trials"}."""
     groups: dict[tuple, dict[str, dict[str, list[dict]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in records:
         groups[row_key(r)][pair_name(r)][_trial_key(r)].append(r)
@@ -114,11 +94,21 @@ def aggregate(records: Iterable[dict], rule: str) -> dict[tuple, dict[str, dict]
                 vals = [selection_score(p, rule) for p in pts if p is not None]
                 return statistics.mean(vals) if vals else -math.inf
             best = max(sorted(trials), key=lambda k: trial_score(trials[k]))
-            pts = [select(r, rule) for r in trials[best]]
-            accs = [p["tgt_test"]["acc"] * 100 for p in pts if p is not None]
-            out[rk][pair] = {"accs": accs, "n_failed": sum(p is None for p in pts), "hparams": json.loads(best),
-                             "n_trials": len(trials)}
+            recs = sorted(trials[best], key=lambda r: r["config"]["seed"])
+            runs = []
+            for r in recs:
+                p = select(r, rule)
+                runs.append({"run_id": r["run_id"], "seed": r["config"]["seed"], "status": r.get("status"),
+                             "step": p["step"] if p else None, "acc": p["tgt_test"]["acc"] * 100 if p else None,
+                             "record": r})
+            ok = [x for x in runs if x["acc"] is not None]
+            out[rk][pair] = {"accs": [x["acc"] for x in ok], "seeds": [x["seed"] for x in ok], "runs": runs,
+                             "n_failed": len(runs) - len(ok), "hparams": json.loads(best), "n_trials": len(trials)}
     return out
+
+
+def _empty_cell() -> dict:
+    return {"accs": [], "seeds": [], "runs": [], "n_failed": 0, "hparams": {}, "n_trials": 0}
 
 
 def _fmt(accs: list[float]) -> str:
@@ -128,24 +118,61 @@ def _fmt(accs: list[float]) -> str:
     return f"{statistics.mean(accs):.1f} ± {sd:.1f}"
 
 
-def build_table(records: list[dict], rule: str, pairs: list[str] | None = None) -> dict[str, Any]:
-    """Rows grouped by label budget then family, columns = pairs + average + average rank.
+def _csv_list(items: str | Iterable[str] | None) -> list[str] | None:
+    if items is None:
+        return None
+    if isinstance(items, str):
+        items = items.split(",")
+    return [i.strip() for i in items if i.strip()]
+
+
+def build_table(records: list[dict], rule: str, pairs: list[str] | None = None, baseline: str = BASELINE,
+                methods: Iterable[str] | None = None, budgets: Iterable[str] | None = None) -> dict[str, Any]:
+    """Rows grouped by label budget then family, columns = pairs + average + Δ + average rank.
     Best and second-best are marked within each label-budget group (rows that see the same target
-    labels compete with each other)."""
+    labels compete with each other). ``methods``/``budgets`` keep only those rows; the baseline
+    (same setting, its lowest budget) still defines Δ and the significance marks."""
+    from dalab.stats import friedman, paired_test
+
     agg = aggregate(records, rule)
     pairs = pairs or sorted({p for v in agg.values() for p in v})
     budget_order = lambda b: (b != "0", b == "all", int(b) if b.isdigit() else 0)  # noqa: E731
-    # within a method, the plainest setting (defaults) first, then its variants
-    rows = sorted(agg, key=lambda rk: (budget_order(rk[1]), rk[0] != "baseline", rk[0], rk[2], len(rk[3]), rk[3]))
+    # within a budget: the baseline first, then by family; within a method the plainest setting first
+    rows = sorted(agg, key=lambda rk: (budget_order(rk[1]), rk[2] != baseline, rk[0] != "baseline", rk[0], rk[2],
+                                       len(rk[3]), rk[3]))
     table = []
     for rk in rows:
-        cells = {p: agg[rk].get(p, {"accs": [], "n_failed": 0}) for p in pairs}
+        cells = {p: agg[rk].get(p, _empty_cell()) for p in pairs}
         means = {p: statistics.mean(c["accs"]) if c["accs"] else None for p, c in cells.items()}
         complete = all(m is not None for m in means.values())
         avg = statistics.mean(means.values()) if complete and means else None
         table.append({"family": rk[0], "budget": rk[1], "method": rk[2], "setting": rk[3], "cells": cells,
-                      "means": means, "avg": avg})
-    for budget in {r["budget"] for r in table}:
+                      "means": means, "avg": avg, "display": display.method(rk[2])})
+    # the baseline row of each setting (its lowest label budget)
+    base_rows = {}
+    for r in table:
+        if r["method"] == baseline and r["setting"] not in base_rows:
+            base_rows[r["setting"]] = r
+    for r in table:
+        b = base_rows.get(r["setting"])
+        r["is_baseline"] = b is r
+        for p in pairs:
+            c = r["cells"][p]
+            c["delta"] = c["p"] = None
+            c["sig"] = ""
+            if b is None or b is r or not c["accs"] or not b["cells"][p]["accs"]:
+                continue
+            c["delta"] = r["means"][p] - b["means"][p]
+            c["p"], c["sig"] = paired_test(dict(zip(c["seeds"], c["accs"])),
+                                           dict(zip(b["cells"][p]["seeds"], b["cells"][p]["accs"])))
+        r["delta"] = (r["avg"] - b["avg"]) if b is not None and b is not r and r["avg"] is not None \
+            and b["avg"] is not None else None
+    keep_m, keep_b = _csv_list(methods), _csv_list(budgets)
+    if keep_m is not None:
+        table = [r for r in table if r["method"] in keep_m or r["display"] in keep_m]
+    if keep_b is not None:
+        table = [r for r in table if r["budget"] in keep_b]
+    for budget in sorted({r["budget"] for r in table}):
         group = [r for r in table if r["budget"] == budget]
         for col in pairs + ["avg"]:
             vals = sorted({(r["means"][col] if col != "avg" else r["avg"]) for r in group} - {None}, reverse=True)
@@ -165,16 +192,18 @@ def build_table(records: list[dict], rule: str, pairs: list[str] | None = None) 
     settings = sorted({r["setting"] for r in table})
     if len(settings) > 1:  # several settings in one folder: name each row's, never pool them
         for r in table:
-            r["method"] = f"{r['method']} ({r['setting']})"
-    return {"rule": rule, "pairs": pairs, "rows": table, "n": nmax, "settings": settings}
-
-
-def _budget_label(b: str) -> str:
-    return "no target labels" if b == "0" else ("all target labels" if b == "all" else f"{b} target labels per class")
+            r["display"] = f"{r['display']} ({r['setting']})"
+    # across pairs: Friedman + Nemenyi over the rows without target labels that have every pair
+    unsup = [r for r in table if r["budget"] == "0" and r["avg"] is not None]
+    fr = friedman({r["display"]: [r["means"][p] for p in pairs] for r in unsup}) if len(pairs) >= 2 else None
+    return {"rule": rule, "pairs": pairs, "rows": table, "n": nmax, "settings": settings, "baseline": baseline,
+            "baseline_display": display.method(baseline), "has_baseline": bool(base_rows), "friedman": fr}
 
 
 def _cell_text(c: dict, nmax: int) -> str:
     s = _fmt(c["accs"])
+    if c.get("sig"):
+        s += f" {c['sig']}"
     if c["accs"] and len(c["accs"]) < nmax:
         s += f" (n={len(c['accs'])})"
     if c.get("n_failed"):
@@ -182,115 +211,208 @@ def _cell_text(c: dict, nmax: int) -> str:
     return s
 
 
-def to_markdown(t: dict, command: str = "") -> str:
-    head = ["method", "family"] + t["pairs"] + ["avg", "avg rank"]
-    lines = [f"### Selection rule: `{t['rule']}` — {RULE_TEXT[t['rule']]}", ""]
-    if command:
-        lines.append(f"<!-- generated by: {command} -->")
-    lines.append(f"Target test accuracy (%), mean ± std over {t['n']} seeds"
-                 + (f" ({t['settings'][0]})" if len(t.get("settings", [])) == 1 else "")
-                 + ". Best per label-budget group in "
-                 "**bold**, second _italic_. † = runs that diverged or have no checkpoint under this rule.")
-    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+def friedman_note(t: dict, cd_file: str = "") -> str:
+    fr = t.get("friedman")
+    if not fr:
+        return ("Friedman test across pairs: not run (needs ≥ 3 methods without target labels with results on "
+                "≥ 2 pairs).")
+    verdict = "the methods' ranks differ" if fr["p"] < fr["alpha"] else "no rank difference detected"
+    return (f"Friedman test across the {fr['n_blocks']} pairs (blocks), {fr['n_methods']} methods without target "
+            f"labels: χ² = {fr['statistic']:.2f}, p = {fr['p']:.3g} ({verdict} at α = {fr['alpha']}); Nemenyi "
+            f"post-hoc" + (f": critical-difference diagram {cd_file}" if cd_file else "") + ".")
+
+
+def to_table(t: dict, cd_file: str = "") -> Table:
+    """The rule's table as display text (rendered by dalab.render)."""
+    from dalab.stats import CELL_TEST
+
+    rule = RULES[t["rule"]]
+    base = t["baseline_display"]
+    n = t["n"]
+    settings = t.get("settings", [])
+    caption = (f"Target test accuracy (%), mean ± std over {n} seeds"
+               + (f" ({settings[0]})" if len(settings) == 1 else "") + ". ")
+    if t.get("has_baseline"):
+        caption += (f"Δ: gain of the average over {base} under the same rule (per pair in table.csv). ↑/↓: the cell "
+                    f"differs from {base} on that pair ({CELL_TEST}); with {n} seeds ({max(n - 1, 0)} degrees of "
+                    f"freedom) the test has little power: an unmarked cell is no evidence of equality. ")
+    caption += ("Best per label-budget group in bold, second underlined (italic in Markdown). "
+                "† = runs that diverged or have no checkpoint under this rule.")
+    tab = Table(["Method", "Family"] + [display.pair_key(p) for p in t["pairs"]] + ["Avg", "Δ", "Rank"],
+                title=f"Selection rule: `{rule.name}` — {rule.text}", caption=caption,
+                notes=[friedman_note(t, cd_file)], label=f"tab:{rule.name}")
     budget = None
     for r in t["rows"]:
         if r["budget"] != budget:
             budget = r["budget"]
-            lines.append(f"| *{_budget_label(budget)}* |" + " |" * (len(head) - 1))
-        cells = []
-        for p in t["pairs"] + ["avg"]:
-            s = _cell_text(r["cells"][p], t["n"]) if p != "avg" else (f"{r['avg']:.1f}" if r["avg"] is not None else "—")
-            mark = r["mark"][p]
-            cells.append(f"**{s}**" if mark == "best" else f"_{s}_" if mark == "second" else s)
-        rank = f"{r['rank']:.1f}" if r["rank"] is not None else "—"
-        lines.append(f"| {r['method']} | {r['family']} | " + " | ".join(cells) + f" | {rank} |")
-    return "\n".join(lines) + "\n"
+            tab.add_group(display.budget(budget))
+        cells: list[str | Cell] = [r["display"], display.family(r["family"])]
+        for p in t["pairs"]:
+            cells.append(Cell(_cell_text(r["cells"][p], n), r["mark"][p]))
+        cells.append(Cell(f"{r['avg']:.1f}" if r["avg"] is not None else "—", r["mark"]["avg"]))
+        cells.append(f"{r['delta']:+.1f}" if r["delta"] is not None else "—")
+        cells.append(f"{r['rank']:.1f}" if r["rank"] is not None else "—")
+        tab.add(*cells)
+    return tab
 
 
-def _tex_escape(s: str) -> str:
-    return s.replace("_", r"\_").replace("→", r"$\to$").replace("%", r"\%").replace("&", r"\&")
+def to_markdown(t: dict, command: str = "", cd_file: str = "") -> str:
+    return to_table(t, cd_file).markdown(command)
 
 
-def to_latex(t: dict, command: str = "") -> str:
-    cols = t["pairs"] + ["Avg"]
-    out = []
-    if command:
-        out.append(f"% generated by: {command}")
-    out += [r"\begin{table}[t]", r"\centering", r"\small",
-            r"\caption{Target test accuracy (\%), mean $\pm$ std over " + str(t["n"]) + r" seeds. Model selection: "
-            + _tex_escape(RULE_TEXT[t["rule"]]) + r". Best per label-budget group in bold, second underlined.}",
-            rf"\label{{tab:{t['rule']}}}",
-            r"\begin{tabular}{l" + "c" * (len(cols) + 1) + "}", r"\toprule",
-            "Method & " + " & ".join(_tex_escape(c) for c in cols) + r" & Rank \\", r"\midrule"]
-    budget = None
-    for r in t["rows"]:
-        if r["budget"] != budget:
-            if budget is not None:
-                out.append(r"\midrule")
-            budget = r["budget"]
-            out.append(rf"\multicolumn{{{len(cols) + 2}}}{{l}}{{\emph{{{_budget_label(budget)}}}}} \\")
-        cells = []
-        for p in t["pairs"] + ["avg"]:
-            if p == "avg":
-                s = f"{r['avg']:.1f}" if r["avg"] is not None else "--"
-            else:
-                s = _cell_text(r["cells"][p], t["n"]).replace(" ± ", r" $\pm$ ").replace("—", "--").replace("†", r"$^\dagger$")
-            mark = r["mark"][p]
-            cells.append(rf"\textbf{{{s}}}" if mark == "best" else rf"\underline{{{s}}}" if mark == "second" else s)
-        rank = f"{r['rank']:.1f}" if r["rank"] is not None else "--"
-        out.append(f"{_tex_escape(r['method'])} & " + " & ".join(cells) + rf" & {rank} \\")
-    out += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
-    return "\n".join(out) + "\n"
+def to_latex(t: dict, command: str = "", cd_file: str = "") -> str:
+    return to_table(t, cd_file).latex(command)
 
 
 def to_csv(tables: list[dict]) -> str:
+    """Long form: one row per rule, method row and pair, with Δ and the significance test per pair
+    and the run ids behind each cell."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["rule", "method", "family", "budget", "pair", "mean", "std", "n", "n_failed", "accs"])
+    w.writerow(["rule", "method", "display", "family", "budget", "setting", "pair", "pair_display", "mean", "std", "n",
+                "n_failed", "accs", "seeds", "delta", "p_value", "sig", "run_ids"])
     for t in tables:
         for r in t["rows"]:
             for p in t["pairs"]:
                 c = r["cells"][p]
                 a = c["accs"]
-                w.writerow([t["rule"], r["method"], r["family"], r["budget"], p,
-                            f"{statistics.mean(a):.2f}" if a else "", f"{statistics.stdev(a):.2f}" if len(a) > 1 else "",
-                            len(a), c.get("n_failed", 0), ";".join(f"{x:.2f}" for x in a)])
+                w.writerow([t["rule"], r["method"], r["display"], r["family"], r["budget"], r["setting"], p,
+                            display.pair_key(p), f"{statistics.mean(a):.2f}" if a else "",
+                            f"{statistics.stdev(a):.2f}" if len(a) > 1 else "", len(a), c.get("n_failed", 0),
+                            ";".join(f"{x:.2f}" for x in a), ";".join(str(s) for s in c["seeds"]),
+                            f"{c['delta']:+.2f}" if c.get("delta") is not None else "",
+                            f"{c['p']:.4g}" if c.get("p") is not None else "", c.get("sig", ""),
+                            ";".join(x["run_id"] for x in c["runs"])])
     return buf.getvalue()
 
 
+def run_command(rec: dict) -> str:
+    """The ``dalab run`` command that reproduces a run (same config, hence the same run id)."""
+    c = rec["config"]
+    parts = ["dalab", "run", "--method", c["method"], "--source", c["source"], "--target", c["target"],
+             "--seed", str(c["seed"]), "--budget", str(c["budget"]), "--steps", str(c["steps"]),
+             "--eval-every", str(c["eval_every"]), "--backbone", c["backbone"]]
+    if c.get("pretrained"):
+        parts += ["--pretrained", c["pretrained"]]
+    if c.get("precision", "auto") != "auto":
+        parts += ["--precision", c["precision"]]
+    for k, v in sorted((c.get("hparams") or {}).items()):
+        parts += ["--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
+    cmd = " ".join(shlex.quote(p) for p in parts)
+    if c.get("split_seed", 0):
+        cmd += f"  # split_seed {c['split_seed']}: set it in a bench spec (dalab run has no option for it)"
+    return cmd
+
+
 def runs_csv(records: list[dict], rules: Iterable[str]) -> str:
-    """One row per run: identity, status, speed, and the checkpoint + target-test accuracy per rule."""
+    """One row per run: identity, status, speed, the checkpoint + target-test accuracy per rule, and
+    the command that reproduces it."""
     rules = list(rules)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["run_id", "method", "family", "target_data", "budget", "source", "target", "seed", "status", "steps",
-                "wall_time_s", "steps_per_s", "hparams"] + [f"{r}_{k}" for r in rules for k in ("step", "tgt_test_acc")])
+    w.writerow(["run_id", "method", "display", "family", "target_data", "budget", "source", "target", "seed", "status",
+                "steps", "wall_time_s", "steps_per_s", "hparams"]
+               + [f"{r}_{k}" for r in rules for k in ("step", "tgt_test_acc")] + ["command"])
     for rec in sorted(records, key=lambda r: r["run_id"]):
-        row = [rec["run_id"], rec["method"]["name"], rec["method"]["family"], rec["method"]["target_data"],
-               rec["method"]["budget"], rec["config"]["source"], rec["config"]["target"], rec["config"]["seed"],
-               rec["status"], rec["train"]["steps"], f"{rec['train']['wall_time_s']:.1f}",
+        row = [rec["run_id"], rec["method"]["name"], display.method(rec["method"]["name"]), rec["method"]["family"],
+               rec["method"]["target_data"], rec["method"]["budget"], rec["config"]["source"], rec["config"]["target"],
+               rec["config"]["seed"], rec["status"], rec["train"]["steps"], f"{rec['train']['wall_time_s']:.1f}",
                f"{rec['train']['steps_per_s']:.1f}", json.dumps(rec["config"]["hparams"], sort_keys=True)]
         for rule in rules:
             p = select(rec, rule)
             row += [p["step"], f"{p['tgt_test']['acc'] * 100:.2f}"] if p else ["", ""]
-        w.writerow(row)
+        w.writerow(row + [run_command(rec)])
     return buf.getvalue()
 
 
 def write_tables(records: list[dict], out_dir: str | Path, rules: Iterable[str], command: str = "",
-                 pairs: list[str] | None = None, plots: bool = True) -> list[Path]:
-    """Write table.md, table.tex, table.csv, runs.csv (and accuracy.png) for ``records``."""
+                 pairs: list[str] | None = None, plots: bool = True, baseline: str = BASELINE,
+                 methods: Iterable[str] | None = None, budgets: Iterable[str] | None = None) -> list[Path]:
+    """Write table.md, table.tex, table.csv, runs.csv (and accuracy.png, cd_<rule>.png/.pdf, and
+    budget_curve.png/.pdf when the records hold three or more label budgets) for ``records``."""
     out = Path(out_dir)
     rules = list(rules)
-    tables = [build_table(records, r, pairs) for r in rules]
+    tables = [build_table(records, r, pairs, baseline, methods, budgets) for r in rules]
+    cd_files = {t["rule"]: (f"cd_{t['rule']}.png / .pdf" if plots and t["friedman"] else "") for t in tables}
     header = f"<!-- generated by: {command} -->\n" if command else ""
-    md = header + "".join(to_markdown(t) + "\n" for t in tables)
+    md = header + "".join(to_markdown(t, cd_file=cd_files[t["rule"]]) + "\n" for t in tables)
     written = [out / "table.md", out / "table.tex", out / "table.csv", out / "runs.csv"]
     atomic_write_text(written[0], md)
-    atomic_write_text(written[1], (f"% generated by: {command}\n" if command else "") + "\n".join(to_latex(t) for t in tables))
+    atomic_write_text(written[1], (f"% generated by: {command}\n" if command else "")
+                      + "\n".join(to_latex(t, cd_file=cd_files[t["rule"]]) for t in tables))
     atomic_write_text(written[2], to_csv(tables))
     atomic_write_text(written[3], runs_csv(records, rules))
     if plots and records:
-        from dalab.plots import accuracy_bars
-        written.append(accuracy_bars(tables[0], out / "accuracy.png"))
+        from dalab import plots as P
+        written.append(P.accuracy_bars(tables[0], out / "accuracy.png", command=command))
+        for t in tables:
+            if t["friedman"]:
+                written += P.cd_diagram(t, out / f"cd_{t['rule']}", command=command)
+        if len({r["method"]["budget"] for r in records}) >= 3:
+            written += P.budget_curve(records, out / "budget_curve", rule=rules[0], baseline=baseline, command=command)
     return written
+
+
+# --------------------------------------------------------------------------- filters and traceability
+
+def parse_pair(text: str) -> str:
+    """A pair given as ``source:target``, ``source->target``, ``source→target`` (registry or
+    display names) -> the table key ``source→target``."""
+    from dalab.datasets import DOMAINS
+    from dalab.utils import DalabError
+
+    for sep in ("→", "->", ":"):
+        if sep in text:
+            s, t = (x.strip() for x in text.split(sep, 1))
+            break
+    else:
+        raise DalabError(f"bad pair {text!r}: use SOURCE:TARGET, e.g. mnist5k:ucidigits")
+    by_display = {d.display: n for n, d in DOMAINS.items()}
+    return f"{by_display.get(s, s)}→{by_display.get(t, t)}"
+
+
+def parse_method(text: str) -> str:
+    """A method's registry name from its registry or display name (unknown names pass through)."""
+    from dalab.methods import METHODS
+
+    by_display = {c.display: n for n, c in METHODS.items()}
+    return by_display.get(text.strip(), text.strip())
+
+
+def explain(records: list[dict], method: str, pair: str, rule: str = "last", baseline: str = BASELINE) -> str:
+    """The runs behind one table cell: for each matching row (label budget, setting) the chosen
+    trial, and per run its id, seed, status, the checkpoint step the rule picked, its target-test
+    accuracy there, and the ``dalab run`` command that reproduces it."""
+    from dalab.selection import get_rule
+    from dalab.utils import DalabError
+
+    r_ = get_rule(rule)
+    name, key = parse_method(method), parse_pair(pair)
+    t = build_table(records, rule, baseline=baseline)
+    rows = [r for r in t["rows"] if r["method"] == name and r["cells"].get(key, {}).get("runs")]
+    if not rows:
+        have = sorted({(r["method"]["name"], pair_name(r)) for r in records})
+        raise DalabError(f"no runs of {name!r} on {key!r} in these records; present: "
+                         + ", ".join(f"{m} {p}" for m, p in have[:20]) + (" ..." if len(have) > 20 else ""))
+    out = []
+    for r in rows:
+        c = r["cells"][key]
+        out.append(f"{r['display']} ({name}) on {display.pair_key(key)} ({key}), {display.budget(r['budget'])}; "
+                   f"selection rule `{rule}`: {r_.text}")
+        out.append(f"  setting: {r['setting']}; trial hparams {json.dumps(c['hparams'], sort_keys=True)} "
+                   f"(best of {c['n_trials']} by the rule)")
+        line = f"  cell: {_fmt(c['accs'])} over {len(c['accs'])} seeds"
+        if c.get("delta") is not None:
+            line += (f"; vs {t['baseline_display']}: {c['delta']:+.1f}, paired t-test p = "
+                     + (f"{c['p']:.3g}" if c.get("p") is not None else "n/a") + (f" {c['sig']}" if c["sig"] else ""))
+        if c["n_failed"]:
+            line += f"; {c['n_failed']} run(s) without a checkpoint under this rule (†)"
+        out.append(line)
+        out.append(f"  {'run id':<48} {'seed':>4} {'status':<8} {'step':>6} {'tgt_test acc':>12}")
+        for x in c["runs"]:
+            acc = f"{x['acc']:.2f}" if x["acc"] is not None else "—"
+            step = str(x["step"]) if x["step"] is not None else "—"
+            out.append(f"  {x['run_id']:<48} {x['seed']:>4} {x['status'] or '?':<8} {step:>6} {acc:>12}")
+            out.append(f"    reproduce: {run_command(x['record'])}")
+        out.append("")
+    return "\n".join(out)

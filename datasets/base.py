@@ -50,20 +50,22 @@ class DomainSpec:
     family: str
     description: str
     hidden: bool = False  # test-only domains are not listed in benchmarks
+    display: str = ""     # name in tables and figures ("UCI digits"); the registry name stays the CLI's
 
 
 DOMAINS: dict[str, DomainSpec] = {}
 
 
-def register_domain(family: str, hidden: bool = False):
-    """Register a domain builder; the function's name is the domain's name (written once)."""
+def register_domain(family: str, hidden: bool = False, display: str = ""):
+    """Register a domain builder; the function's name is the domain's name (written once);
+    ``display`` is its name in tables and figures (default: the registry name)."""
 
     def deco(fn: Callable[..., DomainData]) -> Callable[..., DomainData]:
         name = fn.__name__
         if name in DOMAINS:
             raise ValueError(f"domain {name!r} registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
-        DOMAINS[name] = DomainSpec(name, fn, family, doc[0] if doc else "", hidden)
+        DOMAINS[name] = DomainSpec(name, fn, family, doc[0] if doc else "", hidden, display or name)
         return fn
 
     return deco

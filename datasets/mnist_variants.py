@@ -52,7 +52,7 @@ def blend_mnistm(digits: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
     return (patches.int() - digits.int()).abs().to(torch.uint8)
 
 
-@register_domain(family="digits")
+@register_domain(family="digits", display="MNIST-M-style")
 @cached("v1")
 def mnistm5k() -> DomainData:
     """MNIST-M-style: the 5,000 MNIST-5k digits blended with crops of photos shipped by sklearn/skimage."""
@@ -73,7 +73,7 @@ def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
-@register_domain(family="digits")
+@register_domain(family="digits", display="MNIST-5k rotated")
 @cached("v1")
 def mnist5k_rot() -> DomainData:
     """MNIST-5k, each digit rotated by a random angle in +/-[30, 60] degrees."""
@@ -85,7 +85,7 @@ def mnist5k_rot() -> DomainData:
                       info={"source": "mnist5k rotated", "angle": angle.tolist()})
 
 
-@register_domain(family="digits")
+@register_domain(family="digits", display="MNIST-5k colour")
 @cached("v1")
 def mnist5k_color() -> DomainData:
     """MNIST-5k, digit and background each in a random colour (contrast kept)."""

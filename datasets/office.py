@@ -143,6 +143,10 @@ def _make_builder(ds: ImageDataset, domain: str):
     return build
 
 
+# names in tables and figures (default: the folder name, capitalised)
+_DISPLAY = {"dslr": "DSLR", "Real_World": "Real World", "train": "Synthetic", "validation": "Real"}
+
 for _ds in DATASETS.values():
     for _domain in _ds.domains:
-        register_domain(family=_ds.prefix)(_make_builder(_ds, _domain))
+        register_domain(family=_ds.prefix, display=_DISPLAY.get(_domain, _domain[:1].upper() + _domain[1:]))(
+            _make_builder(_ds, _domain))

@@ -29,23 +29,25 @@ def shift_table(runs_dir: str | Path, pairs=DEFAULT_PAIRS, method: str = "source
             recs.setdefault((c["source"], c["target"]), []).append(r)
         elif c["method"] == "target_only" and c["budget"] == "all":
             oracle.setdefault(c["target"], []).append(r["final"]["tgt_test"]["acc"])
-    lines = ["| pair | steps | seeds | tgt_test acc per seed | tgt_test mean ± sd | src_val acc mean (in-domain) "
-             "| gap | target in-domain (target_only, all labels) |",
-             "|---|---|---|---|---|---|---|---|"]
+    from dalab import display
+    from dalab.render import Table
+
+    tab = Table(["Pair", "Steps", "Seeds", "Target test acc per seed", "Target test mean ± sd",
+                 "Source val acc mean (in-domain)", "Gap", "Target in-domain (Target only, all labels)"])
     for s, t in pairs:
         rs = sorted(recs.get((s, t), []), key=lambda r: r["config"]["seed"])
         if not rs:
-            lines.append(f"| {s}→{t} | - | 0 | (no runs) | | | | |")
+            tab.add(display.pair(s, t), "-", "0", "(no runs)", "", "", "", "")
             continue
         tgt = [r["final"]["tgt_test"]["acc"] for r in rs]
         src = [r["final"]["src_val"]["acc"] for r in rs]
         sd = statistics.stdev(tgt) if len(tgt) > 1 else 0.0
         steps = ",".join(sorted({str(r["config"]["steps"]) for r in rs}))
-        lines.append(f"| {s}→{t} | {steps} | {','.join(str(r['config']['seed']) for r in rs)} | "
-                     f"{' / '.join(f'{a:.3f}' for a in tgt)} | {statistics.mean(tgt):.3f} ± {sd:.3f} | "
-                     f"{statistics.mean(src):.3f} | {statistics.mean(src) - statistics.mean(tgt):+.3f} | "
-                     + (f"{statistics.mean(oracle[t]):.3f} (n={len(oracle[t])}) |" if t in oracle else "- |"))
-    return "\n".join(lines) + "\n"
+        tab.add(display.pair(s, t), steps, ",".join(str(r["config"]["seed"]) for r in rs),
+                " / ".join(f"{a:.3f}" for a in tgt), f"{statistics.mean(tgt):.3f} ± {sd:.3f}",
+                f"{statistics.mean(src):.3f}", f"{statistics.mean(src) - statistics.mean(tgt):+.3f}",
+                f"{statistics.mean(oracle[t]):.3f} (n={len(oracle[t])})" if t in oracle else "-")
+    return tab.markdown()
 
 
 def _provenance(runs_dir) -> str:

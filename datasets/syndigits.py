@@ -116,7 +116,7 @@ def render_syndigits(fonts: tuple[str, ...], per_font_class: int, seed: int):
     return x, torch.tensor(labels, dtype=torch.int64), torch.tensor(font_ids, dtype=torch.int64)
 
 
-@register_domain(family="digits")
+@register_domain(family="digits", display="SynDigits")
 @cached("v1")
 def syndigits() -> DomainData:
     """Synthetic digits rendered from 22 matplotlib fonts (SynNumbers-style); val/test in unseen fonts."""

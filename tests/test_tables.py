@@ -21,8 +21,9 @@ def ev(step, src, tgt_val, tgt_test, im=0.0, ent=-1.0, snd=0.0):
 def rec(method, family, budget, pair, seed, evals, status="done", hparams=None):
     s, t = pair
     return {"run_id": f"{method}__{s}-{t}__b{budget}__s{seed}", "status": status,
-            "config": {"source": s, "target": t, "seed": seed, "hparams": hparams or {}, "backbone": "lenet",
-                       "steps": evals[-1]["step"] if evals else 0},
+            "config": {"method": method, "source": s, "target": t, "seed": seed, "budget": budget,
+                       "hparams": hparams or {}, "backbone": "lenet", "steps": evals[-1]["step"] if evals else 0,
+                       "eval_every": 1, "pretrained": None, "split_seed": 0, "precision": "auto"},
             "method": {"name": method, "family": family, "target_data": "unlabeled", "budget": budget},
             "evals": evals, "train": {"steps": evals[-1]["step"] if evals else 0, "wall_time_s": 1.0, "steps_per_s": 10.0}}
 
@@ -58,14 +59,17 @@ def test_trial_selection_uses_the_rule_not_the_test_set():
     assert build_table(a + b, "oracle")["rows"][0]["cells"]["a→b"]["accs"] == [90.0, 90.0]
 
 
+PAIRS = (("mnist5k", "ucidigits"), ("ucidigits", "mnist5k"))
+
+
 def golden_records():
     out = []
-    for pair, base in ((("a", "b"), 0.60), (("b", "a"), 0.70)):
+    for pair, base in zip(PAIRS, (0.60, 0.70)):
         for seed in (0, 1, 2):
             out.append(rec("source_only", "baseline", "0", pair, seed, [ev(1, 0.9, base, base + 0.01 * seed)]))
             out.append(rec("dann", "adversarial", "0", pair, seed, [ev(1, 0.9, base, base + 0.05 + 0.02 * seed)]))
-            out.append(rec("finetune", "finetune", "5", pair, seed, [ev(1, 0.9, base, base + 0.2)]))
-    out.append(rec("dann", "adversarial", "0", ("a", "b"), 3, [ev(1, 0.9, 0.1, 0.1)], status="diverged"))
+            out.append(rec("finetune", "fine-tuning", "5", pair, seed, [ev(1, 0.9, base, base + 0.2)]))
+    out.append(rec("dann", "adversarial", "0", PAIRS[0], 3, [ev(1, 0.9, 0.1, 0.1)], status="diverged"))
     return out
 
 
@@ -85,11 +89,17 @@ def test_table_content():
     t = build_table(golden_records(), "last")
     rows = {r["method"]: r for r in t["rows"]}
     assert [r["method"] for r in t["rows"]] == ["source_only", "dann", "finetune"]  # budget 0 first, baseline first
-    assert rows["dann"]["cells"]["a→b"]["n_failed"] == 1 and len(rows["dann"]["cells"]["a→b"]["accs"]) == 3
-    assert rows["dann"]["mark"]["a→b"] == "best" and rows["source_only"]["mark"]["a→b"] == "second"
-    assert rows["finetune"]["mark"]["a→b"] == "best"  # its own label-budget group
+    ab = "mnist5k→ucidigits"
+    assert rows["dann"]["cells"][ab]["n_failed"] == 1 and len(rows["dann"]["cells"][ab]["accs"]) == 3
+    assert rows["dann"]["mark"][ab] == "best" and rows["source_only"]["mark"][ab] == "second"
+    assert rows["finetune"]["mark"][ab] == "best"  # its own label-budget group
     assert rows["dann"]["rank"] == 1.0 and rows["source_only"]["rank"] == 2.0
     assert abs(rows["dann"]["avg"] - (67.0 + 77.0) / 2) < 1e-9
+    # delta vs source-only under the same rule: average and per pair
+    assert rows["source_only"]["delta"] is None and abs(rows["dann"]["delta"] - 6.0) < 1e-9
+    assert abs(rows["dann"]["cells"][ab]["delta"] - 6.0) < 1e-9 and abs(rows["finetune"]["delta"] - 19.0) < 1e-9
+    # the run ids behind each cell are kept (the diverged seed-3 run too)
+    assert [x["run_id"] for x in rows["dann"]["cells"][ab]["runs"]][-1] == "dann__mnist5k-ucidigits__b0__s3"
 
 
 def test_write_tables_and_runs_csv(tmp_path):
@@ -117,5 +127,186 @@ def test_different_settings_are_never_pooled():
     a = [rec("m", "f", "0", ("a", "b"), s, [ev(1, 0.9, 0.5, 0.50)]) for s in (0, 1)]
     b = [rec("m", "f", "0", ("a", "b"), s, [ev(1, 0.9, 0.5, 0.90), ev(2, 0.9, 0.5, 0.90)]) for s in (0, 1)]
     rows = build_table(a + b, "last")["rows"]
-    assert sorted(r["method"] for r in rows) == ["m (lenet, 1 steps)", "m (lenet, 2 steps)"]
+    assert sorted(r["display"] for r in rows) == ["m (lenet, 1 steps)", "m (lenet, 2 steps)"]
     assert sorted(r["cells"]["a→b"]["accs"][0] for r in rows) == [50.0, 90.0]
+
+
+# --------------------------------------------------------------------------- significance
+
+def _cell_records(method, accs_by_pair, family="adversarial"):
+    return [rec(method, family, "0", pair, seed, [ev(1, 0.9, 0.5, a / 100)])
+            for pair, accs in accs_by_pair.items() for seed, a in enumerate(accs)]
+
+
+def test_significance_flags_a_clear_gain_and_not_identical_numbers():
+    base = {PAIRS[0]: [60.0, 64.0, 62.0], PAIRS[1]: [70.0, 71.0, 69.0]}
+    recs = (_cell_records("source_only", base, "baseline")
+            + _cell_records("dann", {PAIRS[0]: [75.0, 79.0, 77.5], PAIRS[1]: [55.0, 56.5, 54.0]})  # +15, -15
+            + _cell_records("cdan", base)                                                          # identical
+            + _cell_records("mdd", {PAIRS[0]: [70.0, 55.0, 62.0], PAIRS[1]: [71.0, 69.0, 72.0]}))  # noise
+    rows = {r["method"]: r for r in build_table(recs, "last")["rows"]}
+    ab, ba = "mnist5k→ucidigits", "ucidigits→mnist5k"
+    assert rows["dann"]["cells"][ab]["sig"] == "↑" and rows["dann"]["cells"][ab]["p"] < 0.05
+    assert rows["dann"]["cells"][ba]["sig"] == "↓"
+    assert rows["cdan"]["cells"][ab]["sig"] == "" and rows["cdan"]["delta"] == 0.0
+    assert rows["mdd"]["cells"][ab]["sig"] == "" and rows["mdd"]["cells"][ab]["p"] > 0.05
+    assert rows["source_only"]["cells"][ab]["sig"] == "" and rows["source_only"]["cells"][ab]["p"] is None
+    md = to_markdown(build_table(recs, "last"))
+    assert "77.2 ± 2.0 ↑" in md and "55.2 ± 1.3 ↓" in md and "paired t-test over seeds" in md
+    assert "little power" in md
+
+
+def test_paired_test_needs_two_common_seeds():
+    from dalab.stats import paired_test
+
+    assert paired_test({0: 90.0}, {0: 50.0}) == (None, "")
+    assert paired_test({0: 90.0, 1: 91.0}, {2: 50.0, 3: 51.0}) == (None, "")
+
+
+def test_friedman_and_nemenyi_on_known_ranks():
+    from dalab.stats import friedman
+
+    # 6 blocks, the same order in each: a > b > c > d
+    r = friedman({"a": [90, 80, 85, 70, 95, 88], "b": [80, 70, 75, 60, 85, 78], "c": [70, 60, 65, 50, 75, 68],
+                  "d": [60, 50, 55, 40, 65, 58]})
+    assert r["ranks"].to_dict() == {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}
+    assert abs(r["statistic"] - 18.0) < 1e-9 and r["p"] < 0.001  # chi2 = 12/(nk(k+1)) sum R^2 - 3n(k+1)
+    assert r["nemenyi"].loc["a", "d"] < 0.05 and r["nemenyi"].loc["a", "b"] > 0.05
+    same = friedman({"a": [1, 2, 3], "b": [1, 2, 3], "c": [1, 2, 3]})
+    assert not same["p"] < 0.05
+    assert friedman({"a": [1, 2], "b": [2, 1]}) is None  # fewer than 3 methods
+
+
+def test_cd_diagrams_per_rule_png_and_pdf(tmp_path):
+    recs = golden_records() + _cell_records("mdd", {PAIRS[0]: [50, 51, 52], PAIRS[1]: [60, 61, 62]})
+    files = write_tables(recs, tmp_path, ["last", "oracle"], "X")
+    names = {f.name for f in files}
+    assert {"cd_last.png", "cd_last.pdf", "cd_oracle.png", "cd_oracle.pdf"} <= names
+    assert (tmp_path / "cd_last.pdf").read_bytes().startswith(b"%PDF")
+    md = (tmp_path / "table.md").read_text()
+    assert "Friedman test across the 2 pairs (blocks), 3 methods without target labels" in md
+    assert "cd_last.png" in md
+
+
+# --------------------------------------------------------------------------- display names and the oracle
+
+def test_display_names_in_every_renderer(tmp_path):
+    t = build_table(golden_records(), "oracle")
+    outs = {"md": to_markdown(t), "tex": to_latex(t), "csv": to_csv([t])}
+    for fmt, text in outs.items():
+        assert "Source only" in text and "DANN" in text and "Fine-tuning" in text, fmt
+    assert "| Source only | Baseline |" in outs["md"] and "MNIST-5k → UCI digits" in outs["md"]
+    assert "Source only & Baseline" in outs["tex"] and r"MNIST-5k $\to$ UCI digits" in outs["tex"]
+    assert "source\\_only" not in outs["tex"] and "| source_only |" not in outs["md"]
+    # the oracle rule is labelled as the oracle wherever it is named
+    assert "ORACLE" in outs["md"].splitlines()[0] and "ORACLE" in outs["tex"]
+    from dalab.benchmarks.zoo import table as zoo_table
+    from dalab.benchmarks.dann_vs_source_only import table as dvs_table
+    from dalab.datasets.shift_table import shift_table
+    recs = golden_records()
+    by = {}
+    for r in recs:
+        if r["config"]["source"] == "mnist5k":
+            by.setdefault((r["method"]["name"], r["method"]["budget"]), []).append(dict(r, final=r["evals"][-1]))
+    zoo = zoo_table(by, "mnist5k", "ucidigits", "lenet", 1, [0, 1, 2]).markdown()
+    assert "| Source only |" in zoo and "| DANN |" in zoo and "MNIST-5k → UCI digits" in zoo
+    dvs = dvs_table({"source_only": by[("source_only", "0")], "dann": by[("dann", "0")]}, "mnist5k", "ucidigits",
+                    1, "lenet").markdown()
+    assert "| Source only |" in dvs and "| DANN |" in dvs
+    for r in recs:
+        d = tmp_path / "runs" / r["run_id"]
+        d.mkdir(parents=True)
+        (d / "record.json").write_text(json.dumps(dict(r, final=r["evals"][-1] if r["status"] == "done" else None)))
+    shift = shift_table(tmp_path / "runs", pairs=list(PAIRS))
+    assert "| MNIST-5k → UCI digits |" in shift
+
+
+def test_rule_registry_is_the_one_source():
+    from dalab.bench import RULES as BENCH_RULES
+    from dalab.cli import build_parser
+    from dalab.selection import RULES, markdown
+
+    assert tuple(BENCH_RULES) == tuple(RULES)
+    assert [r.name for r in RULES.values() if r.needs_target_labels] == ["oracle"]
+    help_text = build_parser()._subparsers._group_actions[0].choices["table"].format_help()
+    for name in RULES:
+        assert name in help_text
+    assert "**yes: oracle**" in markdown()
+
+
+# --------------------------------------------------------------------------- LaTeX compiles
+
+def test_generated_latex_compiles_with_pdflatex(tmp_path):
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("pdflatex") is None:
+        if os.environ.get("CI"):
+            pytest.fail("pdflatex is missing in CI: .ci/run installs texlive-latex-base/-recommended")
+        pytest.skip("pdflatex not installed (apt-get install texlive-latex-base texlive-latex-recommended)")
+    recs = golden_records() + _cell_records("cdan", {PAIRS[0]: [50, 51, 52], PAIRS[1]: [60, 61, 62]})
+    recs += [dict(r, hparams={"mixup": "source"}) for r in _cell_records("mdd", {PAIRS[0]: [50, 51, 52]})]
+    write_tables(recs, tmp_path, ["last", "src_val", "im", "entropy", "snd", "oracle"], "dalab table x_y", plots=False)
+    (tmp_path / "doc.tex").write_text("\\documentclass{article}\n\\usepackage[T1]{fontenc}\n\\usepackage{booktabs}\n"
+                                      "\\begin{document}\n\\input{table.tex}\n\\end{document}\n")
+    r = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    log = (tmp_path / "doc.log").read_text(errors="replace") if (tmp_path / "doc.log").exists() else r.stdout
+    errors = [ln for ln in log.splitlines() if ln.startswith("!")]
+    assert r.returncode == 0 and not errors, "\n".join(errors) or r.stdout[-2000:]
+    assert (tmp_path / "doc.pdf").stat().st_size > 1000
+
+
+# --------------------------------------------------------------------------- dalab table: explain and filters
+
+def _run_folder(tmp_path, recs):
+    for r in recs:
+        d = tmp_path / r["run_id"]
+        d.mkdir(parents=True)
+        (d / "record.json").write_text(json.dumps(r))
+        (d / "done").write_text(r["status"] + "\n")
+    return tmp_path
+
+
+def test_explain_prints_the_runs_behind_a_cell(tmp_path, capsys):
+    from dalab.cli import main
+
+    runs = _run_folder(tmp_path / "runs", [
+        rec("dann", "adversarial", "0", PAIRS[0], s, [ev(100, 0.9, 0.5 + 0.1 * s, 0.61 + s / 100),
+                                                      ev(200, 0.95, 0.4, 0.55)], hparams={"trade_off": 0.5})
+        for s in (0, 1)] + [rec("source_only", "baseline", "0", PAIRS[0], s, [ev(200, 0.9, 0.5, 0.5)]) for s in (0, 1)])
+    assert main(["table", str(runs), "--explain", "DANN", "mnist5k:ucidigits", "--rule", "oracle"]) == 0
+    out = capsys.readouterr().out
+    assert "DANN (dann) on MNIST-5k → UCI digits" in out and "ORACLE" in out
+    for s in (0, 1):
+        line = next(ln for ln in out.splitlines() if f"dann__mnist5k-ucidigits__b0__s{s}" in ln)
+        assert line.split()[1:] == [str(s), "done", "100", f"{61 + s:.2f}"]  # seed, status, chosen step, acc
+    assert out.count("reproduce: dalab run --method dann --source mnist5k --target ucidigits") == 2
+    assert "--set trade_off=0.5" in out and "vs Source only: +11.5" in out
+    assert main(["table", str(runs), "--explain", "dann", "mnist5k:ucidigits"]) == 0
+    assert " 200 " in capsys.readouterr().out  # last
+    assert main(["table", str(runs), "--explain", "mdd", "mnist5k:ucidigits"]) == 2
+    assert "no runs of 'mdd'" in capsys.readouterr().err
+
+
+def test_table_filters_and_formats(tmp_path, capsys):
+    from dalab.cli import main
+
+    runs = _run_folder(tmp_path / "runs", golden_records())
+    assert main(["table", str(runs), "--format", "csv", "--rules", "oracle", "--methods", "dann",
+                 "--pairs", "ucidigits:mnist5k"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("oracle,dann,DANN,adversarial,0,") and "UCI digits → MNIST-5k" in lines[1]
+    assert "+6.00" in lines[1]  # the delta still comes from the (filtered-out) baseline
+    assert main(["table", str(runs), "--format", "md", "--rules", "last", "--budgets", "5"]) == 0
+    md = capsys.readouterr().out
+    assert "| Fine-tuning |" in md and "| DANN |" not in md and "| Source only |" not in md
+    assert main(["table", str(runs), "--format", "tex", "--rules", "last,src_val", "--baseline", "dann"]) == 0
+    tex = capsys.readouterr().out
+    assert tex.count(r"\begin{table}") == 2 and "gain of the average over DANN" in tex
+    assert main(["table", str(runs), "--out", str(tmp_path / "t"), "--rules", "last"]) == 0
+    assert (tmp_path / "t" / "table.md").read_text().startswith(f"<!-- generated by: dalab table {runs} --out")
+    assert not list(tmp_path.glob("results"))
+    assert main(["table", str(runs), "--rules", "best"]) == 2
+    assert "unknown selection rule 'best'" in capsys.readouterr().err

@@ -1,0 +1,46 @@
+"""Names in tables and figures, read from where each thing is declared (written once there):
+methods (``display`` next to ``family`` in methods/<name>.py), domains (``register_domain(...,
+display=...)``), selection rules (dalab.selection). Registry names stay the CLI's and the files'.
+Unknown names (e.g. a method from a record whose code is gone) are shown as they are.
+"""
+
+from __future__ import annotations
+
+
+def method(name: str) -> str:
+    from dalab.methods import METHODS
+
+    return METHODS[name].display if name in METHODS else name
+
+
+def domain(name: str) -> str:
+    from dalab.datasets import DOMAINS
+
+    return DOMAINS[name].display if name in DOMAINS else name
+
+
+def pair(source: str, target: str) -> str:
+    """``"MNIST-5k → UCI digits"``."""
+    return f"{domain(source)} → {domain(target)}"
+
+
+def pair_key(key: str) -> str:
+    """Display name of a table's pair key ``"source→target"`` (registry names)."""
+    s, _, t = key.partition("→")
+    return pair(s, t) if t else key
+
+
+def family(name: str) -> str:
+    """``"fine-tuning"`` -> ``"Fine-tuning"``."""
+    return name[:1].upper() + name[1:]
+
+
+def rule(name: str) -> str:
+    from dalab.selection import RULES
+
+    return RULES[name].label if name in RULES else name
+
+
+def budget(b: str) -> str:
+    """A row group's label: what target labels its methods see."""
+    return "no target labels" if b == "0" else ("all target labels" if b == "all" else f"{b} target labels per class")

@@ -1,0 +1,88 @@
+"""Model-selection rules: the one registry that tables, specs, CLI help and the README read.
+
+A rule picks one evaluation point (checkpoint) of a run from what was recorded at that point;
+reported numbers are always target-TEST accuracy at the picked checkpoint. The same rule picks
+among hyperparameter trials (dalab.tables). A rule that reads target labels is an ORACLE: an upper
+bound for model selection, never an unsupervised-adaptation result; every table and figure says so.
+
+Add a rule by adding one :class:`Rule` to :data:`RULES` (its name is written only there).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    display: str                       # short name for tables and figures
+    description: str                   # one line: what it picks
+    needs_target_labels: bool          # True: an oracle (reads target-validation labels)
+    score: Callable[[dict], float]     # evaluation point -> score; the highest wins (ties: later step)
+
+    @property
+    def label(self) -> str:
+        """Display name, with ORACLE written out where the rule reads target labels."""
+        return f"{self.display} (ORACLE: target labels)" if self.needs_target_labels else self.display
+
+    @property
+    def text(self) -> str:
+        """The description, prefixed by ORACLE for rules that read target labels."""
+        return (f"ORACLE: {self.description} -- uses target labels, an upper bound, not a UDA result"
+                if self.needs_target_labels else f"{self.description} (no target labels)")
+
+
+def _unsup(key: str) -> Callable[[dict], float]:
+    return lambda ev: ev["tgt_train_unsup"][key]
+
+
+_RULES = (
+    Rule("last", "Last", "last checkpoint of the fixed step budget", False, lambda ev: ev["src_val"]["acc"]),
+    Rule("src_val", "Source val", "best source-validation accuracy", False, lambda ev: ev["src_val"]["acc"]),
+    Rule("im", "IM", "best information-maximisation score on unlabeled target train", False, _unsup("im")),
+    Rule("entropy", "Entropy", "lowest prediction entropy on unlabeled target train", False, _unsup("entropy")),
+    Rule("snd", "SND", "best soft-neighbourhood density on unlabeled target train", False, _unsup("snd")),
+    Rule("oracle", "Oracle", "best target-validation accuracy", True, lambda ev: ev["tgt_val"]["acc"]),
+)
+RULES: dict[str, Rule] = {r.name: r for r in _RULES}
+RULE_NAMES: tuple[str, ...] = tuple(RULES)
+
+
+def get_rule(name: str) -> Rule:
+    from dalab.utils import DalabError
+
+    if name not in RULES:
+        raise DalabError(f"unknown selection rule {name!r}; allowed: {', '.join(RULES)}")
+    return RULES[name]
+
+
+def help_text() -> str:
+    """One line per rule, for CLI help and the README."""
+    return "; ".join(f"{r.name}: {r.text}" for r in RULES.values())
+
+
+def markdown() -> str:
+    """The README's selection-rule table."""
+    lines = ["| rule | picks the checkpoint with | target labels |", "|---|---|---|"]
+    for r in RULES.values():
+        lines.append(f"| `{r.name}` | {r.description} | {'**yes: oracle**' if r.needs_target_labels else 'no'} |")
+    return "\n".join(lines)
+
+
+def selection_score(ev: dict, rule: str) -> float:
+    return RULES[rule].score(ev)
+
+
+def select(record: dict, rule: str) -> dict | None:
+    """The evaluation point a rule picks in one run, or None (a diverged run under ``last``, or no
+    evaluation at all). Ties go to the later checkpoint."""
+    evals = record.get("evals") or []
+    if rule == "last":
+        return evals[-1] if record.get("status") == "done" and evals else None
+    finite = [e for e in evals if math.isfinite(selection_score(e, rule))]
+    if not finite:
+        return None
+    return max(reversed(finite), key=lambda e: selection_score(e, rule))
