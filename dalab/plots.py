@@ -121,7 +121,7 @@ def budget_curve(records: list[dict], stem: str | Path, rule: str = "last", base
     pairs = sorted(by)
     fig, axes = plt.subplots(1, len(pairs), figsize=(5.2 * len(pairs), 3.8), squeeze=False)
     for ax, pair in zip(axes[0], pairs):
-        for i, (m, bs) in enumerate(sorted(by[pair].items(), key=lambda kv: (kv[0] != baseline, kv[0]))):
+        for m, bs in sorted(by[pair].items(), key=lambda kv: (kv[0] != baseline, kv[0])):
             keys = sorted(bs, key=lambda b: x[b])
             mean = [statistics.mean(bs[b]) for b in keys]
             sd = [statistics.stdev(bs[b]) if len(bs[b]) > 1 else 0.0 for b in keys]
