@@ -9,7 +9,7 @@ STAMP := $(VENV)/.dalab-installed
 RUNS ?= results/runs
 JOBS ?= 2
 
-.PHONY: setup test bench dann-vs-source augment-bench speed clean-runs
+.PHONY: setup test bench dann-vs-source augment-bench budget-curve results-index speed clean-runs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,7 @@ test: setup
 bench: setup
 	$(VENV)/bin/dalab bench benchmarks/digits.yaml --jobs $(JOBS) --command "make bench"
 	$(PY) -m dalab.benchmarks.tsne --runs-dir $(RUNS) --out results/digits/tsne.png
+	$(PY) -m dalab.results_index --out results/README.md
 
 # Issue-2 check: source-only vs DANN on mnist5k -> ucidigits, 3 seeds -> results/dann_vs_source_only.md
 dann-vs-source: setup
@@ -38,6 +39,15 @@ dann-vs-source: setup
 # Issue-8 check: source-only and DANN with/without each data option, mnist5k -> ucidigits, 3 seeds
 augment-bench: setup
 	$(VENV)/bin/dalab bench benchmarks/augment.yaml --jobs $(JOBS) --command "make augment-bench"
+
+# Label-budget curve: target accuracy vs labels per class (0, 1, 5, 10, all), one pair, 300 steps, 3 seeds
+budget-curve: setup
+	$(VENV)/bin/dalab bench benchmarks/label_budget.yaml --jobs $(JOBS) --command "make budget-curve"
+	$(PY) -m dalab.results_index --out results/README.md
+
+# results/README.md: every table and figure under results/, what it shows, the command that regenerates it
+results-index: setup
+	$(PY) -m dalab.results_index --out results/README.md
 
 # Throughput: bare loop vs dalab trainer vs pytorch-adapt adapter (prints a table)
 speed: setup

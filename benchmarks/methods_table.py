@@ -60,7 +60,13 @@ def shared_hparams_markdown() -> str:
     return "\n".join(rows)
 
 
-BLOCKS = {"methods": markdown, "shared-hparams": shared_hparams_markdown, "data-options": data_options_markdown}
+def selection_rules_markdown() -> str:
+    from dalab.selection import markdown as rules_markdown
+    return rules_markdown()
+
+
+BLOCKS = {"methods": markdown, "shared-hparams": shared_hparams_markdown, "data-options": data_options_markdown,
+          "selection-rules": selection_rules_markdown}
 
 
 def readme_blocks(text: str) -> dict[str, str]:

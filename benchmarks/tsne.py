@@ -13,12 +13,14 @@ same trainer into ``<runs-dir>/_weights`` (same config, same seed, so the same n
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
 from dalab.datasets import load_domain
 from dalab.methods.nets import build_classifier
+from dalab import display
 from dalab.plots import tsne_before_after
 from dalab.trainer import RunConfig, train
 
@@ -56,10 +58,11 @@ def main(argv=None) -> int:
                         backbone=args.backbone)
         net = build_classifier(args.backbone, 10)
         net.load_state_dict(weights(cfg, Path(args.runs_dir)))
-        nets["source only (before adaptation)" if m == "source_only" else f"{m} (after adaptation)"] = net
+        nets[f"{display.method(m)} ({'before' if m == 'source_only' else 'after'} adaptation)"] = net
     s, t = load_domain(src), load_domain(tgt)
-    out = tsne_before_after(nets, s.test, t.test, args.out,
-                            title=f"{src} (o) -> {tgt} (x), backbone features, test images, seed {args.seed}")
+    cmd = "python -m dalab.benchmarks.tsne " + " ".join(sys.argv[1:] if argv is None else argv)
+    out = tsne_before_after(nets, s.test, t.test, args.out, command=cmd.strip(),
+                            title=f"{display.pair(src, tgt)}, backbone features, test images, seed {args.seed}")
     print(f"wrote {out}")
     return 0
 

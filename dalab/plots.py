@@ -145,7 +145,7 @@ def budget_curve(records: list[dict], stem: str | Path, rule: str = "last", base
 
 
 def tsne_before_after(nets: dict, source, target, path: str | Path, n: int = 500, seed: int = 0,
-                      title: str = "") -> Path:
+                      title: str = "", command: str = "") -> Path:
     """t-SNE (scikit-learn) of backbone features of ``n`` source and ``n`` target test images, one
     panel per network (e.g. {"source only": net0, "DANN": net1}); colour = class, marker = domain."""
     import matplotlib
@@ -177,6 +177,7 @@ def tsne_before_after(nets: dict, source, target, path: str | Path, n: int = 500
         ax.legend(loc="lower right", fontsize=8, markerscale=2)
     if title:
         fig.suptitle(title, fontsize=10)
-    out = _save(fig, Path(path))
+    out = _save(fig, Path(path), "t-SNE of backbone features of source (o) and target (x) test images, colour = class, "
+                "before and after adaptation" + (f": {title}" if title else ""), command)
     plt.close(fig)
     return out

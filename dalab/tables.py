@@ -36,6 +36,24 @@ __all__ = ["RULE_TEXT", "aggregate", "build_table", "explain", "load_records", "
 RULE_TEXT = {name: r.text for name, r in RULES.items()}
 BASELINE = "source_only"
 
+# What each file of a table folder shows (written by write_tables, or by dalab bench next to them);
+# read by dalab.results_index for results/README.md.
+OUTPUTS = {
+    "table.md": "one table per selection rule: target test accuracy mean ± std over seeds per method and pair, "
+                "average, Δ vs source-only, paired t-test marks, average rank, Friedman test",
+    "table.tex": "the same tables in LaTeX (booktabs)",
+    "table.csv": "long form of the tables: per rule, method and pair the mean, std, seeds, Δ vs source-only, "
+                 "p-value and the run ids behind the cell",
+    "runs.csv": "one row per run: run id, config, status, speed, checkpoint and accuracy chosen by each rule, "
+                "and the dalab run command that reproduces it",
+    "accuracy.png": "bars of target test accuracy per pair and method (first selection rule), seed std as error bars",
+    "cd_RULE.png": "critical-difference diagram for one selection rule (Friedman + Nemenyi over pairs)",
+    "cd_RULE.pdf": "critical-difference diagram for one selection rule (Friedman + Nemenyi over pairs), PDF",
+    "budget_curve.png": "target accuracy vs target labels per class",
+    "budget_curve.pdf": "target accuracy vs target labels per class, PDF",
+    "timing.json": "where the grid's time went: training, evaluation, set-up and orchestration seconds",
+}
+
 
 def load_records(runs_dir: str | Path) -> list[dict]:
     """Every finished run (``done`` marker + readable record) under ``runs_dir``; partial runs are ignored."""

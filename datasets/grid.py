@@ -39,6 +39,7 @@ def grid_image(images: torch.Tensor, labels: torch.Tensor, n: int, num_classes: 
 def write_grid(name: str, out_dir: str | Path, n: int = 8, root: str | None = None) -> Path:
     """Write ``out_dir/<name>.png`` from the train split of a tensor domain; returns the path."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     d = load_domain(name, root=root)
     if not hasattr(d.train, "images"):
@@ -47,5 +48,9 @@ def write_grid(name: str, out_dir: str | Path, n: int = 8, root: str | None = No
     path = Path(out_dir) / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     img = grid_image(d.train.images.cpu(), d.train.labels.cpu(), n, d.num_classes)
-    Image.fromarray(img).save(path)
+    meta = PngInfo()  # what it shows and the command that made it (read by dalab.results_index)
+    meta.add_text("Description", f"Sample grid of the {name} domain ({DOMAINS[name].display}): {n} train images "
+                                 "per class, one row per class")
+    meta.add_text("Software", f"dalab show-domains {name} --out {Path(out_dir).as_posix()} --n {n}")
+    Image.fromarray(img).save(path, pnginfo=meta)
     return path

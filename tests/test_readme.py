@@ -21,7 +21,8 @@ def test_readme_generated_tables_match_the_registries():
 def test_rewrite_replaces_only_the_blocks():
     text = "intro\n<!-- generated: methods -->\nold\n<!-- end: methods -->\nmiddle\n" \
            "<!-- generated: shared-hparams -->\n<!-- end: shared-hparams -->\n" \
-           "<!-- generated: data-options -->\nx\n<!-- end: data-options -->\noutro\n"
+           "<!-- generated: data-options -->\nx\n<!-- end: data-options -->\n" \
+           "<!-- generated: selection-rules -->\n<!-- end: selection-rules -->\noutro\n"
     out = rewrite_readme(text)
     assert out.startswith("intro\n") and "\nmiddle\n" in out and out.endswith("outro\n")
     assert readme_blocks(out) == {n: m().strip() for n, m in BLOCKS.items()}
