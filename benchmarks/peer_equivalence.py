@@ -218,10 +218,9 @@ def peer_afn(m, **_) -> Peer:
         loss_fn = AdaptiveFeatureNorm(step_size=m.hp.delta_r)
     else:  # HAFN: the library ships only SAFN's loss; its hook takes any per-domain loss
         radius = m.hp.radius
-        loss_fn = lambda h: ((h.norm(p=2, dim=1) - radius) ** 2).mean()  # noqa: E731
-    # AFNHook sums the source and the target mean; dalab takes one mean over S u T (equal batches):
-    # half of that sum, so the hook's weight is trade_off / 2
-    return _classifier_plus(m, [AFNHook(loss_fn=loss_fn)], {"afn_loss": m.hp.trade_off / 2})
+        loss_fn = lambda h: (h.norm(p=2, dim=1).mean() - radius) ** 2  # noqa: E731  (the paper's mean norm)
+    # AFNHook sums the source and the target term, as dalab's default reduction=domain (the paper)
+    return _classifier_plus(m, [AFNHook(loss_fn=loss_fn)], {"afn_loss": m.hp.trade_off})
 
 
 def peer_aligner(m, **_) -> Peer:
@@ -297,10 +296,9 @@ CASES: list[Case] = [
     Case("im", "adapters.Classifier + hooks.TargetEntropyHook + TargetDiversityHook", peer_entropy, SUM_W),
     Case("entropy_min", "adapters.Classifier + hooks.TargetEntropyHook", peer_entropy, SUM_W),
     Case("afn", "adapters.Classifier + hooks.AFNHook (fixed-radius loss_fn)", peer_afn,
-         f"{SUM_W}: afn_loss weight trade_off/2 (the hook sums the source and target means, dalab "
-         "takes one mean over both: see the note)"),
+         f"{SUM_W}: afn_loss weight trade_off; loss_fn = (mean norm - radius)^2 (the paper's HAFN)"),
     Case("afn", "adapters.Classifier + hooks.AFNHook (AdaptiveFeatureNorm)", peer_afn,
-         f"{SUM_W}: afn_loss weight trade_off/2; AdaptiveFeatureNorm(step_size=delta_r)",
+         f"{SUM_W}: afn_loss weight trade_off; AdaptiveFeatureNorm(step_size=delta_r)",
          overrides={"variant": "safn"}, label="variant=safn"),
     Case("dan", "adapters.Aligner (AlignerHook per head layer, MMDLoss)", peer_aligner,
          f"{SUM_W}; softmax=False (dalab aligns raw logits); dalab's MMDLoss (5 kernels, quadratic)"),
