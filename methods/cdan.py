@@ -45,6 +45,7 @@ class CDAN(Method):
         "disc_hidden": HParam(500, ("choice", (500, 1024)), "discriminator width", low=1),
         "disc_depth": HParam(2, ("int", 1, 3), "hidden layers of the discriminator", low=1, high=8),
         "disc_bn": DANN.hparams["disc_bn"],  # the same rule as DANN's discriminator
+        "disc_bn_stats": DANN.hparams["disc_bn_stats"],
     }
 
     def build(self):
@@ -69,7 +70,8 @@ class CDAN(Method):
         h = self.map(f, g)
         w_s, w_t = ((cdan_entropy_weights(g[:n]), cdan_entropy_weights(g[n:])) if self.hp.entropy_cond
                     else (None, None))
-        transfer_loss = adversarial_domain_loss(self.disc, h[:n], h[n:], lam, w_s, w_t)
+        transfer_loss = adversarial_domain_loss(self.disc, h[:n], h[n:], lam, w_s, w_t,
+                                                split_bn=self.hp.disc_bn_stats == "split")
         loss = cls_loss + self.hp.trade_off * transfer_loss
         self.step(loss)
         return {"loss": loss, "cls_loss": cls_loss, "domain_loss": transfer_loss, "lambda": lam}

@@ -47,6 +47,8 @@ class DANN(Method):
         "disc_bn": HParam("auto", None, "BatchNorm in the discriminator's hidden layers (per domain): auto = when "
                           "the backbone has BatchNorm (lenet_bn, ResNets), as TLlib; the BN-free paper LeNet keeps "
                           "the paper's plain discriminator", choices=("auto", "true", "false")),
+        "disc_bn_stats": HParam("split", None, "discriminator BatchNorm statistics: split (one call per domain) or "
+                                "joint (one call on the concatenated batch, as TLlib)", choices=("joint", "split")),
     }
 
     def build(self):
@@ -56,7 +58,7 @@ class DANN(Method):
     def domain_loss(self, f_s, f_t, lam: float):
         """BCE of the discriminator behind a GRL with coefficient ``lam`` (source = 1, target = 0),
         and the discriminator's accuracy."""
-        d_s, d_t = domain_logits(self.disc, f_s, f_t, lam)
+        d_s, d_t = domain_logits(self.disc, f_s, f_t, lam, self.hp.disc_bn_stats == "split")
         acc = 0.5 * ((d_s > 0).float().mean() + (d_t <= 0).float().mean())
         return domain_bce(d_s, d_t), acc
 

@@ -56,14 +56,14 @@ def cdan_entropy_weights(g: Tensor) -> Tensor:
     return w / w.sum()
 
 
-def domain_logits(disc, f_s: Tensor, f_t: Tensor, coeff: float) -> tuple[Tensor, Tensor]:
+def domain_logits(disc, f_s: Tensor, f_t: Tensor, coeff: float, split_bn: bool = True) -> tuple[Tensor, Tensor]:
     """Discriminator logits of source and target features behind a gradient reversal layer of
     coefficient ``coeff``: one call on the concatenation when the discriminator has no BatchNorm
     (the same numbers, half the kernel launches), one call per domain when it has (BatchNorm
     statistics per domain)."""
     from .nets import has_batchnorm
 
-    if has_batchnorm(disc):
+    if split_bn and has_batchnorm(disc):
         return disc(grad_reverse(f_s, coeff)).squeeze(1), disc(grad_reverse(f_t, coeff)).squeeze(1)
     d = disc(grad_reverse(torch.cat([f_s, f_t]), coeff)).squeeze(1)
     return d[: len(f_s)], d[len(f_s):]
@@ -82,9 +82,9 @@ def domain_bce(d_s: Tensor, d_t: Tensor, w_s: Tensor | None = None, w_t: Tensor 
 
 
 def adversarial_domain_loss(disc, f_s: Tensor, f_t: Tensor, coeff: float,
-                            w_s: Tensor | None = None, w_t: Tensor | None = None) -> Tensor:
+                            w_s: Tensor | None = None, w_t: Tensor | None = None, split_bn: bool = True) -> Tensor:
     """:func:`domain_bce` of :func:`domain_logits`: the adversarial loss of DANN-style methods."""
-    return domain_bce(*domain_logits(disc, f_s, f_t, coeff), w_s, w_t)
+    return domain_bce(*domain_logits(disc, f_s, f_t, coeff, split_bn), w_s, w_t)
 
 
 def mdd_disparity(y_s: Tensor, y_t: Tensor, adv_s: Tensor, adv_t: Tensor, margin: float) -> Tensor:
