@@ -80,10 +80,17 @@ def cmd_run(args) -> int:
                     budget=args.budget, steps=args.steps, eval_every=args.eval_every,
                     backbone=args.backbone, pretrained=args.pretrained, precision=args.precision,
                     hparams=parse_sets(args.set))
-    rec = train(cfg, runs_dir=args.runs_dir, device=args.device, progress=not args.quiet,
-                data_root=args.data_root, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                deterministic=args.deterministic, channels_last=not args.no_channels_last,
-                compile=args.compile)
+    from dalab import distributed
+    ddp = distributed.init_from_env(args.device)  # under torchrun: this process is one rank of the run
+    try:
+        rec = train(cfg, runs_dir=args.runs_dir, device=args.device, progress=not args.quiet,
+                    data_root=args.data_root, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                    deterministic=args.deterministic, channels_last=not args.no_channels_last,
+                    compile=args.compile, save_model=args.save_model)
+    finally:
+        distributed.shutdown()
+    if ddp and not ddp.is_main:
+        return 0 if rec["status"] == "done" else 1  # rank 0 prints
     f = rec["final"]
     if rec["status"] != "done":
         print(f"{rec['run_id']}: {rec['status']} at step {rec['train']['diverged_at']} "
@@ -103,6 +110,10 @@ def cmd_bench(args) -> int:
     from dalab.bench import BenchSpec, expand, launch, run_state
     from dalab.tables import load_records, write_tables
 
+    from dalab.distributed import launched
+    if launched():
+        raise DalabError("dalab bench runs whole grids, not one run over several processes: under torchrun "
+                         "use `dalab run ...`; spread a grid with --jobs N or --launcher slurm")
     spec = BenchSpec.from_yaml(args.spec)
     if args.runs_dir:
         spec.runs_dir = args.runs_dir
@@ -217,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                     help="write checkpoint.pt every N steps (atomic)")
     pr.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint.pt")
+    pr.add_argument("--save-model", action="store_true", help="also write the final weights to model.pt")
     pr.add_argument("--deterministic", action="store_true",
                     help="deterministic GPU kernels (slower); CPU runs are deterministic anyway")
     pr.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],

@@ -18,7 +18,7 @@ for bit.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -61,6 +61,9 @@ class Optimization:
         self.base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in self.optimizers.items()}
         self.params = list(params)          # every parameter whose .grad a step clears
         self.max_grad_norm: float | None = None  # set by the trainer (gradient clipping), None = off
+        # set by the trainer in a multi-process run (dalab.distributed): averages the gradients of
+        # the stepped parameters over the ranks, after backward, before clipping and the step
+        self.grad_sync: Callable[[list[Tensor]], None] | None = None
         self.steps_taken = 0                # optimizer steps in the current training step (tests, logs)
 
     def begin_step(self, step: int) -> None:
@@ -81,9 +84,11 @@ class Optimization:
         for p in self.params:
             p.grad = None
         loss.backward(retain_graph=retain_graph)
+        stepped = [p for o in opts for g in o.param_groups for p in g["params"]]
+        if self.grad_sync is not None:
+            self.grad_sync(stepped)
         if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_([p for o in opts for g in o.param_groups for p in g["params"]],
-                                           self.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(stepped, self.max_grad_norm)
         for o in opts:
             o.step()
         self.steps_taken += 1

@@ -310,8 +310,12 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
     from dalab.methods.base import Batch, TargetData
     from dalab.methods.nets import build_classifier
 
+    from dalab import distributed
+
     prep = validate(cfg)
-    dev = pick_device(device)
+    ddp = distributed.context()  # torchrun: one of several ranks of this run (dalab.distributed)
+    dev = ddp.device if ddp else pick_device(device)
+    main = ddp is None or ddp.is_main  # rank 0 alone evaluates and writes
     set_determinism(deterministic, dev)
     src = load_domain(cfg.source, cfg.split_seed, dev, root=data_root)
     tgt = load_domain(cfg.target, cfg.split_seed, dev, root=data_root)
@@ -321,6 +325,8 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
     init_from = None
     if prep.method_cls.starts_from_source(prep.hp):  # before seeding, so a cache hit or miss changes nothing
         from dalab.pretrain import source_pretrained
+        if ddp:
+            distributed.require_source_run(cfg, runs_dir)
         init_state, init_from = source_pretrained(cfg, runs_dir, device, data_root, progress)
     seed_everything(cfg.seed)
     net = build_classifier(cfg.backbone, src.num_classes, cfg.pretrained)
@@ -332,6 +338,8 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
     method.extra_terms = extra_terms(prep.hp, src.num_classes)
     precision = resolve_precision(cfg.precision, dev)
     method.precision = precision
+    if ddp:  # SyncBatchNorm, rank 0's weights everywhere, gradient averaging in every optimizer step
+        ddp.prepare(method, prep.hp["batch_size"])
     channels_last = channels_last and any(isinstance(m, torch.nn.Conv2d) for m in net.backbone.modules())
     if channels_last:
         method.to(memory_format=torch.channels_last)
@@ -355,13 +363,16 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
     lab_iter = None
     if uses in (TargetData.LABELED, TargetData.BOTH) and len(lab_idx):
         lab_iter = tgt.train.subset(lab_idx).sampler(bs, gens[2], aug_t)
+    if ddp:  # every rank draws the same global batch and keeps its slice
+        src_iter, tgt_iter, lab_iter = ddp.shard(src_iter), ddp.shard(tgt_iter), ddp.shard(lab_iter)
 
     data = {"src_val": src.val, "tgt_val": tgt.val, "tgt_test": tgt.test, "tgt_train": tgt.train}
     run_dir = Path(runs_dir) / cfg.run_id()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "done").unlink(missing_ok=True)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "done").unlink(missing_ok=True)
     writer = None
-    if tensorboard:
+    if tensorboard and main:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(run_dir / "tb"))
 
@@ -369,7 +380,7 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
     last_losses: dict[str, float] = {}
     status, diverged_at = "done", None
     bar = None
-    if progress:
+    if progress and main:
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, desc=f"{cfg.method} {cfg.source}->{cfg.target} s{cfg.seed}",
                    leave=False, dynamic_ncols=True)
@@ -387,6 +398,8 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
                 if it is not None:
                     next(it)
         _set_rng_state(state["rng"])
+        if ddp:
+            ddp.restore_cuda_rng(state["rng"])
         start = state["step"] + 1
         if bar:
             bar.update(state["step"])
@@ -414,6 +427,8 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
             # the only host sync of the loop: losses become floats on logging steps only
             last_losses = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
             last_losses["lr"] = method.lr
+            if ddp:  # the global batch's losses; a non-finite one on any rank stops every rank here
+                last_losses = ddp.average_scalars(last_losses)
             if not all(math.isfinite(v) for v in last_losses.values()):
                 status, diverged_at = "diverged", step
                 break
@@ -427,7 +442,7 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
         if step == cfg.steps:  # post-training adaptation (AdaBN, probes) sees only declared target data
             method.on_train_end(tgt_inputs,
                                 _Inputs(tgt.train.subset(lab_idx), labels=True) if lab_iter is not None else None)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        if (step % cfg.eval_every == 0 or step == cfg.steps) and main:
             t_eval = time.perf_counter()
             ev = {"step": step, **evaluate(method, data)}
             eval_time += time.perf_counter() - t_eval
@@ -438,7 +453,7 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
                         writer.add_scalar(f"{split}/{m}", v, step)
                 for m, v in ev["tgt_train_unsup"].items():
                     writer.add_scalar(f"tgt_train_unsup/{m}", v, step)
-        if checkpoint_every and step % checkpoint_every == 0 and step < cfg.steps:
+        if checkpoint_every and step % checkpoint_every == 0 and step < cfg.steps and main:
             tmp = run_dir / ".checkpoint.pt.tmp"
             torch.save({"step": step, "method": method.training_state(), "evals": evals,
                         "last_losses": last_losses, "train_time": train_time, "eval_time": eval_time,
@@ -471,12 +486,14 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
                   "eval_time_s": eval_time,
                   "steps_per_s": steps_done / max(train_time, 1e-9), "last_losses": last_losses,
                   "diverged_at": diverged_at, "precision": precision, "channels_last": channels_last,
-                  "compile": compile},
+                  "compile": compile, "distributed": ddp.record_info() if ddp else None},
         "provenance": {**git_commit(), "versions": package_versions(), "device": str(dev),
                        "device_name": _device_name(dev), "torch_threads": torch.get_num_threads(),
                        "deterministic": deterministic,
                        "host": platform.node(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
     }
+    if not main:
+        return ddp.broadcast(None)  # rank 0's record, once it is written
     if (save_model or cfg.method == "source_only") and status == "done":
         tmp = run_dir / ".model.pt.tmp"
         torch.save({k: v.detach().cpu() for k, v in method.net.state_dict().items()}, tmp)
@@ -484,4 +501,4 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
     atomic_write_json(run_dir / "record.json", record)
     ckpt.unlink(missing_ok=True)  # finished: the record holds every evaluation
     atomic_write_text(run_dir / "done", status + "\n")
-    return record
+    return ddp.broadcast(record) if ddp else record
