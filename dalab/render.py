@@ -3,7 +3,8 @@
 Every table script (dalab.tables, benchmarks/zoo.py, benchmarks/dann_vs_source_only.py,
 datasets/shift_table.py) builds a ``Table`` and renders it here, so display names, marks and
 escaping are the same everywhere. Cell text is plain Unicode ("61.0 ± 1.0 ↑ †1", "MNIST-5k → UCI
-digits"); :func:`tex` turns it into LaTeX that compiles with ``booktabs`` alone.
+digits"); :func:`tex` turns it into LaTeX that needs ``\\usepackage{booktabs,graphicx}`` (graphicx
+shrinks a table wider than the line to the line width).
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ def tex(s: str) -> str:
     if code:
         out.append("}")
     return "".join(out)
+
+
+def _tex_header(s: str) -> str:
+    """A pair header "A → B" on two lines (source over target) to keep columns narrow."""
+    if " → " in s:
+        a, b = s.split(" → ", 1)
+        return r"\begin{tabular}{@{}c@{}}" + tex(a) + r" $\to$\\" + tex(b) + r"\end{tabular}"
+    return tex(s)
 
 
 def _md(s: str) -> str:
@@ -104,8 +113,10 @@ class Table:
             out.append(r"\caption{" + tex(cap) + "}")
         if self.label:
             out.append(rf"\label{{{self.label}}}")
-        out += [r"\begin{tabular}{" + (self.align or "l" + "c" * (n - 1)) + "}", r"\toprule",
-                " & ".join(tex(c) for c in self.columns) + r" \\", r"\midrule"]
+        # shrunk to the line width when wider (never enlarged): \width is the natural width (graphicx)
+        out += [r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%",
+                r"\begin{tabular}{" + (self.align or "l" + "c" * (n - 1)) + "}", r"\toprule",
+                " & ".join(_tex_header(c) for c in self.columns) + r" \\", r"\midrule"]
         first = True
         for row in self.rows:
             if isinstance(row, str):
@@ -120,7 +131,7 @@ class Table:
                     cells.append(rf"\textbf{{{t}}}" if c.mark == "best" else rf"\underline{{{t}}}" if c.mark == "second" else t)
                 out.append(" & ".join(cells) + r" \\")
             first = False
-        out += [r"\bottomrule", r"\end{tabular}"]
+        out += [r"\bottomrule", r"\end{tabular}}"]
         for note in self.notes:
             out.append(r"\par\smallskip{\footnotesize " + tex(note) + "}")
         out.append(r"\end{table}")

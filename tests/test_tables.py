@@ -248,7 +248,7 @@ def test_generated_latex_compiles_with_pdflatex(tmp_path):
     recs = golden_records() + _cell_records("cdan", {PAIRS[0]: [50, 51, 52], PAIRS[1]: [60, 61, 62]})
     recs += [dict(r, hparams={"mixup": "source"}) for r in _cell_records("mdd", {PAIRS[0]: [50, 51, 52]})]
     write_tables(recs, tmp_path, ["last", "src_val", "im", "entropy", "snd", "oracle"], "dalab table x_y", plots=False)
-    (tmp_path / "doc.tex").write_text("\\documentclass{article}\n\\usepackage[T1]{fontenc}\n\\usepackage{booktabs}\n"
+    (tmp_path / "doc.tex").write_text("\\documentclass{article}\n\\usepackage[T1]{fontenc}\n\\usepackage{booktabs,graphicx}\n"
                                       "\\begin{document}\n\\input{table.tex}\n\\end{document}\n")
     r = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
