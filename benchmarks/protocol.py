@@ -1,0 +1,305 @@
+"""The protocol study (issue 13): how the defaults were chosen, and whether the budget has converged.
+
+    python -m dalab.benchmarks.protocol [--cached-only] [--out results/protocol.md]
+
+Everything here runs on the TUNING pairs (the ``digits-extra`` benchmark: mnist5k->mnist5k_rot,
+mnist5k->mnist5k_color, syndigits->ucidigits, mnistm5k->mnist5k), never on the main table's four
+default pairs, whose target labels choose nothing. Two parts:
+
+1. **Tuning grid** (:data:`CANDIDATES`): per method, the candidate settings that were compared;
+   the default is the candidate with the highest mean target-test accuracy at the last
+   checkpoint over the 4 tuning pairs x 3 seeds at the main job's budget (:data:`RULE`).
+2. **Budget and backbone study** (:data:`STUDY`): each unsupervised method at its chosen default,
+   target-test accuracy vs step budget and backbone, the seed spread, and the plateau measure
+   |acc(last checkpoint) - acc(checkpoint halfway)| averaged over pairs and seeds.
+
+Runs are ordinary run records: a run that is already done under ``--runs-dir`` is read, not
+retrained (``dalab.bench.run_or_load``), and a record whose resolved hyperparameters equal the
+wanted ones is reused even when it was launched with different (but equivalent) overrides.
+Every evaluated setting passes its tuned hyperparameters explicitly, so a later change of a
+default never makes an old record stand for the new setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from dalab.utils import write_report
+
+SEEDS = (0, 1, 2)
+BENCHMARK = "digits-extra"
+RULE = ("highest mean target-test accuracy at the last checkpoint (the `last` rule) over the 4 tuning "
+        "pairs x 3 seeds, at the main job's step budget, lenet_bn; candidates are compared on the same "
+        "(pair, seed) runs (while a grid is incomplete, on the seeds every candidate has finished)")
+MAIN_STEPS = 500          # the main job's budget (benchmarks/digits.yaml)
+EVAL_POINTS = 4           # eval_every = steps // 4: the halfway point is always an evaluation point
+
+# method -> [(label, explicit overrides)], in the order they are shown. The chosen default is
+# marked by CHOSEN; every tuned key appears in every candidate (records stay unambiguous).
+CANDIDATES: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "dann": [
+        ("BN joint, disc BN per domain (before)", {"bn_mode": "joint", "disc_bn_stats": "split"}),
+        ("BN joint, disc BN joint (TLlib)", {"bn_mode": "joint", "disc_bn_stats": "joint"}),
+        ("BN split, disc BN per domain (pytorch-adapt)", {"bn_mode": "split", "disc_bn_stats": "split"}),
+    ],
+    "cdan": [
+        ("BN joint, disc BN per domain (before)", {"bn_mode": "joint", "disc_bn_stats": "split"}),
+        ("BN split, disc BN per domain", {"bn_mode": "split", "disc_bn_stats": "split"}),
+    ],
+    "mdd": [("BN joint (before)", {"bn_mode": "joint"}), ("BN split", {"bn_mode": "split"})],
+    "afn": [
+        ("per-sample pull over S u T, BN joint (before)", {"bn_mode": "joint", "reduction": "sample"}),
+        ("paper: per-domain mean norm, BN split (authors' code)", {"bn_mode": "split", "reduction": "domain"}),
+    ],
+    "mcc": [("BN joint (before)", {"bn_mode": "joint"}), ("BN split", {"bn_mode": "split"})],
+    "entropy_min": [("BN joint (before)", {"bn_mode": "joint"}), ("BN split", {"bn_mode": "split"})],
+}
+# (backbone, steps) cells of the budget study; methods: every unsupervised method (budget 0) + source_only
+STUDY: list[tuple[str, int]] = [("lenet_bn", 500), ("lenet_bn", 1000)]
+
+
+# --------------------------------------------------------------------------- finding and making runs
+
+class Records:
+    """Finished run records under a runs dir, indexed by everything but the hyperparameters, so
+    that a wanted setting can be matched on its resolved hyperparameters."""
+
+    FIELDS = ("method", "source", "target", "seed", "budget", "steps", "eval_every", "backbone",
+              "split_seed", "precision", "pretrained")
+
+    def __init__(self, runs_dir: str | Path):
+        from dalab.tables import load_records
+
+        self.runs_dir = Path(runs_dir)
+        self.index: dict[tuple, list[dict]] = {}
+        for r in load_records(self.runs_dir):
+            self.add(r)
+
+    def add(self, rec: dict) -> None:
+        key = tuple(rec["config"].get(f) for f in self.FIELDS)
+        self.index.setdefault(key, []).append(rec)
+
+    def find(self, cfg, hp: dict[str, Any], defaults: dict[str, Any]) -> dict | None:
+        """A done record of ``cfg`` whose resolved hyperparameters equal ``hp``. A key missing from
+        an older record (an hparam added since) matches when ``hp`` has that key's default value
+        (new hyperparameters are added with the old behaviour as default)."""
+        key = tuple(cfg.key().get(f) for f in self.FIELDS)
+        for rec in self.index.get(key, []):
+            old = rec.get("hparams", {})
+            if all(old[k] == v if k in old else v == defaults.get(k) for k, v in hp.items()):
+                return rec
+        return None
+
+
+def get_run(records: Records, method: str, src: str, tgt: str, seed: int, steps: int, backbone: str,
+            overrides: dict[str, Any], cached_only: bool, device: str) -> dict | None:
+    from dalab.bench import run_or_load
+    from dalab.methods import get_method, resolve_hparams
+    from dalab.trainer import RunConfig
+
+    cfg = RunConfig(method, src, tgt, seed=seed, steps=steps, eval_every=max(1, steps // EVAL_POINTS),
+                    backbone=backbone, hparams=dict(overrides))
+    cls = get_method(method)
+    hp, defaults = resolve_hparams(cls, overrides), resolve_hparams(cls, {})
+    rec = records.find(cfg, hp, defaults)
+    if rec is None:
+        rec = run_or_load(cfg, records.runs_dir, device, cached_only=cached_only, tensorboard=False)
+        if rec is not None:
+            records.add(rec)
+            print(f"  trained {cfg.run_id()}", flush=True)
+    return rec
+
+
+# --------------------------------------------------------------------------- measures
+
+def last_acc(rec: dict) -> float | None:
+    return rec["final"]["tgt_test"]["acc"] * 100 if rec and rec.get("final") else None
+
+
+def plateau(rec: dict) -> float | None:
+    """|target-test acc at the last checkpoint - at the checkpoint halfway through| (points)."""
+    if not rec or not rec.get("final"):
+        return None
+    half = rec["config"]["steps"] // 2
+    mid = next((e for e in rec["evals"] if e["step"] == half), None)
+    return None if mid is None else abs(rec["final"]["tgt_test"]["acc"] - mid["tgt_test"]["acc"]) * 100
+
+
+def summarize(recs_by_pair: dict[tuple, list[dict | None]]) -> dict[str, Any]:
+    """Per pair mean/std over seeds; the 4-pair average, the mean per-cell seed std, the plateau."""
+    cells, stds, plats, missing = {}, [], [], 0
+    for pair, recs in recs_by_pair.items():
+        accs = [a for a in (last_acc(r) for r in recs) if a is not None]
+        missing += len(recs) - len(accs)
+        plats += [p for p in (plateau(r) for r in recs) if p is not None]
+        cells[pair] = accs
+        if len(accs) > 1:
+            stds.append(statistics.stdev(accs))
+    means = [statistics.mean(a) for a in cells.values() if a]
+    complete = all(len(a) >= 1 for a in cells.values())  # cells with fewer seeds say (n=k)
+    return {"cells": cells, "avg": statistics.mean(means) if means and complete else None,
+            "std": statistics.mean(stds) if stds else None,
+            "plateau": statistics.mean(plats) if plats else None, "missing": missing}
+
+
+def rule_pick(grids: list[tuple[str, dict[tuple, list[dict | None]]]]) -> str | None:
+    """:data:`RULE` on matched runs: per pair, only the seeds every candidate has finished count,
+    so candidates are compared on the same (pair, seed) cells; None until every pair has one."""
+    pairs = list(grids[0][1])
+    score = {label: [] for label, _ in grids}
+    for p in pairs:
+        common = [i for i in range(len(SEEDS)) if all(last_acc(g[p][i]) is not None for _, g in grids)]
+        if not common:
+            return None
+        for label, g in grids:
+            score[label].append(statistics.mean(last_acc(g[p][i]) for i in common))
+    return max(score, key=lambda k: statistics.mean(score[k]))
+
+
+def fmt(x: float | None, nd: int = 1) -> str:
+    return "—" if x is None else f"{x:.{nd}f}"
+
+
+def cell(accs: list[float]) -> str:
+    if not accs:
+        return "—"
+    sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    return f"{statistics.mean(accs):.1f} ± {sd:.1f}" + ("" if len(accs) == len(SEEDS) else f" (n={len(accs)})")
+
+
+# --------------------------------------------------------------------------- the report
+
+def is_default(method: str, overrides: dict[str, Any]) -> bool:
+    """Whether a candidate is the method's current default setting."""
+    from dalab.methods import get_method, resolve_hparams
+
+    hp = resolve_hparams(get_method(method), {})
+    return all(hp[k] == v for k, v in overrides.items())
+
+
+def default_overrides(method: str) -> dict[str, Any]:
+    """The current default's tuned hyperparameters, explicitly (empty when nothing was tuned), so
+    the study's run records name the setting they were trained with."""
+    return next((ov for _, ov in CANDIDATES.get(method, []) if is_default(method, ov)), {})
+
+
+def study_methods() -> list[str]:
+    """source_only and every unsupervised method (supports budget 0 and sees unlabeled target data)."""
+    from dalab.methods import METHODS
+    from dalab.methods.base import TargetData
+
+    uda = sorted(n for n, c in METHODS.items()
+                 if "0" in c.label_budgets and c.target_data in (TargetData.UNLABELED, TargetData.BOTH)
+                 and not c.init_from_source)
+    return ["source_only"] + uda
+
+
+def main(argv=None) -> int:
+    from dalab.datasets import BENCHMARKS
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs-dir", default="results/runs")
+    ap.add_argument("--out", default="results/protocol.md")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--cached-only", action="store_true", help="only read finished runs; train nothing")
+    ap.add_argument("--methods", nargs="+", default=None, help="budget-study methods (default: every unsupervised one)")
+    ap.add_argument("--skip-study", action="store_true", help="tuning grid only")
+    args = ap.parse_args(argv)
+    pairs = [tuple(p) for p in BENCHMARKS[BENCHMARK]]
+    records = Records(args.runs_dir)
+
+    def grid(method, backbone, steps, overrides):
+        return {p: [get_run(records, method, *p, s, steps, backbone, overrides, args.cached_only, args.device)
+                    for s in SEEDS] for p in pairs}
+
+    pair_names = [f"{s}→{t}" for s, t in pairs]
+    lines = [f"# Protocol study: defaults and budget, chosen on the tuning pairs", "",
+             f"Tuning pairs ({BENCHMARK}): {', '.join(pair_names)}; seeds {list(SEEDS)}. The main table's "
+             f"four default pairs are not used here: their target labels choose nothing. Accuracy: target "
+             f"TEST accuracy (%) at the last checkpoint (`last` rule), mean ± std over seeds. "
+             f"Plateau: |acc(last) − acc(halfway)| in points, averaged over pairs and seeds "
+             f"({EVAL_POINTS} evaluation points per run).", "",
+             f"**Rule that chose each default:** {RULE}.", ""]
+
+    # 1. tuning grid
+    base = summarize(grid("source_only", "lenet_bn", MAIN_STEPS, {}))
+    lines += [f"## Tuning grid (lenet_bn, {MAIN_STEPS} steps)", "",
+              "| method | setting | " + " | ".join(pair_names) + " | avg | mean seed std | plateau |",
+              "|---|---|" + "---|" * (len(pairs) + 3)]
+    lines.append("| source_only | — | " + " | ".join(cell(base["cells"][p]) for p in pairs)
+                 + f" | {fmt(base['avg'])} | {fmt(base['std'])} | {fmt(base['plateau'])} |")
+    picks = []
+    for method, cands in CANDIDATES.items():
+        grids = [(label, ov, grid(method, "lenet_bn", MAIN_STEPS, ov)) for label, ov in cands]
+        best = rule_pick([(label, g) for label, _, g in grids])
+        sums = [(label, ov, summarize(g)) for label, ov, g in grids]
+        for label, ov, s in sums:
+            mark = (" **(default)**" if is_default(method, ov) else "") + (" *(rule's pick)*" if label == best else "")
+            lines.append(f"| {method} | {label}{mark} | " + " | ".join(cell(s["cells"][p]) for p in pairs)
+                         + f" | {fmt(s['avg'])} | {fmt(s['std'])} | {fmt(s['plateau'])} |")
+        default = next((label for label, ov, _ in sums if is_default(method, ov)), None)
+        if best and default != best:
+            picks.append(f"- **{method}**: the rule now picks *{best}*, the default is *{default}* "
+                         f"(see the notes below for why).")
+    lines.append("")
+    if picks:
+        lines += ["Where the default is not the rule's pick on the runs available now:", ""] + picks + [""]
+
+    # 2. budget / backbone study
+    if not args.skip_study:
+        methods = args.methods or study_methods()
+        lines += ["## Budget and backbone (each method at its default)", "",
+                  "4-pair average of the `last` rule; in brackets the mean per-cell seed std, then the plateau.", "",
+                  "| method | " + " | ".join(f"{bb}, {st} steps" for bb, st in STUDY) + " |",
+                  "|---|" + "---|" * len(STUDY)]
+        curves: dict[str, dict[tuple, float | None]] = {}
+        for m in methods:
+            row = []
+            for bb, st in STUDY:
+                s = summarize(grid(m, bb, st, default_overrides(m)))
+                curves.setdefault(m, {})[(bb, st)] = s["avg"]
+                row.append(f"{fmt(s['avg'])} [{fmt(s['std'])}; {fmt(s['plateau'])}]")
+            lines.append(f"| {m} | " + " | ".join(row) + " |")
+        lines.append("")
+        png = Path(args.out).with_suffix(".png")
+        if plot(curves, png):
+            lines += [f"![target accuracy vs budget]({png.name})", ""]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    write_report(args.out, "dalab.benchmarks.protocol", argv, text)
+    return 0
+
+
+def plot(curves: dict[str, dict[tuple, float | None]], path: Path) -> bool:
+    """4-pair average target accuracy vs step budget, one line per method and backbone."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dalab.plots import _save
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = False
+    for m, pts in curves.items():
+        for bb in sorted({b for b, _ in pts}):
+            xy = sorted((st, v) for (b, st), v in pts.items() if b == bb and v is not None)
+            if xy:
+                ax.plot(*zip(*xy), marker="o", ls="-" if bb == "lenet_bn" else "--", label=f"{m} ({bb})")
+                drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xlabel("step budget")
+    ax.set_ylabel("target test accuracy, 4 tuning pairs (%)")
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
