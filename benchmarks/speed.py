@@ -37,9 +37,11 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from dalab import display
 from dalab.datasets import load_domain
 from dalab.methods.layers import dann_lambda, grad_reverse
 from dalab.methods.nets import build_classifier, domain_discriminator
+from dalab.render import Cell, Table
 from dalab.trainer import RunConfig, pick_device, resolve_precision, train
 
 BS = 64
@@ -174,8 +176,7 @@ def main(argv=None) -> int:
     print(f"device: {name}; torch {torch.__version__}; {args.steps} timed steps x {args.repeats} repeats; "
           f"batch {BS} source + {BS} target; backbone {args.backbone}; "
           f"fast = {fast_prec} autocast + channels_last\n")
-    print("| method | loop | setting | steps/s | images/s | peak mem (MiB) |")
-    print("|---|---|---|---|---|---|")
+    tab = Table(["Method", "Loop", "Setting", "Steps/s", "Images/s", "Peak mem (MiB)"])
     for method in args.methods:
         times: dict[str, list[float]] = {k: [] for k in variants}
         mem = {}
@@ -189,17 +190,23 @@ def main(argv=None) -> int:
                 mem[k] = peak_mem(dev)
         sps = {k: args.steps / statistics.median(v) for k, v in times.items()}
         imgs = BS * (2 if method == "dann" else 1)
+        name = display.method(method)
         for (loop, setting) in variants:
             k = (loop, setting)
-            print(f"| {method} | {loop} | {setting} | {sps[k]:.1f} | {sps[k] * imgs:.0f} | {mem[k]:.0f} |")
+            tab.add(name, loop, setting, f"{sps[k]:.1f}", f"{sps[k] * imgs:.0f}", f"{mem[k]:.0f}")
+            builtins.print(f"  {method} {loop} {setting}: {sps[k]:.1f} steps/s", flush=True)
+
         def r(a, b, sps=sps):
             return sps[a] / sps[b]
-        print(f"| {method} | **dalab/bare** (trainer overhead) | fp32 {r(('dalab', 'fp32'), ('bare', 'fp32')):.2f}, "
-              f"fast {r(('dalab', 'fast'), ('bare', 'fast')):.2f} | | | |")
-        print(f"| {method} | **dalab/pytorch-adapt** | defaults (dalab fast / pa fp32) "
-              f"{r(('dalab', 'fast'), ('pytorch-adapt', 'fp32')):.2f}; same setting: fp32 "
-              f"{r(('dalab', 'fp32'), ('pytorch-adapt', 'fp32')):.2f}, fast "
-              f"{r(('dalab', 'fast'), ('pytorch-adapt', 'fast')):.2f} | | | |", flush=True)
+        tab.add(name, Cell("dalab/bare (trainer overhead)", "best"),
+                f"fp32 {r(('dalab', 'fp32'), ('bare', 'fp32')):.2f}, fast {r(('dalab', 'fast'), ('bare', 'fast')):.2f}",
+                "", "", "")
+        tab.add(name, Cell("dalab/pytorch-adapt", "best"),
+                f"defaults (dalab fast / pa fp32) {r(('dalab', 'fast'), ('pytorch-adapt', 'fp32')):.2f}; same setting: "
+                f"fp32 {r(('dalab', 'fp32'), ('pytorch-adapt', 'fp32')):.2f}, fast "
+                f"{r(('dalab', 'fast'), ('pytorch-adapt', 'fast')):.2f}", "", "", "")
+    for line in tab.markdown().rstrip("\n").splitlines():
+        print(line)
     if args.out:
         from dalab.utils import write_report
         write_report(args.out, "dalab.benchmarks.speed", argv, "\n".join(lines) + "\n")

@@ -331,3 +331,20 @@ def test_results_index_reads_every_file_and_its_command(tmp_path):
     assert "The main job" in text  # table.md: the make target's comment in the Makefile
     assert "| Training throughput" in text and "`python -m dalab.benchmarks.speed --out results/speed.md`" in text
     assert "record.json" not in text
+
+
+def test_display_names_are_unique_and_declared_with_each_thing():
+    from dalab import display
+    from dalab.datasets import DOMAINS
+    from dalab.methods import METHODS
+
+    names = [c.display for c in METHODS.values()]
+    assert len(names) == len(set(names)), "two methods share a display name"
+    by_family: dict[str, list[str]] = {}
+    for d in DOMAINS.values():
+        by_family.setdefault(d.family, []).append(d.display)
+    for fam, ds in by_family.items():
+        assert len(ds) == len(set(ds)), f"two {fam} domains share a display name"
+    assert METHODS["cdan"].display == "CDAN+E" and METHODS["source_only"].display == "Source only"
+    assert display.pair("mnist5k", "ucidigits") == "MNIST-5k → UCI digits"
+    assert display.method("not_a_method") == "not_a_method" and display.family("fine-tuning") == "Fine-tuning"
