@@ -176,7 +176,8 @@ def cmd_table(args) -> int:
     if not records:
         raise DalabError(f"no finished runs under {args.runs_dir}; run `dalab bench SPEC` or `dalab run` first")
     if args.explain:
-        print(explain(records, args.explain[0], args.explain[1], get_rule(args.rule).name, parse_method(args.baseline)))
+        print(explain(records, args.explain[0], args.explain[1], get_rule(args.rule).name, parse_method(args.baseline),
+                      args.budgets.split(",") if args.budgets else None))
         return 0
     split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None  # noqa: E731
     rules = [get_rule(r).name for r in split(args.rules)]

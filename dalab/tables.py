@@ -306,7 +306,9 @@ def to_csv(tables: list[dict]) -> str:
 
 
 def run_command(rec: dict) -> str:
-    """The ``dalab run`` command that reproduces a run (same config, hence the same run id)."""
+    """The ``dalab run`` command that reproduces a run: the same config, hence the same run id --
+    except with hyperparameter overrides, which ``dalab run --set`` passes as strings (``"0.5"``
+    where a spec has ``0.5``): the same training, under another id."""
     c = rec["config"]
     parts = ["dalab", "run", "--method", c["method"], "--source", c["source"], "--target", c["target"],
              "--seed", str(c["seed"]), "--budget", str(c["budget"]), "--steps", str(c["steps"]),
@@ -398,7 +400,8 @@ def parse_method(text: str) -> str:
     return by_display.get(text.strip(), text.strip())
 
 
-def explain(records: list[dict], method: str, pair: str, rule: str = "last", baseline: str = BASELINE) -> str:
+def explain(records: list[dict], method: str, pair: str, rule: str = "last", baseline: str = BASELINE,
+            budgets: Iterable[str] | None = None) -> str:
     """The runs behind one table cell: for each matching row (label budget, setting) the chosen
     trial, and per run its id, seed, status, the checkpoint step the rule picked, its target-test
     accuracy there, and the ``dalab run`` command that reproduces it."""
@@ -407,7 +410,7 @@ def explain(records: list[dict], method: str, pair: str, rule: str = "last", bas
 
     r_ = get_rule(rule)
     name, key = parse_method(method), parse_pair(pair)
-    t = build_table(records, rule, baseline=baseline)
+    t = build_table(records, rule, baseline=baseline, budgets=budgets)
     rows = [r for r in t["rows"] if r["method"] == name and r["cells"].get(key, {}).get("runs")]
     if not rows:
         have = sorted({(r["method"]["name"], pair_name(r)) for r in records})
