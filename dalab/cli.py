@@ -262,9 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--command", default=None, help=argparse.SUPPRESS)  # the command named in table headers
     pb.set_defaults(fn=cmd_bench)
 
-    from dalab.selection import RULES, help_text
+    from dalab.selection import RULES
     pt = sub.add_parser("table", help="Markdown/LaTeX/CSV tables, significance and CD diagrams from run records",
-                        description="Selection rules: " + help_text())
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="selection rules (--rules, --rule):\n"
+                                    + "\n".join(f"  {r.name:<8} {r.text}" for r in RULES.values()))
     pt.add_argument("runs_dir", nargs="?", default="results/runs")
     pt.add_argument("--out", default=None, help="folder for table.md/.tex/.csv, runs.csv and figures "
                                                 "(default results/tables; with --format only if given)")

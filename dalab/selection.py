@@ -59,11 +59,6 @@ def get_rule(name: str) -> Rule:
     return RULES[name]
 
 
-def help_text() -> str:
-    """One line per rule, for CLI help and the README."""
-    return "; ".join(f"{r.name}: {r.text}" for r in RULES.values())
-
-
 def markdown() -> str:
     """The README's selection-rule table."""
     lines = ["| rule | picks the checkpoint with | target labels |", "|---|---|---|"]
