@@ -111,6 +111,46 @@ def augment_batch(x: Tensor, level: str, gen: torch.Generator) -> Tensor:
     return x
 
 
+def augment_inputs(x: Tensor, level: str, gen: torch.Generator, mean: list[float], std: list[float]) -> Tensor:
+    """:func:`augment_batch` on STANDARDISED model inputs (what a method's batch holds): back to [0, 1]
+    pixels with the domain's (mean, std), augmented exactly as the training sampler augments raw
+    pixels (:meth:`dalab.datasets.base.TensorSplit.sampler`: augment, then standardise), standardised
+    again. For methods that make their own weak/strong views (:class:`InputViews`)."""
+    if level == "none":
+        return x
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (augment_batch(x * s + m, level, gen) - m) / s
+
+
+class InputViews(torch.nn.Module):
+    """Augmented views of a method's standardised input batches, made inside ``update`` (weak/strong
+    views of self-ensembling, AdaMatch). Deterministic and exactly resumable without saving a
+    generator: step ``s`` draws from a generator seeded with (``seed``, ``s``), and ``seed`` is a
+    buffer (checkpointed) drawn from torch's RNG when the method is built (so the run seed decides
+    it). ``stats`` is the method's per-domain standardisation (``Method.input_stats``, set by the
+    trainer), which the views undo and redo around :func:`augment_batch`."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("seed", torch.randint(0, 2 ** 31, (1,), dtype=torch.long))
+        self._seed: int | None = None  # host copy of the buffer: no device sync per step
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_seed", None))
+        self.gen: torch.Generator | None = None
+
+    def begin(self, step: int, device: torch.device) -> torch.Generator:
+        """The generator of training step ``step`` (call once per step, before the views)."""
+        if self._seed is None:
+            self._seed = int(self.seed)
+        if self.gen is None or self.gen.device != torch.device(device):
+            self.gen = torch.Generator(device=device)
+        self.gen.manual_seed(self._seed * 1_000_003 + step)
+        return self.gen
+
+    def forward(self, x: Tensor, level: str, stats: tuple[list[float], list[float]]) -> Tensor:
+        return augment_inputs(x, level, self.gen, *stats)
+
+
 # --------------------------------------------------------------------------- mixup
 
 def beta_sample(alpha: float) -> float:

@@ -233,6 +233,15 @@ def set_up_data_options(hp: dict, domains) -> dict[str, Any]:
     return out
 
 
+def input_stats(dom) -> tuple[list[float], list[float]]:
+    """(mean, std) a domain's model inputs are standardised with (tensor splits: the run's
+    ``standardize``; image folders: ImageNet's)."""
+    from dalab.augment import standardization
+
+    train = dom.train
+    return (train.mean, train.std) if hasattr(train, "mean") else standardization("imagenet", None)
+
+
 class _Inputs:
     """Re-iterable batches of a split for ``Method.on_train_end``: inputs, or (inputs, labels)."""
 
@@ -338,6 +347,7 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
     method.extra_terms = extra_terms(prep.hp, src.num_classes)
     precision = resolve_precision(cfg.precision, dev)
     method.precision = precision
+    method.input_stats = {role: input_stats(dom) for role, dom in (("source", src), ("target", tgt))}
     if ddp:  # SyncBatchNorm, rank 0's weights everywhere, gradient averaging in every optimizer step
         ddp.prepare(method, prep.hp["batch_size"])
     channels_last = channels_last and any(isinstance(m, torch.nn.Conv2d) for m in net.backbone.modules())

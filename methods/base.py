@@ -241,6 +241,10 @@ class Method(nn.Module):
         # trainer sets them, step() adds them to the first loss stepped in each training step
         self.extra_terms: list = []
         self.precision = "fp32"  # "bf16": the backbone runs under bf16 autocast (see features())
+        # per-domain input standardisation (mean, std per channel of [0, 1] pixels), set by the trainer;
+        # methods that augment their batches themselves (dalab.augment.InputViews) undo and redo it
+        self.input_stats: dict[str, tuple[list[float], list[float]]] = {
+            "source": ([0.5] * 3, [0.5] * 3), "target": ([0.5] * 3, [0.5] * 3)}
         self._batch: Batch | None = None
         self._extra_logs: dict[str, Tensor] = {}
         self.build()

@@ -73,6 +73,8 @@ def _dependence_on_target(name: str, kind: str) -> tuple[float, float]:
     for scale in (0.0, 2.0):  # random, not constant, changes: covariance losses ignore a shift
         # the target term amplified, so that a small but real dependence is not lost in float noise
         amp = {"trade_off": 100.0} if "trade_off" in METHODS[name].hparams else {}
+        if "conf_threshold" in METHODS[name].hparams:  # a confidence gate that an untrained teacher never opens
+            amp["conf_threshold"] = 0.0
         m = make(name, lr=1e-8, momentum=0.0, weight_decay=0.0, **amp)
         m.train()
         b = batch_for(type(m), kind)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -126,3 +127,123 @@ def test_shot_pseudo_labels_survive_resume(tmp_path, monkeypatch, shot_source):
     train(cfg, tmp_path / "c", resume=True, save_model=True, checkpoint_every=4, **KW)
     c = torch.load(tmp_path / "c" / cfg.run_id() / "model.pt", weights_only=True)
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- self_ensembling, adamatch
+
+def _make(name: str, steps: int = 10, **over):
+    torch.manual_seed(0)
+    cls = METHODS[name]
+    return cls(build_classifier("lenet_bn", 10), 10, resolve_hparams(cls, over), steps)
+
+
+# --------------------------------------------------------------------------- self_ensembling
+
+def test_self_ensembling_teacher_is_the_ema_of_the_student():
+    """After k steps the teacher's parameters are alpha^k s_0 + sum_j (1 - alpha) alpha^(k-j) s_j,
+    computed by hand from the student's parameter history; the teacher is never trained by
+    gradient, is in the checkpointed state, and is what evaluation predicts with."""
+    a = 0.9  # far from 1, so every step's weight is visible
+    m = _make("self_ensembling", teacher_alpha=a, conf_threshold=0.0)
+    names = [k for k, _ in m.net.named_parameters()]
+    hist = [{k: p.detach().clone() for k, p in m.net.named_parameters()}]
+    assert all(torch.equal(p, hist[0][k]) for k, p in m.teacher.named_parameters())  # starts as the student
+    opt_params = {id(p) for o in m.optim.optimizers.values() for g in o.param_groups for p in g["params"]}
+    assert not any(id(p) in opt_params for p in m.teacher.parameters())
+    m.train()
+    for step in (1, 2, 3):
+        m.train_step(tiny_batch(seed=step, labeled=False), step)
+        hist.append({k: p.detach().clone() for k, p in m.net.named_parameters()})
+    tea = dict(m.teacher.named_parameters())
+    for k in names:
+        expected = a ** 3 * hist[0][k] + sum((1 - a) * a ** (3 - j) * hist[j][k] for j in (1, 2, 3))
+        assert torch.allclose(tea[k], expected, atol=1e-6, rtol=1e-5), k
+    assert any(not torch.equal(tea[k], hist[3][k]) for k in names)   # not just a copy of the student
+    assert any(not torch.equal(hist[0][k], hist[3][k]) for k in names)  # the student did train
+    assert all(f"teacher.{k}" in m.training_state()["model"] for k in names)
+    m.eval()
+    x = torch.randn(4, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(m.predict(x), m.teacher(x)) and not torch.equal(m.predict(x), m.net(x))
+
+
+def test_self_ensembling_loss_masks_and_balances():
+    from dalab.methods.self_ensembling import self_ensembling_loss
+
+    p_tea = torch.tensor([[0.98, 0.01, 0.01], [0.5, 0.3, 0.2]])
+    p_stu = torch.tensor([[0.8, 0.1, 0.1], [0.2, 0.5, 0.3]])
+    loss, logs = self_ensembling_loss(p_stu, p_tea, threshold=0.968, cls_balance=0.0)
+    # only the first sample passes: mean over classes of the squared difference, halved by the batch mean
+    expected = ((0.18 ** 2 + 0.09 ** 2 + 0.09 ** 2) / 3) / 2
+    assert math.isclose(float(loss), expected, rel_tol=1e-5) and float(logs["mask_rate"]) == 0.5
+
+
+# --------------------------------------------------------------------------- adamatch
+
+def _cyclic(a: float) -> torch.Tensor:
+    """3 samples with logit ``a`` on their own class, 0 elsewhere: their mean prediction is uniform."""
+    return a * torch.eye(3)
+
+
+def test_adamatch_threshold_is_relative_to_source_confidence():
+    """Same target logits, sharper source logits: c_tau = 0.9 x the source's mean confidence rises and
+    the mask shrinks. Both batches' mean predictions are uniform, so distribution alignment is the
+    identity and every number is by hand: confidence of logits (a, 0, 0) is e^a / (e^a + 2)."""
+    from dalab.methods.adamatch import adamatch_pseudo_labels
+
+    conf = lambda a: math.exp(a) / (math.exp(a) + 2)  # noqa: E731
+    z_t = torch.cat([_cyclic(2.0), _cyclic(1.0)])            # confidences 0.787 (x3), 0.576 (x3)
+    for c, expect in [(1.0, [1] * 6),                        # c_tau = 0.9 * 0.576 = 0.518: all pass
+                      (2.0, [1, 1, 1, 0, 0, 0]),             # c_tau = 0.9 * 0.787 = 0.708: the sharp three
+                      (4.0, [0] * 6)]:                       # c_tau = 0.9 * 0.965 = 0.868: none
+        pseudo, mask, c_tau = adamatch_pseudo_labels(_cyclic(c), z_t, 0.9)
+        assert math.isclose(float(c_tau), 0.9 * conf(c), rel_tol=1e-6)
+        assert mask.tolist() == expect, (c, mask)
+        assert pseudo.tolist() == [0, 1, 2, 0, 1, 2]
+    # tau scales the threshold the same way: tau 0.7 at c = 2 gives 0.551 < 0.576, all pass
+    assert adamatch_pseudo_labels(_cyclic(2.0), z_t, 0.7)[1].tolist() == [1] * 6
+
+
+def test_adamatch_distribution_alignment_and_mu_ramp():
+    from dalab.methods.adamatch import adamatch_mu, adamatch_pseudo_labels
+
+    # source predicts class 0 more often than the target: aligned target probabilities lean to class 0
+    z_s = torch.tensor([[3.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
+    z_t = torch.tensor([[0.0, 0.2]])
+    p_s, p_t = torch.softmax(z_s, 1).mean(0), torch.softmax(z_t, 1)
+    aligned = p_t * p_s / p_t.mean(0)
+    aligned = aligned / aligned.sum()
+    pseudo, _, _ = adamatch_pseudo_labels(z_s, z_t, 0.0)
+    assert int(pseudo) == int(aligned.argmax()) == 0  # argmax flips from 1 to 0
+    assert [round(adamatch_mu(p), 12) for p in (0.0, 0.25, 0.5, 1.0)] == [0.0, 0.5, 1.0, 1.0]
+
+
+def test_adamatch_update_logs_the_relative_threshold():
+    m = _make("adamatch")
+    m.train()
+    out = m.train_step(tiny_batch(seed=1, labeled=False), 6)
+    assert 0.0 < float(out["c_tau"]) <= 0.9 and 0.0 <= float(out["mask_rate"]) <= 1.0
+    assert out["mu"] == 1.0  # p = 0.6: past the half-way point the ramp is at its maximum
+
+
+# --------------------------------------------------------------------------- shared: in-method views
+
+def test_input_views_undo_and_redo_standardisation_and_resume_exactly():
+    """Views of a standardised batch equal the sampler's augment-then-standardise of the raw pixels,
+    and the same (seed, step) gives the same views (what makes resume exact)."""
+    from dalab.augment import InputViews, augment_batch
+
+    torch.manual_seed(0)
+    v = InputViews()
+    pix = torch.rand(4, 3, 28, 28)
+    mean, std = [0.2, 0.3, 0.4], [0.5, 0.6, 0.7]
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    gen = v.begin(5, torch.device("cpu"))
+    got = v((pix - m) / s, "strong", (mean, std))
+    ref_gen = torch.Generator().manual_seed(int(v.seed) * 1_000_003 + 5)
+    ref = (augment_batch(pix, "strong", ref_gen) - m) / s
+    assert torch.allclose(got, ref, atol=1e-5) and gen is v.gen
+    v.begin(5, torch.device("cpu"))
+    assert torch.equal(v((pix - m) / s, "strong", (mean, std)), got)
+    v.begin(6, torch.device("cpu"))
+    assert not torch.equal(v((pix - m) / s, "strong", (mean, std)), got)

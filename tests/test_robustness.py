@@ -58,3 +58,27 @@ def test_diverged_run_is_recorded_and_marked_in_tables(tmp_path, monkeypatch):
     assert (tmp_path / cfg.run_id() / "done").read_text().strip() == "diverged"  # finished: not re-run
     row = build_table(load_records(tmp_path), "last")["rows"][0]
     assert row["cells"]["toy_a→toy_b"]["n_failed"] == 1 and not row["cells"]["toy_a→toy_b"]["accs"]
+
+
+@pytest.mark.parametrize("name", ["self_ensembling", "adamatch"])
+def test_teacher_and_view_methods_resume_bitwise(tmp_path, monkeypatch, name):
+    """An EMA teacher (self_ensembling) and in-method augmented views (both) are restored from the
+    checkpoint: a run killed at step 7 resumes to the uninterrupted run's evaluations, bitwise."""
+    from dalab.methods import METHODS
+
+    cls = METHODS[name]
+    cfg = RunConfig(name, "toy_a", "toy_b", steps=12, eval_every=4)
+    full = train(cfg, tmp_path / "a", **KW)
+    real = cls.update
+
+    def dies_at_step_7(self, batch, step):
+        if step == 7:
+            raise KeyboardInterrupt
+        return real(self, batch, step)
+
+    monkeypatch.setattr(cls, "update", dies_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "b", **KW)
+    monkeypatch.setattr(cls, "update", real)
+    resumed = train(cfg, tmp_path / "b", resume=True, **KW)
+    assert resumed["evals"] == full["evals"]
