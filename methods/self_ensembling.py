@@ -63,7 +63,7 @@ class SelfEnsembling(Method):
 
     family = "self-training"
     display = "Self-ens."
-    paper = ("French, Mackiewicz & Fisher, Self-ensembling for visual domain adaptation, ICLR 2018. "
+    paper = ("French et al., Self-ensembling for visual domain adaptation, ICLR 2018. "
              "https://arxiv.org/abs/1706.05208")
     target_data = TargetData.UNLABELED
     label_budgets = ("0",)
