@@ -45,7 +45,8 @@ class SelfEnsembling(Method):
     by the mask rate (:func:`self_ensembling_loss`). After every step the teacher's parameters move
     to alpha * teacher + (1 - alpha) * student, alpha = 0.99 (``after_step``); its BatchNorm
     statistics come from its own train-mode forwards on target views, as in the reference code
-    (which averages parameters only). Defaults are the paper's/reference code's (weight 3,
+    (which averages parameters only) -- so in eval mode the teacher normalises with target
+    statistics, on source-val too (source-val selection sees that model). Defaults are the paper's/reference code's (weight 3,
     balance 0.005, threshold 0.96837722, alpha 0.99). ``predict``/``features`` are the STUDENT while
     training (so the run's extra terms train it) and the TEACHER in eval mode: evaluation,
     validators and tables see the teacher, the model the reference code keeps and saves (it logs
