@@ -9,7 +9,7 @@ STAMP := $(VENV)/.dalab-installed
 RUNS ?= results/runs
 JOBS ?= 2
 
-.PHONY: setup test bench dann-vs-source augment-bench budget-curve results-index speed clean-runs
+.PHONY: setup test bench dann-vs-source protocol augment-bench budget-curve results-index speed clean-runs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench: setup
 # Issue-2 check: source-only vs DANN on mnist5k -> ucidigits, 3 seeds -> results/dann_vs_source_only.md
 dann-vs-source: setup
 	$(PY) -m dalab.benchmarks.dann_vs_source_only --runs-dir $(RUNS) --out results/dann_vs_source_only.md
+
+# Issue-13 study: defaults and budget chosen on the tuning pairs (digits-extra) -> results/protocol.md (+ .png)
+protocol: setup
+	$(PY) -m dalab.benchmarks.protocol --runs-dir $(RUNS) --out results/protocol.md
 
 # Issue-8 check: source-only and DANN with/without each data option, mnist5k -> ucidigits, 3 seeds
 augment-bench: setup

@@ -23,7 +23,6 @@ default never makes an old record stand for the new setting.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -217,7 +216,7 @@ def main(argv=None) -> int:
                     for s in SEEDS] for p in pairs}
 
     pair_names = [f"{s}→{t}" for s, t in pairs]
-    lines = [f"# Protocol study: defaults and budget, chosen on the tuning pairs", "",
+    lines = ["# Protocol study: defaults and budget, chosen on the tuning pairs", "",
              f"Tuning pairs ({BENCHMARK}): {', '.join(pair_names)}; seeds {list(SEEDS)}. The main table's "
              f"four default pairs are not used here: their target labels choose nothing. Accuracy: target "
              f"TEST accuracy (%) at the last checkpoint (`last` rule), mean ± std over seeds. "
