@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import HParam, register
+from .base import SHARED_HPARAMS, HParam, register
 from .entropy_min import EntropyMin
 
 
@@ -22,4 +22,6 @@ class IM(EntropyMin):
     paper = "Shi & Sha, Information-Theoretical Learning of Discriminative Clusters for Unsupervised Domain Adaptation, ICML 2012. https://arxiv.org/abs/1206.6438"
     hparams = {**EntropyMin.hparams,
                "trade_off": HParam(1.0, ("log", 0.01, 10.0), "weight of the IM term", low=0.0),
-               "diversity": HParam(1.0, ("uniform", 0.0, 1.0), "weight of -H(mean prediction)", low=0.0)}
+               "diversity": HParam(1.0, ("uniform", 0.0, 1.0), "weight of -H(mean prediction)", low=0.0),
+               # not tuned on the tuning pairs: the shared default, not entropy_min's split
+               "bn_mode": SHARED_HPARAMS["bn_mode"]}
