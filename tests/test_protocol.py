@@ -1,0 +1,45 @@
+"""The protocol study's measures and its default-choosing rule (dalab.benchmarks.protocol), on
+synthetic run records: no training."""
+
+from __future__ import annotations
+
+import pytest
+
+from dalab.benchmarks import protocol as pr
+
+
+def rec(accs, steps=500, hparams=None, method="dann", seed=0):
+    """A finished record with one evaluation point per entry of ``accs`` (evenly spaced)."""
+    every = steps // len(accs)
+    evals = [{"step": every * (i + 1), "tgt_test": {"acc": a}} for i, a in enumerate(accs)]
+    return {"config": {"method": method, "source": "a", "target": "b", "seed": seed, "budget": "0",
+                       "steps": steps, "eval_every": every, "backbone": "lenet_bn", "split_seed": 0,
+                       "precision": "auto", "pretrained": None, "hparams": hparams or {}},
+            "hparams": {"bn_mode": "joint", **(hparams or {})}, "evals": evals, "final": evals[-1], "status": "done"}
+
+
+def test_plateau_is_last_minus_halfway_in_points():
+    assert pr.plateau(rec([0.40, 0.50, 0.60, 0.56])) == pytest.approx(6.0)   # |56 - 50|
+    assert pr.plateau(rec([0.5, 0.6, 0.7], steps=600)) is None                # no evaluation at step 300
+    assert pr.plateau({"final": None}) is None                               # diverged run
+
+
+def test_rule_compares_candidates_on_matched_seeds_only():
+    a = {("p", "q"): [rec([0.5]), rec([0.9]), None]}          # seeds 0, 1 done
+    b = {("p", "q"): [rec([0.6]), None, None]}                # only seed 0 done
+    # on the common seed 0, b (60) beats a (50), although a's mean over its own seeds is 70
+    assert pr.rule_pick([("a", a), ("b", b)]) == "b"
+    assert pr.rule_pick([("a", a), ("c", {("p", "q"): [None, None, None]})]) is None
+
+
+def test_records_match_on_resolved_hparams_and_new_keys_default(tmp_path):
+    from dalab.trainer import RunConfig
+
+    r = rec([0.5, 0.6, 0.7, 0.8], hparams={})
+    del r["hparams"]["bn_mode"]                                  # a record older than bn_mode
+    recs = pr.Records(tmp_path)
+    recs.add(r)
+    cfg = RunConfig("dann", "a", "b", seed=0, steps=500, eval_every=125, backbone="lenet_bn")
+    defaults = {"bn_mode": "joint"}
+    assert recs.find(cfg, {"bn_mode": "joint"}, defaults) is r   # missing key = its default
+    assert recs.find(cfg, {"bn_mode": "split"}, defaults) is None
