@@ -10,6 +10,7 @@ import torch
 
 from dalab.methods import METHODS, resolve_hparams
 from dalab.methods.nets import build_classifier
+from dalab.optim import lr_factor
 from dalab.trainer import RunConfig, train
 from conftest import tiny_batch
 
@@ -247,3 +248,90 @@ def test_input_views_undo_and_redo_standardisation_and_resume_exactly():
     assert torch.equal(v((pix - m) / s, "strong", (mean, std)), got)
     v.begin(6, torch.device("cpu"))
     assert not torch.equal(v((pix - m) / s, "strong", (mean, std)), got)
+
+
+# --------------------------------------------------------------------------- mcd, adda
+
+def _make_on(name: str, steps: int = 10, backbone: str = "lenet", **over):
+    torch.manual_seed(0)
+    cls = METHODS[name]
+    return cls(build_classifier(backbone, 10), 10, resolve_hparams(cls, over), steps)
+
+
+# --------------------------------------------------------------------------- mcd
+
+def test_mcd_takes_2_plus_num_k_optimizer_steps_and_sets_each_lr_once_per_step():
+    """Per batch: step A (G and C), step B (C), num_k steps C (G); every optimizer's LR is the DANN
+    schedule's value for that training step in all of them (set once per step, not per call)."""
+    m = _make_on("mcd", steps=10, optimizer="sgd", lr=0.01, lr_schedule="dann", num_k=4)
+    calls: list[tuple[int, str, list[float]]] = []
+    current = [0]
+    for name, opt in m.optim.optimizers.items():
+        def recording_step(*a, _name=name, _opt=opt, _real=opt.step, **k):
+            calls.append((current[0], _name, [g["lr"] for g in _opt.param_groups]))
+            return _real(*a, **k)
+        opt.step = recording_step
+    m.train()
+    for step in (1, 2):
+        current[0] = step
+        m.train_step(tiny_batch(seed=step, labeled=False), step)
+        assert m.optim.steps_taken == 2 + 4  # backward + step calls: A, B, 4 x C
+        names = [n for s, n, _ in calls if s == step]
+        assert names == ["G", "C", "C", "G", "G", "G", "G"]
+        expected = 0.01 * lr_factor("dann", (step - 1) / 10)
+        lrs = [lr for s, _, group_lrs in calls if s == step for lr in group_lrs]
+        assert lrs == pytest.approx([expected] * len(lrs), rel=1e-12, abs=0)
+    lr1 = {lr for s, _, g in calls if s == 1 for lr in g}
+    lr2 = {lr for s, _, g in calls if s == 2 for lr in g}
+    assert len(lr1) == len(lr2) == 1 and lr1 != lr2  # one value per step, annealed between steps
+
+
+def test_mcd_step_b_leaves_the_generator_and_step_c_the_classifiers_alone():
+    m = _make_on("mcd", num_k=1)
+    m.train()
+    snap = lambda mod: [p.detach().clone() for p in mod.parameters()]  # noqa: E731
+    real_step, log = m.step, []
+
+    def checking_step(loss, *names, **kw):
+        g0, c0 = snap(m.net.backbone), snap(m.net.head) + snap(m.head2)
+        real_step(loss, *names, **kw)
+        g_moved = any(not torch.equal(a, b) for a, b in zip(g0, snap(m.net.backbone)))
+        c_moved = any(not torch.equal(a, b) for a, b in zip(c0, snap(m.net.head) + snap(m.head2)))
+        log.append((names, g_moved, c_moved))
+    m.step = checking_step
+    m.train_step(tiny_batch(seed=1, labeled=False), 1)
+    assert log == [(("G", "C"), True, True), (("C",), False, True), (("G",), True, False)]
+
+
+# --------------------------------------------------------------------------- adda
+
+def test_adda_source_encoder_and_head_are_bitwise_frozen():
+    """The target encoder starts as the source encoder; after several updates the source encoder
+    (weights and BatchNorm statistics) and the classifier head are bitwise unchanged and belong to
+    no optimizer, while the target encoder and the discriminator moved."""
+    m = _make_on("adda", backbone="lenet_bn")
+    src0 = {k: v.clone() for k, v in m.src_encoder.state_dict().items()}
+    head0 = {k: v.clone() for k, v in m.net.head.state_dict().items()}
+    tgt0 = {k: v.clone() for k, v in m.net.backbone.state_dict().items()}
+    disc0 = {k: v.clone() for k, v in m.disc.state_dict().items()}
+    assert src0.keys() == tgt0.keys() and all(torch.equal(src0[k], tgt0[k]) for k in src0)
+    in_optim = {id(p) for o in m.optim.optimizers.values() for g in o.param_groups for p in g["params"]}
+    assert not in_optim & {id(p) for p in [*m.src_encoder.parameters(), *m.net.head.parameters()]}
+    assert set(m.optim.optimizers) == {"T", "D"}
+    m.train()
+    assert not m.src_encoder.training
+    for step in range(1, 6):
+        out = m.train_step(tiny_batch(seed=step, labeled=False), step)
+        assert torch.isfinite(out["loss"])
+    assert all(torch.equal(v, m.src_encoder.state_dict()[k]) for k, v in src0.items())
+    assert all(torch.equal(v, m.net.head.state_dict()[k]) for k, v in head0.items())
+    assert any(not torch.equal(v, m.net.backbone.state_dict()[k]) for k, v in tgt0.items() if "running" not in k)
+    assert any(not torch.equal(v, m.disc.state_dict()[k]) for k, v in disc0.items())
+
+
+def test_adda_defaults_are_the_papers_adam():
+    m = _make_on("adda")
+    for opt in m.optim.optimizers.values():
+        assert isinstance(opt, torch.optim.Adam)
+        assert all(g["betas"] == (0.5, 0.999) and g["lr"] == 2e-4 for g in opt.param_groups)
+    assert [m.disc[i].out_features for i in (0, 2, 4)] == [500, 500, 1]

@@ -82,3 +82,28 @@ def test_teacher_and_view_methods_resume_bitwise(tmp_path, monkeypatch, name):
     monkeypatch.setattr(cls, "update", real)
     resumed = train(cfg, tmp_path / "b", resume=True, **KW)
     assert resumed["evals"] == full["evals"]
+
+
+@pytest.mark.parametrize("name", ["mcd", "adda"])
+def test_multi_optimizer_methods_resume_exactly(tmp_path, monkeypatch, name):
+    """MCD (optimizers G and C, 2 + num_k steps per batch) and ADDA (T and D, a frozen source encoder,
+    started from the shared source pretraining) resume from a checkpoint to bitwise the same numbers."""
+    from dalab.methods import METHODS
+
+    cls = METHODS[name]
+    cfg = RunConfig(name, "toy_a", "toy_b", steps=8, eval_every=4)
+    full = train(cfg, tmp_path / "a", **KW)
+    real = cls.update
+
+    def dies_at_step_6(self, batch, step):
+        if step == 6:
+            raise KeyboardInterrupt
+        return real(self, batch, step)
+
+    monkeypatch.setattr(cls, "update", dies_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "b", **KW)
+    assert (tmp_path / "b" / cfg.run_id() / "checkpoint.pt").is_file()
+    monkeypatch.setattr(cls, "update", real)
+    resumed = train(cfg, tmp_path / "b", resume=True, **KW)
+    assert resumed["evals"] == full["evals"]
