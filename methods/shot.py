@@ -33,6 +33,15 @@ class SHOT(Method):
     re-assignment round. Paper defaults for digits: beta = 0.3, IM weight 1, SGD lr 0.01 momentum
     0.9 wd 5e-4 with mu0 (1 + 10 p)^-0.75 (= our shared defaults), batch 64.
 
+    Default beta = 0 (the paper's SHOT-IM ablation), NOT the paper's 0.3: chosen on the tuning
+    pairs only (digits-extra), by the rule "higher mean last-step target-test accuracy over the
+    tuning pairs, seed 0, lenet_bn, 500 steps, among beta in {0.3, 0}". Target-test acc %, source_only
+    / beta 0.3 / beta 0: mnist5k->mnist5k_rot 47.5 / 44.3 / 48.4; mnist5k->mnist5k_color 25.9 / 13.7
+    / 38.0; syndigits->ucidigits 56.1 / 75.1 / 95.2; mnistm5k->mnist5k 95.9 / 95.7 / 96.5; means 56.4 / 57.2 / 69.5.
+    With our weaker, un-smoothed source models the pseudo-labels lock in early errors (syndigits->
+    ucidigits: pseudo-label CE ~0.02 from step 100 on, accuracy flat at 75%). ``--set beta=0.3``
+    is the paper's full SHOT; with beta = 0 refresh() and the pseudo-label forward are skipped.
+
     Protocol: ``init_from_source`` (the shared source pretraining, dalab.pretrain: the
     ``source_only`` run of the same pair/seed/backbone/steps); ``uses_source = False`` -- the
     trainer builds every adaptation batch with ``x_src = y_src = None``.
@@ -68,7 +77,8 @@ class SHOT(Method):
     uses_source = False
     refresh_every = "epoch"
     hparams = {
-        "beta": HParam(0.3, ("uniform", 0.0, 1.0), "weight of the pseudo-label CE (paper: 0.3)", low=0.0),
+        "beta": HParam(0.0, ("uniform", 0.0, 1.0), "weight of the pseudo-label CE (paper: 0.3; default 0 "
+                       "chosen on the tuning pairs, see the docstring)", low=0.0),
         "im_weight": HParam(1.0, ("uniform", 0.5, 2.0), "weight of the IM loss (paper: 1)", low=0.0),
     }
 
@@ -109,6 +119,8 @@ class SHOT(Method):
     @torch.no_grad()
     def refresh(self, x_tgt, step: int) -> None:
         """Pseudo-labels for the next pass: snapshot g, cluster target train (see the class doc)."""
+        if self.hp.beta == 0:
+            return  # SHOT-IM: no pseudo-labels
         self.snapshot.load_state_dict(nn.Sequential(self.net.backbone, self.bottleneck).state_dict())
         feats, probs = [], []
         for x in x_tgt:

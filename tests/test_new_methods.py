@@ -21,7 +21,7 @@ KW = dict(device="cpu", progress=False, tensorboard=False)
 
 def _shot_cfg(steps: int = 12) -> RunConfig:
     # toy_b: 160 train images, batch 32 -> a refresh (pseudo-labels) every 5 steps: 1, 6, 11
-    return RunConfig("shot", "toy_a", "toy_b", steps=steps, eval_every=6, hparams={"batch_size": 32})
+    return RunConfig("shot", "toy_a", "toy_b", steps=steps, eval_every=6, hparams={"batch_size": 32, "beta": 0.3})
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_shot_source_hypothesis_stays_bitwise_frozen():
     """The head's last layer (the source hypothesis) never changes; the feature extractor does."""
     torch.manual_seed(0)
     cls = METHODS["shot"]
-    m = cls(build_classifier("lenet_bn", 10), 10, resolve_hparams(cls, {}), 10)
+    m = cls(build_classifier("lenet_bn", 10), 10, resolve_hparams(cls, {"beta": 0.3}), 10)
     hyp = {k: v.clone() for k, v in m.net.head[-1].state_dict().items()}
     rest = {k: v.clone() for k, v in m.net.state_dict().items() if not k.startswith("head.4.")}
     m.train()
