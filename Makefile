@@ -32,9 +32,9 @@ bench: setup
 	$(PY) -m dalab.benchmarks.tsne --runs-dir $(RUNS) --out results/digits/tsne.png
 	$(PY) -m dalab.results_index --out results/README.md
 
-# Issue-2 check: source-only vs DANN on mnist5k -> ucidigits, 3 seeds -> results/dann_vs_source_only.md
+# Issue-2 check: source-only vs DANN on mnist5k -> ucidigits, 3 seeds, lenet and lenet_bn -> results/dann_vs_source_only.md
 dann-vs-source: setup
-	$(PY) -m dalab.benchmarks.dann_vs_source_only --runs-dir $(RUNS) --out results/dann_vs_source_only.md
+	$(PY) -m dalab.benchmarks.dann_vs_source_only --backbones lenet lenet_bn --runs-dir $(RUNS) --out results/dann_vs_source_only.md
 
 # Issue-13 study: defaults and budget chosen on the tuning pairs (digits-extra) -> results/protocol.md (+ .png)
 protocol: setup

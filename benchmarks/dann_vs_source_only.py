@@ -1,6 +1,11 @@
 """Source-only vs DANN target accuracy on an offline digits pair, over seeds.
 
     python -m dalab.benchmarks.dann_vs_source_only [--pair mnist5k:ucidigits] [--seeds 0 1 2] [--steps 2000]
+        [--backbones lenet lenet_bn]
+
+One table per backbone. Default rows: source-only, DANN at its defaults, and the one discriminator /
+BatchNorm alternative that matters on that backbone (lenet: a BatchNorm discriminator; lenet_bn:
+per-domain backbone BatchNorm statistics, ``bn_mode=split``).
 
 Runs go through the normal trainer and land in --runs-dir as ordinary run records; the table is
 computed from those records (selection rule: last checkpoint of a fixed step budget, no target
@@ -25,29 +30,37 @@ def main(argv=None) -> int:
     ap.add_argument("--pair", default="mnist5k:ucidigits")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--methods", nargs="+", default=["source_only", "dann", "dann:disc_bn=true"],
-                    help="method names, optionally with overrides: NAME:KEY=VALUE[,KEY=VALUE]")
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help="method names, optionally with overrides: NAME:KEY=VALUE[,KEY=VALUE] "
+                         "(default: per backbone, see DEFAULT_ROWS)")
     ap.add_argument("--runs-dir", default="results/runs")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--backbone", default="lenet")
+    ap.add_argument("--backbones", nargs="+", default=["lenet"])
     ap.add_argument("--out", default=None, help="also write the table to this Markdown file")
     args = ap.parse_args(argv)
     src, tgt = args.pair.split(":")
-    rows = {}
-    for m in args.methods:
-        name, _, sets = m.partition(":")
-        hp = dict(kv.split("=", 1) for kv in sets.split(",")) if sets else {}
-        recs = [run_or_load(RunConfig(name, src, tgt, seed=s, steps=args.steps, backbone=args.backbone, hparams=hp),
-                            args.runs_dir, args.device)
-                for s in args.seeds]
-        rows[m] = recs
-        accs = [r["final"]["tgt_test"]["acc"] * 100 if r["final"] else float("nan") for r in recs]
-        print(f"{m}: " + "  ".join(f"s{s}={a:.1f}" for s, a in zip(args.seeds, accs)), flush=True)
-    text = table(rows, src, tgt, args.steps, args.backbone).markdown()
+    texts = []
+    for backbone in args.backbones:
+        rows = {}
+        for m in args.methods or DEFAULT_ROWS.get(backbone, DEFAULT_ROWS["lenet"]):
+            name, _, sets = m.partition(":")
+            hp = dict(kv.split("=", 1) for kv in sets.split(",")) if sets else {}
+            recs = [run_or_load(RunConfig(name, src, tgt, seed=s, steps=args.steps, backbone=backbone, hparams=hp),
+                                args.runs_dir, args.device)
+                    for s in args.seeds]
+            rows[m] = recs
+            accs = [r["final"]["tgt_test"]["acc"] * 100 if r["final"] else float("nan") for r in recs]
+            print(f"{backbone} {m}: " + "  ".join(f"s{s}={a:.1f}" for s, a in zip(args.seeds, accs)), flush=True)
+        texts.append(table(rows, src, tgt, args.steps, backbone).markdown())
+    text = "\n".join(texts)
     print("\n" + text)
     if args.out:
         write_report(args.out, "dalab.benchmarks.dann_vs_source_only", argv, text)
     return 0
+
+
+DEFAULT_ROWS = {"lenet": ["source_only", "dann", "dann:disc_bn=true"],
+                "lenet_bn": ["source_only", "dann", "dann:bn_mode=split"]}
 
 
 def _row_name(m: str) -> str:
@@ -60,9 +73,13 @@ def table(rows: dict[str, list[dict]], src: str, tgt: str, steps: int, backbone:
     n = max((len(r) for r in rows.values()), default=0)
     tab = Table(["Method", "Target test acc", "Per seed", "Source val acc", "Steps/s"],
                 caption=f"{display.pair(src, tgt)}, {steps} steps, backbone {backbone}, {n} seeds; selection rule "
-                        f"`last` ({RULES['last'].text}); target test accuracy (%). DANN is dalab's default "
-                        f"(disc_bn=auto: the paper's plain 768-100-1 discriminator on this BN-free LeNet); "
-                        f"DANN (disc_bn=true) a BatchNorm discriminator (the default on BN backbones).")
+                        f"`last` ({RULES['last'].text}); target test accuracy (%). DANN is dalab's default: "
+                        + ("the paper's plain 768-100-1 discriminator on this BN-free LeNet (disc_bn=auto); "
+                           "DANN (disc_bn=true) a BatchNorm discriminator (the default on BN backbones)."
+                           if backbone == "lenet" else
+                           "a BatchNorm discriminator called per domain, backbone BatchNorm statistics pooled over "
+                           "source and target (bn_mode=joint), both chosen on the tuning pairs "
+                           "(results/protocol.md); DANN (bn_mode=split) one backbone forward per domain."))
     for m, recs in rows.items():
         ok = [r for r in recs if r["final"]]
         accs = [r["final"]["tgt_test"]["acc"] * 100 for r in ok]
