@@ -320,6 +320,37 @@ def worker_placement(jobs: int, ngpu: int, cores: int, device: str = "auto") -> 
     return [("cpu" if device == "auto" else device, threads) for _ in range(jobs)]
 
 
+def available_cores() -> int:
+    """CPU cores this process may use: its affinity mask (what Slurm's --cpus-per-task, taskset or
+    a container grant), not the machine's count -- os.cpu_count() on a shared 128-core node would
+    give every worker far too many threads."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def local_placement(jobs: int, device: str = "auto") -> list[tuple[str, int]]:
+    """:func:`worker_placement` for this machine: the GPUs torch sees (``CUDA_VISIBLE_DEVICES``
+    applies: ``cuda:i`` is the i-th visible GPU, and spawned workers inherit the variable) unless
+    ``device`` names a CPU or one GPU, and the cores of :func:`available_cores`. Prints one line
+    saying where each worker goes."""
+    import torch
+
+    ngpu = torch.cuda.device_count() if device in ("auto", "cuda") else 0
+    placement = worker_placement(jobs, ngpu, available_cores(), device)
+    where = {}
+    for dev, _ in placement:
+        where.setdefault(dev, 0)
+        where[dev] += 1
+    names = {f"cuda:{i}": torch.cuda.get_device_name(i) for i in range(ngpu)}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    print(f"{jobs} workers, {placement[0][1]} CPU threads each: " + ", ".join(
+        f"{n} on {dev}" + (f" ({names[dev]})" if dev in names else "") for dev, n in where.items())
+        + (f"; CUDA_VISIBLE_DEVICES={visible}" if ngpu and visible is not None else ""), flush=True)
+    return placement
+
+
 def launch(spec: BenchSpec, grid, launcher: str = "local", jobs: int = 1, device: str = "auto",
            data_root: str | None = None, submitit_dir: str | None = None, slurm: dict | None = None,
            compile: bool = False):
@@ -332,10 +363,8 @@ def launch(spec: BenchSpec, grid, launcher: str = "local", jobs: int = 1, device
     if launcher == "local":
         import multiprocessing as mp
 
-        import torch
-        ngpu = torch.cuda.device_count() if device in ("auto", "cuda") else 0
         args = [(todo, spec.runs_dir, dev, threads, data_root, f"[w{i}] ", compile)
-                for i, (dev, threads) in enumerate(worker_placement(jobs, ngpu, os.cpu_count() or 1, device))]
+                for i, (dev, threads) in enumerate(local_placement(jobs, device))]
         with mp.get_context("spawn").Pool(jobs) as pool:
             parts = pool.map(_worker_entry, args)
         return _merge(parts)
