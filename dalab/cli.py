@@ -130,6 +130,10 @@ def cmd_bench(args) -> int:
     if args.dry_run:
         for (cfg, trial), st in zip(grid, states):
             print(f"  {st:<8} {cfg.run_id()}" + (f"  trial {trial}" if spec.trials > 1 else ""))
+        from dalab.cost import check_inputs, estimate  # data and weights present, and what the grid costs
+        domains = check_inputs(grid, args.data_root, spec.pretrained, spec.backbone)
+        for line in estimate(spec, grid, states, domains, args.jobs, args.device, args.probe_steps, args.step_time):
+            print(line)
         return 0
     import time
     t0 = time.perf_counter()
@@ -249,7 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     pb = sub.add_parser("bench", help="run a benchmark grid from a YAML spec (resumable), then write its tables")
     pb.add_argument("spec", help="YAML spec, e.g. benchmarks/digits.yaml")
-    pb.add_argument("--dry-run", action="store_true", help="list the runs and their state; train nothing")
+    pb.add_argument("--dry-run", action="store_true",
+                    help="list the runs and their state, check data and weights, estimate the cost; train nothing")
+    pb.add_argument("--probe-steps", type=int, default=3, metavar="N",
+                    help="--dry-run: time N training steps of one run on this device for the estimate (0 = none)")
+    pb.add_argument("--step-time", type=float, default=None, metavar="S",
+                    help="--dry-run: estimate with S seconds per training step instead of a probe")
     pb.add_argument("--launcher", default="local", choices=["local", "submitit-local", "slurm"])
     pb.add_argument("--jobs", type=int, default=1,
                     help="parallel workers (local: processes, spread round-robin over the GPUs if any, "
