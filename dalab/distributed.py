@@ -27,8 +27,9 @@ What is distributed, and where:
   step up to float rounding (tested: ``tests/test_distributed.py``). Losses that are statistics
   of the whole batch (MMD, CORAL, BNM's nuclear norm, MCC, IM's diversity, batch mixup pairs) are
   computed per rank on ``batch_size / N`` samples and averaged, as with any DDP training.
-  ``batch_size`` must be divisible by N. Each rank still decodes the full global batch of an
-  image-folder domain (N-fold decoding work; per-rank decoding is a later optimisation).
+  ``batch_size`` must be divisible by N. Image-folder domains decode only the rank's slice (the
+  same sampler and generator as one process, sliced before decoding; each rank draws its own
+  augmentations), tensor domains index the global batch on the device and slice it.
 - **BatchNorm** layers become ``torch.nn.SyncBatchNorm`` on CUDA, so batch statistics are those
   of the global batch: ``bn_mode=joint`` (one forward on cat(source, target)) pools both domains
   over all ranks, ``bn_mode=split`` (one forward per domain) gives per-domain statistics of the
@@ -112,6 +113,15 @@ class Dist:
                 offset += g.numel()
 
     # ---------------------------------------------------------------- data
+    def sampler(self, split, batch_size: int, generator: torch.Generator, augment: str):
+        """``split.sampler(...)`` as this rank sees it: its slice of every global batch. A split that
+        can decode only its slice (image folders: ``shard=``) does so; a tensor split is sliced."""
+        import inspect
+
+        if "shard" in inspect.signature(split.sampler).parameters:
+            return split.sampler(batch_size, generator, augment, shard=(self.rank, self.world_size))
+        return self.shard(split.sampler(batch_size, generator, augment))
+
     def shard(self, batches: Iterator[tuple[Tensor, ...]] | None) -> Iterator[tuple[Tensor, ...]] | None:
         """This rank's contiguous slice of every global batch of ``batches``."""
         if batches is None:

@@ -362,19 +362,19 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
     bs = prep.hp["batch_size"]
     gens = [torch.Generator().manual_seed(cfg.seed * 1000 + i) for i in range(3)]
     aug_s, aug_t = data_options["source"]["augment"], data_options["target"]["augment"]
+    # several processes (torchrun): every rank draws the same global batch and keeps its slice
+    sample = ddp.sampler if ddp else (lambda split, *a: split.sampler(*a))
     # a source-free method's adaptation phase is given no source data at all
-    src_iter = src.train.sampler(bs, gens[0], aug_s) if prep.method_cls.uses_source else None
+    src_iter = sample(src.train, bs, gens[0], aug_s) if prep.method_cls.uses_source else None
     uses = prep.method_cls.target_data
     # VAT regularises on target inputs: with a method that declares none, the run uses them for it
     vat_only = prep.hp["vat"] > 0 and uses not in (TargetData.UNLABELED, TargetData.BOTH)
-    tgt_iter = (tgt.train.sampler(bs, gens[1], aug_t)
+    tgt_iter = (sample(tgt.train, bs, gens[1], aug_t)
                 if uses in (TargetData.UNLABELED, TargetData.BOTH) or vat_only else None)
     lab_idx = labeled_indices(tgt.train.labels.cpu().numpy(), cfg.budget, cfg.split_seed)
     lab_iter = None
     if uses in (TargetData.LABELED, TargetData.BOTH) and len(lab_idx):
-        lab_iter = tgt.train.subset(lab_idx).sampler(bs, gens[2], aug_t)
-    if ddp:  # every rank draws the same global batch and keeps its slice
-        src_iter, tgt_iter, lab_iter = ddp.shard(src_iter), ddp.shard(tgt_iter), ddp.shard(lab_iter)
+        lab_iter = sample(tgt.train.subset(lab_idx), bs, gens[2], aug_t)
 
     data = {"src_val": src.val, "tgt_val": tgt.val, "tgt_test": tgt.test, "tgt_train": tgt.train}
     run_dir = Path(runs_dir) / cfg.run_id()

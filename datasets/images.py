@@ -105,14 +105,19 @@ class ImageSplit:
         return sub
 
     def _loader(self, batch_size: int, train: bool, generator: torch.Generator | None = None,
-                augment: str = "light"):
+                augment: str = "light", shard: tuple[int, int] | None = None):
         workers = loader_workers()
         ds = _Files(self.paths, self.labels.cpu().tolist(),
                     imagenet_transform(train, self.size, self.resize, augment), self.size)
+        drop_last = train and len(self) >= batch_size
+        batching: dict = {"batch_size": batch_size, "shuffle": train, "drop_last": drop_last}
+        if shard is not None:  # the one-process batches (same sampler, same generator), sliced
+            batches = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(ds, generator=generator),
+                                                    batch_size, drop_last)
+            batching = {"batch_sampler": _Slices(batches, *shard), "worker_init_fn": _Reseed(shard[0])}
         return torch.utils.data.DataLoader(
-            ds, batch_size=batch_size, shuffle=train, generator=generator, num_workers=workers,
-            drop_last=train and len(self) >= batch_size, pin_memory=self.device.type == "cuda",
-            persistent_workers=train and workers > 0, prefetch_factor=4 if workers > 0 else None)
+            ds, generator=generator, num_workers=workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=train and workers > 0, prefetch_factor=4 if workers > 0 else None, **batching)
 
     def _to_device(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         if (y < 0).any():
@@ -128,16 +133,45 @@ class ImageSplit:
         for x, y in self._loader(batch_size, train=False):
             yield self._to_device(x, y)
 
-    def sampler(self, batch_size: int, generator: torch.Generator,
-                augment: str = "light") -> Iterator[tuple[Tensor, Tensor]]:
+    def sampler(self, batch_size: int, generator: torch.Generator, augment: str = "light",
+                shard: tuple[int, int] | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """Infinite shuffled batches with train transforms (decoded and augmented in workers;
-        see :func:`imagenet_transform`); workers persist across epochs."""
+        see :func:`imagenet_transform`); workers persist across epochs. ``shard=(rank, world)``
+        (multi-process runs, :mod:`dalab.distributed`): only this rank's contiguous slice of each
+        one-process batch is decoded, with its own augmentation draws."""
         if len(self) == 0:
             raise DalabError("cannot sample from an empty split")
-        loader = self._loader(batch_size, train=True, generator=generator, augment=augment)
+        loader = self._loader(batch_size, train=True, generator=generator, augment=augment, shard=shard)
         while True:
             for x, y in loader:
                 yield self._to_device(x, y)
+
+
+class _Slices:
+    """Rank ``rank``'s contiguous slice (``torch.tensor_split`` sizes) of every batch of ``batches``."""
+
+    def __init__(self, batches, rank: int, world: int):
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for b in self.batches:
+            q, r = divmod(len(b), self.world)
+            start = self.rank * q + min(self.rank, r)
+            yield b[start:start + q + (self.rank < r)]
+
+
+class _Reseed:
+    """DataLoader worker init: ranks draw different augmentations (a worker's seed is the same on
+    every rank, as all ranks share the loader's generator)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def __call__(self, worker_id: int) -> None:
+        torch.manual_seed((torch.initial_seed() + 1_000_003 * self.rank) % 2 ** 63)
 
 
 @dataclass

@@ -148,3 +148,45 @@ def test_bench_under_torchrun_is_a_one_line_error(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["bench", "benchmarks/digits.yaml", "--dry-run"]) == 2
     assert "under torchrun use `dalab run ...`" in capsys.readouterr().err
+
+
+def test_image_folder_ranks_decode_only_their_slice(tmp_path, monkeypatch):
+    """An image-folder split under N processes decodes only the rank's slice of the one-process
+    batch (same sampler, same generator): the slices put together are the one-process batches."""
+    import numpy as np
+    from PIL import Image
+
+    from dalab.datasets.images import ImageSplit
+
+    monkeypatch.setenv("DALAB_WORKERS", "0")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(10):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(paths[-1])
+    split = ImageSplit(paths, torch.arange(10) % 3, size=8, resize=8)
+    decoded = []
+    monkeypatch.setattr(split, "_loader", lambda *a, _real=split._loader, **k: _counting(_real(*a, **k), decoded))
+
+    def batches(sampler, n=4):  # 4 batches of 4 from 10 images: crosses an epoch
+        return [next(sampler) for _ in range(n)]
+
+    whole = batches(split.sampler(4, torch.Generator().manual_seed(7), "none"))
+    n_whole = sum(decoded)
+    decoded.clear()
+    ranks = [batches(Dist(r, 2, r, torch.device("cpu"), "gloo").sampler(split, 4, torch.Generator().manual_seed(7),
+                                                                          "none")) for r in range(2)]
+    assert sum(decoded) == n_whole  # together the ranks decode what one process decodes, not N times it
+    for i, (x, y) in enumerate(whole):
+        assert torch.equal(torch.cat([ranks[0][i][0], ranks[1][i][0]]), x)
+        assert torch.equal(torch.cat([ranks[0][i][1], ranks[1][i][1]]), y)
+
+
+def _counting(loader, decoded: list):
+    """Wrap a DataLoader: record how many images each batch decoded."""
+    class Counting:
+        def __iter__(self):
+            for x, y in loader:
+                decoded.append(len(y))
+                yield x, y
+    return Counting()
