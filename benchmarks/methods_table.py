@@ -24,13 +24,24 @@ def paper_link(paper: str) -> str:
     return f"[{short}](http{url})"
 
 
+def check_link(name: str) -> str:
+    """Where a method's update is checked: its row (anchor) in results/peer_equivalence.md --
+    "pytorch-adapt" when compared step by step with the library's adapter or hooks, "by hand"
+    when checked against hand computations (no counterpart in the library)."""
+    from dalab.benchmarks.peer_equivalence import CASES
+
+    text = "pytorch-adapt" if any(c.method == name for c in CASES) else "by hand"
+    return f"[{text}](results/peer_equivalence.md#{name})"
+
+
 def markdown() -> str:
-    rows = ["| name | family | target data | label budgets | starts from | paper |", "|---|---|---|---|---|---|"]
+    rows = ["| name | family | target data | label budgets | starts from | update checked | paper |",
+            "|---|---|---|---|---|---|---|"]
     for name, cls in sorted(METHODS.items(), key=lambda kv: (kv[1].family, kv[0])):
         budgets = ", ".join(BUDGET_TEXT[b] for b in cls.label_budgets)
         start = "source_only run" if cls.init_from_source else "scratch"
         rows.append(f"| `{name}` | {cls.family} | {cls.target_data.value} | {budgets} | {start} | "
-                    f"{paper_link(cls.paper)} |")
+                    f"{check_link(name)} | {paper_link(cls.paper)} |")
     return "\n".join(rows)
 
 

@@ -88,7 +88,7 @@ class Peer:
     pairs: list[tuple[str, nn.Module, nn.Module]]
     grl: Callable[[int], float] | None = None   # reversal coefficient of a step (dalab's schedule)
 
-    def step(self, x_s, y_s, x_t, step: int) -> None:
+    def step(self, batch: dict, step: int) -> None:
         from pytorch_adapt.layers import GradientReversal
 
         if self.grl is not None:
@@ -97,17 +97,23 @@ class Peer:
                 # makes it int64, and update_weight(0.46) would store 0 (hence weight=1.0 above)
                 assert g.weight.is_floating_point(), "construct the hook with gradient_reversal_weight=1.0"
                 g.update_weight(self.grl(step))
-        self.adapter.training_step({
-            "src_imgs": x_s, "src_labels": y_s, "target_imgs": x_t,
-            # dalab's domain labels (source = 1, target = 0); pytorch-adapt's datasets use 0 / 1
-            "src_domain": torch.ones(len(x_s)), "target_domain": torch.zeros(len(x_t)),
-        })
+        self.adapter.training_step(batch)
 
 
-def _sgd():
+def peer_batch(x_s, y_s, x_t=None) -> dict:
+    """pytorch-adapt's batch dict, with dalab's domain labels (source = 1, target = 0; its own
+    datasets use 0 / 1)."""
+    out = {"src_imgs": x_s, "src_labels": y_s, "src_domain": torch.ones(len(x_s))}
+    if x_t is not None:
+        out.update(target_imgs=x_t, target_domain=torch.zeros(len(x_t)))
+    return out
+
+
+def _sgd(keys=None, multipliers=None):
     from pytorch_adapt.containers import Optimizers
 
-    return Optimizers((torch.optim.SGD, {"lr": LR, "momentum": 0.0, "weight_decay": 0.0}))
+    return Optimizers((torch.optim.SGD, {"lr": LR, "momentum": 0.0, "weight_decay": 0.0}), keys=keys,
+                      multipliers=multipliers)
 
 
 def _gc(m):
@@ -214,13 +220,39 @@ def peer_afn(m, **_) -> Peer:
     from pytorch_adapt.hooks import AFNHook
     from pytorch_adapt.layers import AdaptiveFeatureNorm
 
+    radius, weight = m.hp.radius, m.hp.trade_off
     if m.hp.variant == "safn":
         loss_fn = AdaptiveFeatureNorm(step_size=m.hp.delta_r)
-    else:  # HAFN: the library ships only SAFN's loss; its hook takes any per-domain loss
-        radius = m.hp.radius
+    elif m.hp.reduction == "domain":  # HAFN (the library ships only SAFN's loss; its hook takes any loss)
         loss_fn = lambda h: (h.norm(p=2, dim=1).mean() - radius) ** 2  # noqa: E731  (the paper's mean norm)
+    else:
+        loss_fn = lambda h: ((h.norm(p=2, dim=1) - radius) ** 2).mean()  # noqa: E731  (per sample)
+    if m.hp.reduction == "sample":
+        # one mean over S u T of a per-sample term = half the hook's sum of the two domain means
+        weight = weight / 2
     # AFNHook sums the source and the target term, as dalab's default reduction=domain (the paper)
-    return _classifier_plus(m, [AFNHook(loss_fn=loss_fn)], {"afn_loss": m.hp.trade_off})
+    return _classifier_plus(m, [AFNHook(loss_fn=loss_fn)], {"afn_loss": weight})
+
+
+def peer_classifier(m, **_) -> Peer:
+    """source_only / target_only / finetune: pytorch-adapt's Classifier adapter (CE on the batch it
+    is given as "src"), the backbone's optimizer at dalab's backbone_lr_mult."""
+    from pytorch_adapt.adapters import Classifier
+    from pytorch_adapt.containers import Models
+
+    G, C, pairs = _gc(m)
+    adapter = Classifier(models=Models({"G": G, "C": C}), optimizers=_sgd(multipliers={"G": m.hp.backbone_lr_mult}))
+    return Peer(adapter, pairs)
+
+
+def peer_finetuner(m, **_) -> Peer:
+    """frozen_features: pytorch-adapt's Finetuner (G frozen in eval mode, only C optimised)."""
+    from pytorch_adapt.adapters import Finetuner
+    from pytorch_adapt.containers import Models
+
+    G, C, pairs = _gc(m)
+    adapter = Finetuner(models=Models({"G": G, "C": C}), optimizers=_sgd(keys=["C"]))
+    return Peer(adapter, pairs)
 
 
 def peer_aligner(m, **_) -> Peer:
@@ -274,6 +306,9 @@ class Case:
     removed_by: dict | None = None
     peer_kwargs: dict = field(default_factory=dict)
     backbones: tuple[str, ...] = ("lenet", "lenet_bn")
+    # what a step is fed: "uda" (labeled source + unlabeled target), "source" (labeled source only),
+    # "target_labeled" (labeled target only; pytorch-adapt's Classifier gets it as its "src" batch)
+    data: str = "uda"
 
 
 SUM_W = "SumWeighter with dalab's weights"
@@ -300,12 +335,28 @@ CASES: list[Case] = [
     Case("afn", "adapters.Classifier + hooks.AFNHook (AdaptiveFeatureNorm)", peer_afn,
          f"{SUM_W}: afn_loss weight trade_off; AdaptiveFeatureNorm(step_size=delta_r)",
          overrides={"variant": "safn"}, label="variant=safn"),
+    Case("afn", "adapters.Classifier + hooks.AFNHook (per-sample loss_fn)", peer_afn,
+         f"{SUM_W}: afn_loss weight trade_off/2 (one mean over S u T is half the hook's sum of the domain "
+         "means); loss_fn = mean of (||h|| - radius)^2 per sample", overrides={"reduction": "sample"},
+         label="reduction=sample (dalab before 74961f4)"),
     Case("dan", "adapters.Aligner (AlignerHook per head layer, MMDLoss)", peer_aligner,
          f"{SUM_W}; softmax=False (dalab aligns raw logits); dalab's MMDLoss (5 kernels, quadratic)"),
     Case("deep_coral", "adapters.Aligner (AlignerHook on logits, CORALLoss)", peer_aligner,
          f"{SUM_W}; softmax=False"),
     Case("joint", "adapters.Aligner (AlignerHook on features, MMDLoss)", peer_aligner,
          f"{SUM_W}; budget 0 (no target labels)"),
+    Case("source_only", "adapters.Classifier", peer_classifier, "defaults (one loss term)", data="source"),
+    Case("target_only", "adapters.Classifier", peer_classifier,
+         "defaults; the labeled target batch given as its \"src\" batch", data="target_labeled"),
+    Case("finetune", "adapters.Classifier", peer_classifier,
+         "G's optimizer at lr x backbone_lr_mult (Optimizers multipliers); the labeled target batch as "
+         "\"src\" (pytorch-adapt's Finetuner would freeze G: that is frozen_features)", data="target_labeled"),
+    Case("frozen_features", "adapters.Finetuner", peer_finetuner,
+         "optimizer for C only (G frozen, in eval mode); the labeled target batch as \"src\"",
+         data="target_labeled"),
+    Case("arch_mod", "adapters.Finetuner", peer_finetuner,
+         "optimizer for C only (G frozen, in eval mode): the training step on source (budget 0); the new "
+         "head is arch_mod's bottleneck with BatchNorm", data="source"),
 ]
 
 # methods with no pytorch-adapt counterpart: where their objective is checked instead
@@ -313,18 +364,43 @@ HAND_CHECKED = {
     "mdd": "no MDD in pytorch-adapt 0.0.83; the disparity and the full update (GRL on the adversarial head "
            "only, F's predictions constant) are checked by hand in tests/test_method_losses.py "
            "(test_mdd_disparity_by_hand, test_mdd_full_update_by_hand)",
-    "joint": "with target labels (budget k/all) the extra CE term is checked by hand in "
+    "joint": "with target labels (budget k/all) the labeled-target CE is checked by hand in "
              "tests/test_method_losses.py (test_joint_labeled_update_by_hand); budget 0 is compared above",
-    "entropy_min": "the entropy term is also checked by hand in tests/test_method_losses.py "
+    "entropy_min": "the full update is also checked by hand in tests/test_method_losses.py "
                    "(test_entropy_min_update_by_hand)",
-    "source_only": "no adaptation term: its update is the source cross-entropy only (tests/test_methods.py: "
-                   "registry-wide gradient and target-independence checks)",
-    "target_only": "supervised on target labels only (tests/test_methods.py)",
-    "finetune": "supervised fine-tuning from the source run (tests/test_methods.py; "
-                "pytorch-adapt's Finetuner freezes G, dalab trains it at backbone_lr_mult)",
-    "frozen_features": "frozen backbone (tests/test_methods.py: frozen parameters stay bitwise unchanged)",
-    "arch_mod": "AdaBN statistics via torch's update_bn (tests/test_methods.py)",
+    "arch_mod": "its AdaBN step after training (torch's update_bn; pytorch-adapt's AdaBN needs domain-specific "
+                "BatchNorm layers) is checked by hand in tests/test_method_losses.py "
+                "(test_arch_mod_adabn_statistics_by_hand)",
 }
+
+
+NOTES = [
+    "**afn (fixed in 74961f4, after this comparison and FINDINGS showed it).** dalab's AFN took one "
+    "mean over source and target together of a per-sample term: half the weight of the paper's and "
+    "the authors' per-domain sum (pytorch-adapt's AFNHook sums too), and for HAFN every sample pulled "
+    "to R instead of each domain's mean norm. The default now follows the paper and matches the hook "
+    "at weight trade_off; `reduction=sample` keeps the old formulation, which matches the hook at "
+    "weight trade_off / 2 with a per-sample loss (row above).",
+    "**pytorch-adapt's gradient reversal weight is an integer by default.** GradientReversal keeps "
+    "its weight in a buffer of the constructor argument's dtype; the hooks' default weight=1 makes "
+    "it int64, so `update_weight(0.46)` stores 0 and the reversed gradient silently vanishes (found "
+    "here as a 6e-5 mismatch of DANN's backbone). The comparison builds the hooks with weight 1.0 "
+    "(tests/test_peer_equivalence.py::test_grl_weight_buffer_must_be_float).",
+    "**pytorch-adapt's default weighting is a mean.** Unconfigured, its MeanWeighter divides the sum "
+    "of the loss terms by their number: DANN's classification loss gets weight 1/3 and each domain "
+    "term 1/3, i.e. a third of the task learning rate. Every comparison here replaces it by a "
+    "SumWeighter with dalab's weights.",
+    "**pytorch-adapt's CDAN+E is not the CDAN authors' CDAN+E** (row \"vs pytorch-adapt's CDAN+E "
+    "defaults\"): it divides the entropy weights by their maximum instead of normalising them to "
+    "sum to the batch size, and lets the reversed domain gradient flow through softmax(logits) into "
+    "the classifier (the authors' code and TLlib detach it; so does dalab). Configured as the "
+    "authors' code (a sum normaliser and a combiner that detaches the softmax), it matches dalab.",
+    "**10 steps.** Differences from float rounding grow with the number of steps, by how much depends "
+    "on the objective: dan on the BN-free lenet goes from 1.5e-8 after one step to ~9e-3 after 10, "
+    "and so does dalab against itself from weights moved by one ulp (rounding control column), so "
+    "the growth is the objective's sensitivity (ReLU features, a data-dependent MMD bandwidth), not "
+    "an implementation difference. Under bn_mode=split dann and afn stay bitwise equal.",
+]
 
 
 def bn_mode_cases() -> list[tuple[str, dict]]:
@@ -418,16 +494,22 @@ def compare(case: Case, backbone: str, extra: dict | None = None, steps: int = 1
     before = [p.detach().clone() for p in m.parameters()]
     diffs, bdiffs, ctrl, update = [], [], [], 0.0
     for s, (x_s, y_s, x_t) in enumerate(make_batches(steps, seed), start=1):
-        m.train_step(Batch(x_s, y_s, x_tgt=x_t), s)
-        peer.step(x_s, y_s, x_t, s)
+        if case.data == "uda":
+            batch, pbatch = Batch(x_s, y_s, x_tgt=x_t), peer_batch(x_s, y_s, x_t)
+        elif case.data == "source":
+            batch, pbatch = Batch(x_s, y_s), peer_batch(x_s, y_s)
+        else:  # labeled target: a different input distribution, labels from the same draw
+            batch, pbatch = Batch(None, None, x_tgt_lab=x_t, y_tgt_lab=y_s), peer_batch(x_t, y_s)
+        m.train_step(batch, s)
+        peer.step(pbatch, s)
         if s == 1:
             update = _max_abs_diff([p.detach() for p in m.parameters()], before)
         diffs.append(param_diff(peer))
         bdiffs.append(buffer_diff(peer))
         if twin is not None:
-            twin.train_step(Batch(x_s, y_s, x_tgt=x_t), s)
+            twin.train_step(batch, s)
             ctrl.append(_max_abs_diff([p.detach() for p in m.parameters()], [p.detach() for p in twin.parameters()]))
-    bn = extra.get("bn_mode", "joint") if backbone == "lenet_bn" else "-"
+    bn = "-" if backbone != "lenet_bn" else extra.get("bn_mode", "joint") if case.data == "uda" else "n/a"
     scale = max(float(p.abs().max()) for p in before)
     return Result(case, backbone, bn, diffs, bdiffs, ctrl, scale, update)
 
@@ -437,9 +519,10 @@ def verdict(r: Result) -> str:
     if c.deviation and not c.peer_kwargs.get("paper_setup", True):
         return f"peer default differs: {c.deviation}"
     if r.backbone == "lenet_bn" and r.bn == "joint" and r.diff(1) > r.tol:
-        return ("documented deviation: dalab's default bn_mode=joint normalises source+target together "
-                "(pooled BatchNorm statistics); pytorch-adapt forwards each domain separately "
-                "(`--set bn_mode=split` removes it)")
+        default = resolve_hparams(get_method(c.method), c.overrides).get("bn_mode")
+        return ("documented deviation: BatchNorm statistics pooled over source+target (bn_mode=joint"
+                + (", dalab's default" if default == "joint" else f"; this method's default is {default}")
+                + "); pytorch-adapt forwards each domain alone; `bn_mode=split` removes it")
     if r.diff(1) <= r.tol:
         return "matches"
     return f"MISMATCH ({r.diff(1):.2e} > tolerance {r.tol:.1e})"
@@ -451,7 +534,7 @@ def run_all(steps: int = 10) -> list[Result]:
     out = []
     for case in CASES:
         for backbone in case.backbones:
-            settings = bn_mode_cases() if backbone == "lenet_bn" else [("-", {})]
+            settings = bn_mode_cases() if backbone == "lenet_bn" and case.data == "uda" else [("-", {})]
             for _, extra in settings:
                 out.append(compare(case, backbone, extra, steps, control=True))
     return out
@@ -497,6 +580,7 @@ def render(results: list[Result], steps: int) -> str:
     for c in CASES:
         lines.append(f"- `{c.method}` ({c.label}): {c.setup}."
                      + (f" Deviation shown: {c.deviation}." if c.deviation else ""))
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in NOTES]
     lines += ["", "## Methods without a pytorch-adapt counterpart", "",
               "| method | where its objective is checked |", "|---|---|"]
     compared = {r.case.method for r in results}
