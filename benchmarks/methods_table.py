@@ -27,10 +27,11 @@ def paper_link(paper: str) -> str:
 def check_link(name: str) -> str:
     """Where a method's update is checked: its row (anchor) in results/peer_equivalence.md --
     "pytorch-adapt" when compared step by step with the library's adapter or hooks, "by hand"
-    when checked against hand computations (no counterpart in the library)."""
-    from dalab.benchmarks.peer_equivalence import CASES
+    when checked against hand computations (no counterpart in the library), "not yet" otherwise."""
+    from dalab.benchmarks.peer_equivalence import CASES, HAND_CHECKED
 
-    text = "pytorch-adapt" if any(c.method == name for c in CASES) else "by hand"
+    text = ("pytorch-adapt" if any(c.method == name for c in CASES) else
+            "by hand" if name in HAND_CHECKED else "not yet")
     return f"[{text}](results/peer_equivalence.md#{name})"
 
 

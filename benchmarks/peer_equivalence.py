@@ -368,6 +368,9 @@ HAND_CHECKED = {
              "tests/test_method_losses.py (test_joint_labeled_update_by_hand); budget 0 is compared above",
     "entropy_min": "the full update is also checked by hand in tests/test_method_losses.py "
                    "(test_entropy_min_update_by_hand)",
+    "shot": "no SHOT in pytorch-adapt 0.0.83; the pseudo-label refresh (weighted-centroid clustering, as the "
+            "authors' obtain_label) and the full update (IM + beta x CE, hypothesis frozen) are checked by hand "
+            "in tests/test_method_losses.py (test_shot_refresh_and_update_by_hand)",
     "arch_mod": "its AdaBN step after training (torch's update_bn; pytorch-adapt's AdaBN needs domain-specific "
                 "BatchNorm layers) is checked by hand in tests/test_method_losses.py "
                 "(test_arch_mod_adabn_statistics_by_hand)",

@@ -339,6 +339,50 @@ def test_arch_mod_adabn_statistics_by_hand():
     assert len(seen) == 3  # two backbone BatchNorms and the new bottleneck's
 
 
+def test_shot_refresh_and_update_by_hand():
+    """SHOT (Liang et al. 2020; the authors' code): pseudo-labels by weighted-centroid clustering of
+    [g(x), 1] / ||.|| (cosine distance, classes predicted at least once, one re-assignment round),
+    then min_g  E_t H(p) - H(E_t p) + beta * CE(p, yhat) with the hypothesis C frozen. Clustering
+    in numpy float64, written as the authors' obtain_label."""
+    from dalab.methods import Batch
+    from conftest import tiny_batch
+
+    m, ref = _sgd_method("shot", {"beta": 0.3})
+    x = tiny_batch(n=16, labeled=False, seed=4).x_tgt
+    with torch.no_grad():  # a hypothesis that tells these images apart (a fresh init predicts one class)
+        g = ref.net.head[:-1](ref.net.backbone(x))
+        for net in (m.net, ref.net):
+            net.head[-1].weight.copy_(20 * (g[:10] - g.mean(0)))
+    m.refresh([x], 1)
+    m.train_step(Batch(None, None, x_tgt=x), 1)
+
+    with torch.no_grad():
+        g0 = ref.net.head[:-1](ref.net.backbone(x))
+        prob = torch.softmax(ref.net.head[-1](g0), 1).double().numpy()
+    fea = np.concatenate([g0.double().numpy(), np.ones((len(x), 1))], 1)
+    fea = fea / np.linalg.norm(fea, axis=1, keepdims=True)
+    labelset = np.where(np.eye(10)[prob.argmax(1)].sum(0) > 0)[0]
+
+    def nearest(centroids):
+        c = centroids[labelset]
+        cos_dist = 1 - fea @ c.T / np.linalg.norm(c, axis=1)[None, :]  # rows of fea have norm 1
+        return labelset[cos_dist.argmin(1)]
+
+    y0 = nearest(prob.T @ fea / (1e-8 + prob.sum(0)[:, None]))
+    onehot = np.eye(10)[y0]
+    assert (onehot[:, labelset].sum(0) > 0).all()  # no empty cluster (the authors' code would divide 0/0)
+    y_hat = torch.as_tensor(nearest(onehot.T @ fea / (1e-8 + onehot.sum(0)[:, None])))
+
+    logits = ref.net(x)
+    p = torch.softmax(logits, 1)
+    ent = -(p * torch.log(p)).sum(1).mean()
+    mean_p = p.mean(0)
+    loss = ent + (mean_p * torch.log(mean_p + 1e-5)).sum() + 0.3 * _ce(logits, y_hat)
+    grads = {**_grads(loss, ref.net.backbone, "net.backbone."), **_grads(loss, ref.net.head[:-1], "net.head.")}
+    _assert_sgd_step(m, ref, grads)  # the hypothesis (net.head.4) and the snapshot: unchanged
+    assert len(labelset) > 1 and len(set(y_hat.tolist())) > 1
+
+
 @pytest.mark.parametrize("scale", [0.1, 3.0, 30.0])
 def test_snd_score_equals_pytorch_adapt(scale):
     """dalab's chunked SND (the `snd` selection rule's score) is pytorch-adapt's SNDValidator."""
