@@ -43,4 +43,6 @@ def rule(name: str) -> str:
 
 def budget(b: str) -> str:
     """A row group's label: what target labels its methods see."""
-    return "no target labels" if b == "0" else ("all target labels" if b == "all" else f"{b} target labels per class")
+    if b in ("0", "all"):
+        return "no target labels" if b == "0" else "all target labels"
+    return f"{b} target label{'' if b == '1' else 's'} per class"

@@ -138,7 +138,10 @@ def budget_curve(records: list[dict], stem: str | Path, rule: str = "last", base
         ax.legend(fontsize=7, loc="lower right")
     what = (f"Label-budget curve: target test accuracy vs target labels per class ({', '.join(budgets)}), "
             f"mean and std over seeds, selection {RULES[rule].label}")
-    fig.suptitle(f"selection: {RULES[rule].label}; mean ± std over seeds", fontsize=9)
+    from dalab.tables import setting
+    settings = sorted({setting(r) for r in records})
+    fig.suptitle(f"selection: {RULES[rule].label}; mean ± std over {len({r['config']['seed'] for r in records})} seeds"
+                 + (f"; {settings[0]}" if len(settings) == 1 else ""), fontsize=9)
     out = _save_both(fig, Path(stem), what, command)
     plt.close(fig)
     return out
