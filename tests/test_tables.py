@@ -196,7 +196,7 @@ def test_display_names_in_every_renderer(tmp_path):
     for fmt, text in outs.items():
         assert "Source only" in text and "DANN" in text and "Fine-tuning" in text, fmt
     assert "| Source only | Baseline |" in outs["md"] and "MNIST-5k → UCI digits" in outs["md"]
-    assert "Source only & Baseline" in outs["tex"] and r"MNIST-5k $\to$ UCI digits" in outs["tex"]
+    assert "Source only & Baseline" in outs["tex"] and r"MNIST-5k $\to$\\UCI digits" in outs["tex"]  # 2-line header
     assert "source\\_only" not in outs["tex"] and "| source_only |" not in outs["md"]
     # the oracle rule is labelled as the oracle wherever it is named
     assert "ORACLE" in outs["md"].splitlines()[0] and "ORACLE" in outs["tex"]
