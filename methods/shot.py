@@ -68,7 +68,7 @@ class SHOT(Method):
     """
 
     family = "source-free"
-    display = "SHOT"
+    display = "SHOT-IM"  # the default beta = 0 is the paper's IM-only ablation (see above)
     paper = ("Liang, Hu & Feng, Do We Really Need to Access the Source Data? Source Hypothesis Transfer "
              "for Unsupervised Domain Adaptation, ICML 2020. https://arxiv.org/abs/2002.08546")
     target_data = TargetData.UNLABELED
