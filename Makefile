@@ -38,7 +38,7 @@ dann-vs-source: setup
 
 # Issue-13 study: defaults and budget chosen on the tuning pairs (digits-extra) -> results/protocol.md (+ .png)
 protocol: setup
-	$(PY) -m dalab.benchmarks.protocol --runs-dir $(RUNS) --out results/protocol.md
+	$(PY) -m dalab.benchmarks.protocol --runs-dir $(RUNS) --main-runs-dir $(RUNS) --out results/protocol.md
 
 # Issue-8 check: source-only and DANN with/without each data option, mnist5k -> ucidigits, 3 seeds
 augment-bench: setup
