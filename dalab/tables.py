@@ -126,6 +126,15 @@ def aggregate(records: Iterable[dict], rule: str) -> dict[tuple, dict[str, dict]
     return out
 
 
+def _pair_order(keys) -> list[str]:
+    """Pairs in the order the benchmarks list them (datasets.PAIRS: the default digits pairs first),
+    then any others alphabetically."""
+    from dalab.datasets import PAIRS
+
+    known = {f"{s}→{t}": i for i, (s, t) in reversed(list(enumerate(PAIRS)))}
+    return sorted(keys, key=lambda k: (known.get(k, len(known)), k))
+
+
 def _empty_cell() -> dict:
     return {"accs": [], "seeds": [], "runs": [], "n_failed": 0, "hparams": {}, "n_trials": 0}
 
@@ -133,8 +142,9 @@ def _empty_cell() -> dict:
 def _fmt(accs: list[float]) -> str:
     if not accs:
         return "—"
-    sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-    return f"{statistics.mean(accs):.1f} ± {sd:.1f}"
+    if len(accs) == 1:  # one seed: no spread to show
+        return f"{accs[0]:.1f}"
+    return f"{statistics.mean(accs):.1f} ± {statistics.stdev(accs):.1f}"
 
 
 def _csv_list(items: str | Iterable[str] | None) -> list[str] | None:
@@ -154,7 +164,7 @@ def build_table(records: list[dict], rule: str, pairs: list[str] | None = None, 
     from dalab.stats import friedman, paired_test
 
     agg = aggregate(records, rule)
-    pairs = pairs or sorted({p for v in agg.values() for p in v})
+    pairs = pairs or _pair_order({p for v in agg.values() for p in v})
     budget_order = lambda b: (b != "0", b == "all", int(b) if b.isdigit() else 0)  # noqa: E731
     # within a budget: the baseline first, then by family; within a method the plainest setting first
     rows = sorted(agg, key=lambda rk: (budget_order(rk[1]), rk[2] != baseline, rk[0] != "baseline", rk[0], rk[2],
