@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     for s in args.seeds:
         for n, b in rows:
             rec = run_or_load(RunConfig(n, src, tgt, seed=s, budget=b, steps=args.steps, backbone=args.backbone), args.runs_dir,
-                              args.device, args.cached_only, tensorboard=False)
+                              cached_only=args.cached_only, device=args.device, tensorboard=False)
             if rec is None:
                 continue
             recs[(n, b)].append(rec)

@@ -15,9 +15,9 @@ a small model concurrently on it; without GPUs they split the CPU cores), ``subm
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
-import socket
+import signal
 import sys
 import time
 import zlib
@@ -25,6 +25,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from dalab import runs
+from dalab.runs import RunConfig, RunOptions, release_claim, run_state, try_claim  # noqa: F401 -- re-exported
 from dalab.selection import RULE_NAMES as RULES  # the one registry of selection rules
 from dalab.utils import DalabError
 
@@ -107,6 +109,13 @@ class BenchSpec:
             bad("hparams", "must map a method name (or 'all') to {hparam: value}")
         if isinstance(self.pairs, list) and not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in self.pairs):
             bad("pairs", f"must be 'default', a benchmark name or a list of [source, target], got {self.pairs!r}")
+        for name in ("methods", "pairs", "selection"):
+            if isinstance(getattr(self, name), list) and not getattr(self, name):
+                bad(name, "is an empty list: the grid would have no runs (and its tables would be empty); "
+                          "name at least one, or leave the field out for its default")
+        for name in ("runs_dir", "out"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                bad(name, f"must be a folder path, got {getattr(self, name)!r}")
 
 
 def resolve_pairs(pairs: list | str) -> list[tuple[str, str]]:
@@ -158,156 +167,223 @@ def trial_hparams(method: str, trial: int, spec: BenchSpec) -> dict[str, Any]:
     return out
 
 
+def _check_variants(spec: BenchSpec, methods: list[str]) -> None:
+    """Every variant's hyperparameter must exist for some method of the grid and its value must be
+    valid, or the spec is rejected before anything runs (a typo is never skipped silently)."""
+    from dalab.methods import SHARED_HPARAMS, get_method
+
+    for variant in spec.variants:
+        for k, v in variant.items():
+            tables = [{**SHARED_HPARAMS, **get_method(m).hparams} for m in methods]
+            owner = next((t[k] for t in tables if k in t), None)
+            if owner is None:
+                from dalab.datasets.base import closest
+                known = set().union(*tables)
+                raise DalabError(f"field 'variants': unknown hyperparameter {k!r}{closest(str(k), known)} "
+                                 f"(no method of the grid has it)")
+            try:
+                owner.parse(k, v)
+            except DalabError as e:
+                raise DalabError(f"field 'variants': {e}") from None
+
+
+def source_hparams(spec: BenchSpec) -> dict[str, Any]:
+    """What the spec says about the source model: its hparams for ``all`` and ``source_only``."""
+    return {**spec.hparams.get("all", {}), **spec.hparams.get("source_only", {})}
+
+
 def expand(spec: BenchSpec, skipped: list[str] | None = None):
-    """The grid as a list of RunConfig, validated, in a stable order (source_only first so
-    source-pretrained models exist before the methods that start from them). A variant a method
-    cannot take (e.g. ``mixup: cross`` for ``source_only``, which sees no target data) is left out
-    for that method and the reason appended to ``skipped``; any other invalid run is an error."""
+    """The grid as a list of (RunConfig, trial), validated, in a stable order (source_only first
+    so source-pretrained models exist before the methods that start from them). A variant a method
+    cannot take (``mixup: cross`` for ``source_only``, which sees no target data; a hyperparameter
+    the method does not have) is left out for that method and the reason appended to ``skipped``;
+    any other invalid value is an error, before anything runs."""
     from dalab.datasets.base import parse_budget
-    from dalab.methods import get_method
+    from dalab.methods import SHARED_HPARAMS, get_method
     from dalab.methods.base import budget_kind
-    from dalab.trainer import RunConfig, validate
+    from dalab.trainer import validate
+    from dalab.utils import Unsupported
 
     for key in spec.hparams:
         if key != "all":
             get_method(key)
     pairs = resolve_pairs(spec.pairs)
+    methods = resolve_methods(spec)
+    _check_variants(spec, methods)
+    src_hp = source_hparams(spec)
     out = []
-    for method in resolve_methods(spec):
+
+    def skip(variant, method, why):
+        msg = f"variant {variant} skipped for {method}: {why}"
+        if skipped is not None and msg not in skipped:
+            skipped.append(msg)
+
+    for method in methods:
         cls = get_method(method)
+        table = {**SHARED_HPARAMS, **cls.hparams}
         budgets = [b for b in spec.budgets if budget_kind(parse_budget(b)) in cls.label_budgets]
         for src, tgt in pairs:
             for b in budgets:
                 for variant in spec.variants:
+                    if any(k not in table for k in variant):
+                        skip(variant, method, f"it has no hyperparameter {', '.join(k for k in variant if k not in table)}")
+                        continue
                     for t in range(spec.trials):
                         hp = {**trial_hparams(method, t, spec), **variant}
                         for seed in spec.seeds:
                             cfg = RunConfig(method, src, tgt, seed=seed, budget=b, steps=spec.steps,
                                             eval_every=spec.eval_every, backbone=spec.backbone,
                                             pretrained=spec.pretrained, split_seed=spec.split_seed,
-                                            precision=spec.precision, hparams=hp)
+                                            precision=spec.precision, hparams=hp, source_hparams=src_hp)
                             try:
                                 validate(cfg)
-                            except DalabError as e:
+                            except Unsupported as e:
                                 if not variant:
                                     raise
-                                msg = f"variant {variant} skipped for {method}: {e}"
-                                if skipped is not None and msg not in skipped:
-                                    skipped.append(msg)
+                                skip(variant, method, e)
                                 continue
                             out.append((cfg, t))
     return out
 
 
-# --------------------------------------------------------------------------- run states and claims
+def check_writable(folder: str | os.PathLike, what: str) -> None:
+    """A one-line error unless ``folder`` is (or can be made) a writable folder."""
+    import tempfile
 
-def run_state(runs_dir: Path, run_id: str) -> str:
-    """done (finished: record + marker), claimed (someone is on it), partial (started, not
-    finished: will be redone), or missing."""
-    d = runs_dir / run_id
-    if (d / "done").is_file() and (d / "record.json").is_file():
-        return "done"
-    if (runs_dir / f"{run_id}.claim").exists():
-        return "claimed"
-    return "partial" if d.exists() else "missing"
+    p = Path(folder)
+    if p.exists() and not p.is_dir():
+        raise DalabError(f"{what} {p} is a file, not a folder; point {what} at a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".dalab-write-test."):
+            pass
+    except OSError as e:
+        raise DalabError(f"{what} {p} is not writable ({e.strerror or e}); choose another folder") from None
 
+
+# --------------------------------------------------------------------------- run states
 
 def run_or_load(cfg, runs_dir: str | os.PathLike, device: str = "auto", cached_only: bool = False,
-                tensorboard: bool = True) -> dict | None:
+                opts: RunOptions | None = None, **options) -> dict | None:
     """The record of run ``cfg``: read when it is done under ``runs_dir``, else trained now (or
-    ``None`` with ``cached_only``). For benchmark scripts that reuse finished runs."""
+    ``None`` with ``cached_only``). For benchmark scripts that reuse finished runs; ``options``
+    override fields of ``opts`` (:class:`dalab.runs.RunOptions`)."""
     from dalab.trainer import train
 
     rd = Path(runs_dir)
-    if run_state(rd, cfg.run_id()) == "done":
-        return json.loads((rd / cfg.run_id() / "record.json").read_text())
-    if cached_only:
-        return None
-    return train(cfg, rd, device=device, progress=False, tensorboard=tensorboard)
+    rec = runs.read_record(runs.run_dir(rd, cfg.run_id())) if runs.is_done(rd, cfg.run_id()) else None
+    if rec is not None or cached_only:
+        return rec
+    return train(cfg, rd, opts, **{"device": device, "progress": False, **options})
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def grid_report(runs_dir: str | os.PathLike, grid) -> tuple[int, list[str]]:
+    """(number of grid runs not finished, one line per reason with its count and examples)."""
+    from collections import defaultdict
 
-
-def try_claim(runs_dir: Path, run_id: str) -> bool:
-    """Atomically claim a run for this process (O_EXCL file). Takes over stale claims of dead
-    processes on this host."""
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    path = runs_dir / f"{run_id}.claim"
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                owner = json.loads(path.read_text() or "{}")
-            except (OSError, ValueError):
-                return False  # being written right now by its owner
-            if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
-                path.unlink(missing_ok=True)  # stale: its process died
-                continue
-            return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return True
-    return False
-
-
-def release_claim(runs_dir: Path, run_id: str) -> None:
-    (runs_dir / f"{run_id}.claim").unlink(missing_ok=True)
+    rd = Path(runs_dir)
+    why: dict[str, list[str]] = defaultdict(list)
+    for cfg, _ in grid:
+        rid = cfg.run_id()
+        st = run_state(rd, rid)
+        if st == "done":
+            continue
+        if st == "failed":
+            err = (runs.read_failure(rd, rid) or {}).get("error", "?")
+            why[f"failed ({err})"].append(rid)
+        elif st == "claimed":
+            o = runs.claim_owner(rd, rid) or {}
+            why[f"claimed by a live process (pid {o.get('pid', '?')} on {o.get('host', '?')})"].append(rid)
+        elif (runs.run_dir(rd, rid) / "done").is_file():
+            why["record unreadable (will be redone)"].append(rid)
+        else:
+            why[f"{st} (not trained yet; rerun to train it)"].append(rid)
+    lines = [f"{len(ids)} {reason}: {', '.join(ids[:3])}{' ...' if len(ids) > 3 else ''}" for reason, ids in why.items()]
+    return sum(len(v) for v in why.values()), lines
 
 
 # --------------------------------------------------------------------------- workers and launchers
 
-def work(cfg_dicts: list[dict], runs_dir: str, device: str = "auto", threads: int | None = None,
-         data_root: str | None = None, worker: str = "", compile: bool = False) -> list[tuple[str, str]]:
-    """Train every not-yet-done run of the list that this worker can claim. Returns
-    [(run_id, state)] where state is done / diverged / skipped / failed: <error>."""
+def work(cfg_dicts: list[dict], runs_dir: str, opts: RunOptions | None = None, threads: int | None = None,
+         worker: str = "", since: float | None = None, wait: bool = True) -> list[tuple[str, str]]:
+    """Train every not-yet-done run of the list, each under a claim. Runs claimed by another live
+    process are waited for (they are done, or their claim goes stale and is taken over, or they
+    fail); a run that failed since ``since`` (this launch) is not retried by another worker.
+    Returns [(run_id, state)], state = done / diverged / skipped / failed: <error>. A stop signal
+    raises :class:`dalab.runs.Interrupted` once the current run has written its checkpoint."""
     import torch
 
-    from dalab.trainer import RunConfig, train
+    from dalab.trainer import train
 
+    opts = opts or RunOptions()
     if threads:
         torch.set_num_threads(threads)
     rd = Path(runs_dir)
-    results = []
-    for d in cfg_dicts:
-        cfg = RunConfig(**d)
-        rid = cfg.run_id()
-        if run_state(rd, rid) == "done" or not try_claim(rd, rid):
-            results.append((rid, "skipped"))
-            continue
-        try:
-            if run_state(rd, rid) == "done":  # finished by another worker between check and claim
-                results.append((rid, "skipped"))
-                continue
-            t0 = time.perf_counter()
-            # a partial run (killed mid-way) continues from its last checkpoint
-            rec = train(cfg, rd, device=device, progress=False, data_root=data_root,
-                        checkpoint_every=cfg.eval_every, resume=True, compile=compile)
-            acc = rec["final"]["tgt_test"]["acc"] * 100 if rec["final"] else float("nan")
-            print(f"{worker}{rec['status']:<8} {rid}  tgt_test {acc:5.1f}  "
-                  f"({time.perf_counter() - t0:.0f} s, {rec['train']['steps_per_s']:.0f} steps/s)", flush=True)
-            results.append((rid, rec["status"]))
-        except DalabError:
-            raise
-        except Exception as e:  # one broken run must not kill the grid
-            print(f"{worker}FAILED   {rid}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            results.append((rid, f"failed: {type(e).__name__}: {e}"))
-        finally:
-            release_claim(rd, rid)
-    return results
+    since = time.time() if since is None else since
+    pending = [RunConfig(**d) for d in cfg_dicts]
+    results: dict[str, str] = {}
+    told = False
+    with runs.graceful_stop():
+        while pending:
+            progressed = False
+            for cfg in list(pending):
+                runs.check_stop()
+                rid = cfg.run_id()
+                failed = runs.read_failure(rd, rid)
+                if runs.is_done(rd, rid) or (failed and failed.get("time", 0) >= since):
+                    results.setdefault(rid, "skipped")
+                    pending.remove(cfg)
+                    continue
+                if not runs.try_claim(rd, rid):
+                    continue
+                progressed = True
+                pending.remove(cfg)
+                try:
+                    if runs.is_done(rd, rid):  # finished by another worker between check and claim
+                        results.setdefault(rid, "skipped")
+                        continue
+                    t0 = time.perf_counter()
+                    # a partial run (killed mid-way) continues from its last checkpoint
+                    rec = train(cfg, rd, opts, progress=False, resume=True,
+                                checkpoint_every=opts.checkpoint_every or cfg.eval_every)
+                    runs.clear_failure(rd, rid)
+                    acc = rec["final"]["tgt_test"]["acc"] * 100 if rec["final"] else float("nan")
+                    print(f"{worker}{rec['status']:<8} {rid}  tgt_test {acc:5.1f}  "
+                          f"({time.perf_counter() - t0:.0f} s, {rec['train']['steps_per_s']:.0f} steps/s)", flush=True)
+                    results[rid] = rec["status"]
+                except (DalabError, KeyboardInterrupt):
+                    raise
+                except Exception as e:  # one broken run must not kill the grid
+                    msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    runs.write_failure(rd, rid, msg)
+                    print(f"{worker}FAILED   {rid}: {msg}", file=sys.stderr, flush=True)
+                    results[rid] = f"failed: {msg}"
+                finally:
+                    runs.release_claim(rd, rid)
+            if pending and not progressed:
+                if not wait:
+                    break
+                if not told:
+                    print(f"{worker}waiting for {len(pending)} run(s) claimed by other processes", flush=True)
+                    told = True
+                time.sleep(0.5)
+    return list(results.items())
 
 
-def _worker_entry(args) -> list[tuple[str, str]]:
-    return work(*args)
+def _worker_main(queue, args) -> None:
+    """Entry point of a local worker process: dies with its parent (SIGTERM: it checkpoints its
+    run and releases its claim), reports (kind, payload) on ``queue``."""
+    runs.die_with_parent(signal.SIGTERM)
+    try:
+        queue.put(("ok", work(*args)))
+    except runs.Interrupted as e:
+        queue.put(("interrupted", e.signum))
+    except KeyboardInterrupt:
+        queue.put(("interrupted", int(signal.SIGINT)))
+    except DalabError as e:
+        queue.put(("error", str(e)))
+    except BaseException as e:  # noqa: BLE001 -- reported to the parent, which decides
+        queue.put(("crash", f"{type(e).__name__}: {e}"))
 
 
 def worker_placement(jobs: int, ngpu: int, cores: int, device: str = "auto") -> list[tuple[str, int]]:
@@ -351,35 +427,115 @@ def local_placement(jobs: int, device: str = "auto") -> list[tuple[str, int]]:
     return placement
 
 
-def launch(spec: BenchSpec, grid, launcher: str = "local", jobs: int = 1, device: str = "auto",
-           data_root: str | None = None, submitit_dir: str | None = None, slurm: dict | None = None,
-           compile: bool = False):
-    """Run every not-done run of ``grid``; returns [(run_id, state)]."""
-    todo = [cfg.__dict__ for cfg, _ in grid if run_state(Path(spec.runs_dir), cfg.run_id()) != "done"]
-    if not todo:
-        return []
-    if launcher == "local" and jobs <= 1:
-        return work(todo, spec.runs_dir, device, None, data_root, "", compile)
-    if launcher == "local":
-        import multiprocessing as mp
+def _local_pool(todo: list[dict], runs_dir: str, opts: RunOptions, jobs: int, since: float) -> list[tuple[str, str]]:
+    """``jobs`` worker processes over the same list (claims split it). A stop signal to this
+    process is passed on to the workers as SIGTERM (they checkpoint and exit); if this process is
+    killed outright, the kernel sends them SIGTERM (``runs.die_with_parent``)."""
+    import dataclasses
+    import multiprocessing as mp
+    import queue as queue_mod
 
-        args = [(todo, spec.runs_dir, dev, threads, data_root, f"[w{i}] ", compile)
-                for i, (dev, threads) in enumerate(local_placement(jobs, device))]
-        with mp.get_context("spawn").Pool(jobs) as pool:
-            parts = pool.map(_worker_entry, args)
-        return _merge(parts)
-    if launcher in ("submitit-local", "slurm"):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_worker_main, name=f"dalab-worker-{i}",
+                         args=(q, (todo, runs_dir, dataclasses.replace(opts, device=dev), threads,
+                                   f"[w{i}] ", since)))
+             for i, (dev, threads) in enumerate(local_placement(jobs, opts.device))]
+
+    def forward(signum: int) -> None:
+        for p in procs:
+            if p.pid and p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+
+    outcomes = []
+    with runs.graceful_stop(forward=forward):
+        for p in procs:
+            p.start()
+        while len(outcomes) < len(procs):
+            try:
+                outcomes.append(q.get(timeout=0.5))
+            except queue_mod.Empty:
+                if not any(p.is_alive() for p in procs):
+                    try:  # a last message may still be in the pipe
+                        outcomes.append(q.get(timeout=1.0))
+                        continue
+                    except queue_mod.Empty:
+                        break  # a worker died without a word (killed): the grid report names its runs
+        for p in procs:
+            p.join()
+        signum = runs.stop_requested()
+    if signum is not None:
+        raise runs.Interrupted(signum)
+    for kind, payload in outcomes:
+        if kind == "interrupted":
+            raise runs.Interrupted(payload)
+    for kind, payload in outcomes:
+        if kind == "error":
+            raise DalabError(payload)
+        if kind == "crash":
+            raise RuntimeError(f"a worker crashed: {payload}")
+    return _merge([payload for kind, payload in outcomes if kind == "ok"])
+
+
+try:  # submitit's requeue support: a Checkpointable's checkpoint() says what to resubmit
+    from submitit.helpers import Checkpointable as _Checkpointable
+except ImportError:  # pragma: no cover -- submitit is a dependency; keep dalab.bench importable
+    _Checkpointable = object
+
+
+class SubmititWorker(_Checkpointable):
+    """What a submitit/Slurm job runs: :func:`work` over its share of the grid. On SIGUSR1/USR2
+    (Slurm's warning before the time limit, ``--signal``) or SIGTERM (preemption), the current run
+    finishes its step and writes its checkpoint, then submitit's own handler resubmits this same
+    call (``checkpoint()``) and requeues the job, which resumes that run from its checkpoint."""
+
+    def __call__(self, cfg_dicts, runs_dir, opts, worker="", since=None):
+        try:
+            return work(cfg_dicts, runs_dir, opts, None, worker, since)
+        except runs.Interrupted as e:
+            if e.signum != signal.SIGINT:
+                self._requeue()
+            raise
+
+    @staticmethod
+    def _requeue() -> None:
         import submitit
 
+        env = submitit.JobEnvironment()
+        handler = signal.getsignal(env._usr_sig())  # submitit's checkpoint_and_try_requeue, restored
+        if callable(handler):
+            handler(env._usr_sig(), None)  # calls self.checkpoint(...), requeues, exits the job
+
+
+def submit(todo: list[dict], runs_dir: str, opts: RunOptions, launcher: str, jobs: int,
+           folder: str, slurm: dict | None = None, since: float | None = None) -> list:
+    """Submit ``todo`` in ``jobs`` chunks through submitit (``submitit-local`` or ``slurm``)."""
+    import submitit
+
+    ex = submitit.LocalExecutor(folder) if launcher == "submitit-local" else submitit.AutoExecutor(folder)
+    ex.update_parameters(timeout_min=(slurm or {}).get("timeout_min", 24 * 60),
+                         **{k: v for k, v in (slurm or {}).items() if k != "timeout_min"})
+    n = max(1, jobs)
+    chunks = [todo[i::n] for i in range(n)]
+    return [ex.submit(SubmititWorker(), c, runs_dir, opts, f"[job{i}] ", since)
+            for i, c in enumerate(chunks) if c]
+
+
+def launch(spec: BenchSpec, grid, launcher: str = "local", jobs: int = 1, opts: RunOptions | None = None,
+           submitit_dir: str | None = None, slurm: dict | None = None) -> list[tuple[str, str]]:
+    """Run every not-done run of ``grid``; returns [(run_id, state)]."""
+    opts = opts or RunOptions()
+    todo = [dataclasses.asdict(cfg) for cfg, _ in grid if not runs.is_done(spec.runs_dir, cfg.run_id())]
+    if not todo:
+        return []
+    since = time.time()
+    if launcher == "local" and jobs <= 1:
+        return work(todo, spec.runs_dir, opts, None, "", since)
+    if launcher == "local":
+        return _local_pool(todo, spec.runs_dir, opts, jobs, since)
+    if launcher in ("submitit-local", "slurm"):
         folder = submitit_dir or str(Path(spec.runs_dir) / "_submitit")
-        ex = submitit.LocalExecutor(folder) if launcher == "submitit-local" else submitit.AutoExecutor(folder)
-        ex.update_parameters(timeout_min=(slurm or {}).get("timeout_min", 24 * 60),
-                             **{k: v for k, v in (slurm or {}).items() if k != "timeout_min"})
-        n = max(1, jobs)
-        chunks = [todo[i::n] for i in range(n)]
-        jobs_ = [ex.submit(work, c, spec.runs_dir, device, None, data_root, f"[job{i}] ", compile)
-                 for i, c in enumerate(chunks) if c]
-        return _merge([j.result() for j in jobs_])
+        return _merge([j.result() for j in submit(todo, spec.runs_dir, opts, launcher, jobs, folder, slurm, since)])
     raise DalabError(f"unknown launcher {launcher!r}; use local, submitit-local or slurm")
 
 

@@ -9,6 +9,7 @@ Bad input prints one ``error: ...`` line naming the problem and the fix, and exi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Sequence
 
@@ -70,8 +71,42 @@ def cmd_show_domains(args) -> int:
     return 0
 
 
+def add_run_options(p: argparse.ArgumentParser, bench: bool = False) -> None:
+    """The options of how a run executes (:class:`dalab.runs.RunOptions`), shared by ``dalab run``
+    and ``dalab bench`` so a benchmark's runs get every one of them."""
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--data-root", default=None, help="root folder of datasets read from disk")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="write checkpoint.pt every N steps (atomic)" + ("; default: each run's eval_every" if bench else ""))
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic GPU kernels (slower); CPU runs are deterministic anyway")
+    p.add_argument("--no-channels-last", action="store_true", help="keep NCHW layout for conv backbones")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone (GPU / long runs)")
+    p.add_argument("--no-tensorboard", action="store_true", help="write no TensorBoard events")
+    p.add_argument("--log-every", type=int, default=50, metavar="N", help="log losses every N steps")
+    p.add_argument("--save-model", action="store_true", help="also write the final weights to model.pt")
+
+
+def run_options(args, **fixed):
+    """The :class:`dalab.runs.RunOptions` of ``dalab run`` / ``dalab bench`` arguments."""
+    from dalab.runs import RunOptions
+
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise DalabError(f"--checkpoint-every {args.checkpoint_every} must be >= 1")
+    if args.log_every < 1:
+        raise DalabError(f"--log-every {args.log_every} must be >= 1")
+    return RunOptions(device=args.device, data_root=args.data_root, checkpoint_every=args.checkpoint_every,
+                      deterministic=args.deterministic, channels_last=not args.no_channels_last,
+                      compile=args.compile, tensorboard=not args.no_tensorboard, log_every=args.log_every,
+                      save_model=args.save_model, **fixed)
+
+
+INTERRUPTED = "interrupted; rerun the same command to resume"
+
+
 def cmd_run(args) -> int:
-    from dalab.trainer import RunConfig, train
+    from dalab import runs
+    from dalab.trainer import RunConfig, train, validate
 
     if args.download:
         import os
@@ -79,14 +114,21 @@ def cmd_run(args) -> int:
     cfg = RunConfig(method=args.method, source=args.source, target=args.target, seed=args.seed,
                     budget=args.budget, steps=args.steps, eval_every=args.eval_every,
                     backbone=args.backbone, pretrained=args.pretrained, precision=args.precision,
-                    hparams=parse_sets(args.set))
+                    hparams=parse_sets(args.set), source_hparams=parse_sets(args.source_set))
+    validate(cfg)  # bad input: one line, nothing written, before the claim
+    opts = run_options(args, progress=not args.quiet, resume=True)  # a rerun continues from its checkpoint
+    rid = cfg.run_id()
     from dalab import distributed
     ddp = distributed.init_from_env(args.device)  # under torchrun: this process is one rank of the run
     try:
-        rec = train(cfg, runs_dir=args.runs_dir, device=args.device, progress=not args.quiet,
-                    data_root=args.data_root, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                    deterministic=args.deterministic, channels_last=not args.no_channels_last,
-                    compile=args.compile, save_model=args.save_model)
+        # rank 0 (or the only process) holds the run's claim; other ranks follow it
+        with runs.claimed(args.runs_dir, rid) if not ddp or ddp.is_main else contextlib.nullcontext(True) as mine:
+            if not mine:
+                o = runs.claim_owner(args.runs_dir, rid) or {}
+                raise DalabError(f"run {rid} is being trained right now by pid {o.get('pid', '?')} on "
+                                 f"{o.get('host', '?')}; wait for it to finish (its record will be in "
+                                 f"{args.runs_dir}/{rid}/) or stop that process")
+            rec = train(cfg, args.runs_dir, opts)
     finally:
         distributed.shutdown()
     if ddp and not ddp.is_main:
@@ -107,7 +149,7 @@ def cmd_run(args) -> int:
 def cmd_bench(args) -> int:
     from pathlib import Path
 
-    from dalab.bench import BenchSpec, expand, launch, run_state
+    from dalab.bench import BenchSpec, check_writable, expand, grid_report, launch, run_state
     from dalab.tables import load_records, write_tables
 
     from dalab.distributed import launched
@@ -123,7 +165,11 @@ def cmd_bench(args) -> int:
     grid = expand(spec, skipped)  # validates every run before anything is trained or written
     for msg in skipped:
         print(msg)
+    opts = run_options(args, progress=False, resume=True)
     rd = Path(spec.runs_dir)
+    if not args.dry_run:  # both folders are checked before the first run, not after the grid
+        check_writable(spec.runs_dir, "runs_dir (--runs-dir)")
+        check_writable(spec.out, "out (--out)")
     states = [run_state(rd, cfg.run_id()) for cfg, _ in grid]
     n_done = states.count("done")
     print(f"{spec.name}: {len(grid)} runs ({n_done} done, {len(grid) - n_done} to run) -> {spec.runs_dir}")
@@ -137,8 +183,7 @@ def cmd_bench(args) -> int:
         return 0
     import time
     t0 = time.perf_counter()
-    results = launch(spec, grid, launcher=args.launcher, jobs=args.jobs, device=args.device,
-                     data_root=args.data_root, compile=args.compile)
+    results = launch(spec, grid, launcher=args.launcher, jobs=args.jobs, opts=opts)
     wall = time.perf_counter() - t0
     failed = [r for r in results if r[1].startswith("failed")]
     print(f"grid finished in {wall:.0f} s: {len(results)} runs attempted, "
@@ -159,7 +204,13 @@ def cmd_bench(args) -> int:
     command = args.command or f"dalab bench {args.spec}"
     for path in write_tables(records, spec.out, spec.selection, command, pairs):
         print(f"wrote {path}")
-    return 1 if failed else 0
+    missing, reasons = grid_report(rd, grid)
+    if missing:  # never exit 0 while the tables miss runs of this grid
+        print(f"{missing} of {len(grid)} runs of this grid are not finished; the tables lack them:", file=sys.stderr)
+        for line in reasons:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _table_command(args, out: str) -> str:
@@ -226,20 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--backbone", default="lenet")
     pr.add_argument("--pretrained", default=None, help="local ImageNet weight file (ResNets); never downloaded")
     pr.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="hyperparameter override")
-    pr.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    pr.add_argument("--source-set", action="append", default=[], metavar="NAME=VALUE",
+                    help="hyperparameter of the source_only run a method with init_from_source starts from")
     pr.add_argument("--runs-dir", default="results/runs")
-    pr.add_argument("--data-root", default=None, help="root folder of datasets read from disk")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
-    pr.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
-                    help="write checkpoint.pt every N steps (atomic)")
-    pr.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint.pt")
-    pr.add_argument("--save-model", action="store_true", help="also write the final weights to model.pt")
-    pr.add_argument("--deterministic", action="store_true",
-                    help="deterministic GPU kernels (slower); CPU runs are deterministic anyway")
+    pr.add_argument("--resume", action="store_true",
+                    help="(always on) a rerun of a killed run continues from its checkpoint.pt")
     pr.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="bf16 autocast of forward passes; auto = bf16 on GPUs and CPUs that have it natively")
-    pr.add_argument("--no-channels-last", action="store_true", help="keep NCHW layout for conv backbones")
-    pr.add_argument("--compile", action="store_true", help="torch.compile the backbone (GPU / long runs)")
+    add_run_options(pr)
     pr.add_argument("--download", action="store_true",
                     help="let torchvision download MNIST/USPS/SVHN into --data-root (needs internet)")
     pr.set_defaults(fn=cmd_run)
@@ -263,11 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--jobs", type=int, default=1,
                     help="parallel workers (local: processes, spread round-robin over the GPUs if any, "
                          "so --jobs 8 on one GPU runs 8 small-model runs concurrently on it)")
-    pb.add_argument("--compile", action="store_true", help="torch.compile each run's backbone")
-    pb.add_argument("--device", default="auto")
     pb.add_argument("--runs-dir", default=None, help="override the spec's runs_dir")
     pb.add_argument("--out", default=None, help="override the spec's table folder")
-    pb.add_argument("--data-root", default=None)
+    add_run_options(pb, bench=True)
     pb.add_argument("--command", default=None, help=argparse.SUPPRESS)  # the command named in table headers
     pb.set_defaults(fn=cmd_bench)
 
@@ -297,10 +341,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.cmd in ("run", "bench"):  # signals only request a stop: the run checkpoints first
+            from dalab.runs import graceful_stop
+            with graceful_stop():
+                return args.fn(args)
         return args.fn(args)
     except DalabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C, or a stop signal (dalab.runs.Interrupted): checkpoint kept
+        print(INTERRUPTED, file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     except BrokenPipeError:  # output piped into e.g. `head`: not an error of ours
         sys.stderr.close()
         return 0

@@ -1,70 +1,81 @@
 """Source pretraining, shared by every method that starts from a source-trained model.
 
-The source-pretrained network for (source, target, seed, backbone, pretrained weights, steps,
-eval_every, split_seed) IS the ``source_only`` run of that configuration: in a benchmark grid the
-baseline row and the starting point of ``finetune``/``frozen_features``/``arch_mod`` are the same
-run, trained once. If that run is finished (``done`` marker) and saved its weights (``model.pt``)
-under the same runs dir, they are loaded; otherwise it is trained through the one loop,
-:func:`dalab.trainer.train` (there is no second training loop).
+The source model of a run is defined once, by :func:`source_config`: the ``source_only`` run of
+the same pair, seed, backbone, pretrained weights, step budget, evaluation schedule, split and
+precision, with the run's *source hyperparameters* (``RunConfig.source_hparams``: in a benchmark,
+the spec's hparams for ``all`` and ``source_only``; ``dalab run --source-set NAME=VALUE``) and the
+run's input standardisation. In a benchmark grid the ``source_only`` row and the starting point of
+``finetune``/``frozen_features``/``arch_mod`` are therefore the same run, trained once; every
+record names it (``method.init_from``) and states its full configuration (``method.source_config``).
+
+If that run is finished under the same runs dir, its ``model.pt`` is loaded; otherwise (or when
+the weights are unreadable: moved aside, with a warning) it is trained, once, under the same claim
+protocol as benchmark runs, through the one loop (the trainer passes its ``train`` in: this module
+never imports the trainer, so there is no import circle).
 """
 
 from __future__ import annotations
 
-import json
+import time
 from pathlib import Path
+from typing import Callable
 
-import torch
-
+from dalab import runs
+from dalab.runs import RunConfig, RunOptions
 from dalab.utils import DalabError
 
 
-def source_config(cfg):
-    """The ``source_only`` RunConfig a method run with config ``cfg`` starts from. Only the pair,
-    seed, backbone, step budget, split, precision and input standardisation define it: the method's
-    own hyperparameters (and its augmentation/mixup/VAT options) do not."""
-    from dalab.trainer import RunConfig
-
-    hp = {k: cfg.hparams[k] for k in ("standardize",) if k in cfg.hparams}
+def source_config(cfg: RunConfig) -> RunConfig:
+    """The ``source_only`` RunConfig a run with config ``cfg`` starts from. The method's own
+    hyperparameters (and its augmentation/mixup/VAT options) do not define it; its source
+    hyperparameters and input standardisation do."""
+    hp = cfg.source_run_hparams()
+    if hp is None:
+        raise DalabError(f"method {cfg.method!r} with these hyperparameters does not start from a source model")
     return RunConfig("source_only", cfg.source, cfg.target, seed=cfg.seed, budget="0", steps=cfg.steps,
                      eval_every=cfg.eval_every, backbone=cfg.backbone, pretrained=cfg.pretrained,
                      split_seed=cfg.split_seed, precision=cfg.precision, hparams=hp)
 
 
-def source_pretrained(cfg, runs_dir: str | Path, device: str = "auto", data_root: str | None = None,
-                      progress: bool = False) -> tuple[dict, str]:
-    """(state dict of the source-trained Classifier on CPU, run id it came from); trains the
-    ``source_only`` run first when it is not cached."""
-
+def source_pretrained(cfg: RunConfig, runs_dir: str | Path, opts: RunOptions,
+                      train_fn: Callable[..., dict]) -> tuple[dict, str]:
+    """(state dict of the source-trained Classifier on CPU, run id it came from). Trains the
+    ``source_only`` run first (with ``train_fn``, i.e. :func:`dalab.trainer.train`) when it is
+    not finished, or when its weights cannot be read -- once; a second failure is an error."""
     scfg = source_config(cfg)
-    run_dir = Path(runs_dir) / scfg.run_id()
-    weights = run_dir / "model.pt"
-    if not ((run_dir / "done").is_file() and weights.is_file()):
-        _train_once(scfg, Path(runs_dir), device, progress, data_root)
-    elif json.loads((run_dir / "record.json").read_text())["status"] != "done":
-        raise DalabError(f"source pretraining run {scfg.run_id()} did not finish; delete {run_dir} to retrain")
-    return torch.load(weights, map_location="cpu", weights_only=True), scfg.run_id()
-
-
-def _train_once(scfg, runs_dir: Path, device: str, progress: bool, data_root: str | None) -> None:
-    """Train the source run unless another worker is already on it (then wait for it): the
-    same claim files as the benchmark runner, so parallel workers never train it twice."""
-    import time
-
-    from dalab.bench import release_claim, try_claim
-    from dalab.trainer import train
-
+    rd = Path(runs_dir)
     rid = scfg.run_id()
-    done = lambda: (runs_dir / rid / "done").is_file() and (runs_dir / rid / "model.pt").is_file()  # noqa: E731
-    while not done():
-        if try_claim(runs_dir, rid):
-            try:
-                if not done():
-                    rec = train(scfg, runs_dir, device=device, progress=progress, tensorboard=False,
-                                data_root=data_root)
+    for _attempt in range(2):
+        if not _finished(rd, rid):
+            _train_once(scfg, rd, opts, train_fn)
+        rec = runs.read_record(runs.run_dir(rd, rid))
+        if rec is not None and rec["status"] != "done":
+            raise DalabError(f"source pretraining run {rid} {rec['status']}; lower the lr (--set lr=... or "
+                             f"--source-set lr=...) or check the data; delete {runs.run_dir(rd, rid)} to retrain")
+        state = runs.load_model(runs.run_dir(rd, rid))  # unreadable: moved aside, None
+        if state is not None:
+            return state, rid
+        (runs.run_dir(rd, rid) / "done").unlink(missing_ok=True)  # not finished any more: retrain it
+    raise DalabError(f"source pretraining run {rid} wrote unreadable weights twice; check the disk under {rd}")
+
+
+def _finished(rd: Path, rid: str) -> bool:
+    return runs.is_done(rd, rid) and (runs.run_dir(rd, rid) / "model.pt").is_file()
+
+
+def _train_once(scfg: RunConfig, rd: Path, opts: RunOptions, train_fn: Callable[..., dict]) -> None:
+    """Train the source run unless another process is already on it (then wait for it): the same
+    claim files as the benchmark runner, so parallel workers never train it twice."""
+    rid = scfg.run_id()
+    while not _finished(rd, rid):
+        runs.check_stop()
+        with runs.claimed(rd, rid) as mine:
+            if mine:
+                if not _finished(rd, rid):
+                    rec = train_fn(scfg, rd, opts, progress=opts.progress, tensorboard=False, save_model=True,
+                                   checkpoint_every=opts.checkpoint_every or scfg.eval_every, resume=True)
                     if rec["status"] != "done":
-                        raise DalabError(f"source pretraining run {rid} {rec['status']}; "
-                                         f"lower the lr (--set lr=...) or check the data")
-            finally:
-                release_claim(runs_dir, rid)
-            return
-        time.sleep(1.0)  # another worker is training it
+                        raise DalabError(f"source pretraining run {rid} {rec['status']}; lower the lr "
+                                         f"(--source-set lr=...) or check the data")
+                return
+        time.sleep(0.5)  # another process is training it

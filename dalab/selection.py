@@ -75,6 +75,8 @@ def select(record: dict, rule: str) -> dict | None:
     """The evaluation point a rule picks in one run, or None (a diverged run under ``last``, or no
     evaluation at all). Ties go to the later checkpoint."""
     evals = record.get("evals") or []
+    if record.get("status") != "done":  # diverged (or unfinished): marked † under every rule
+        return None
     if rule == "last":
         return evals[-1] if record.get("status") == "done" and evals else None
     finite = [e for e in evals if math.isfinite(selection_score(e, rule))]

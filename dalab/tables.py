@@ -57,15 +57,11 @@ OUTPUTS = {
 
 
 def load_records(runs_dir: str | Path) -> list[dict]:
-    """Every finished run (``done`` marker + readable record) under ``runs_dir``; partial runs are ignored."""
-    out = []
-    for d in sorted(Path(runs_dir).iterdir()) if Path(runs_dir).is_dir() else []:
-        if d.is_dir() and (d / "done").is_file() and (d / "record.json").is_file():
-            try:
-                out.append(json.loads((d / "record.json").read_text()))
-            except ValueError:
-                continue
-    return out
+    """Every finished run's record under ``runs_dir`` (dalab.runs owns the run folder; records it
+    cannot read are left out and counted in a warning line)."""
+    from dalab.runs import load_records as load
+
+    return load(runs_dir)
 
 
 def pair_name(rec: dict) -> str:

@@ -12,51 +12,25 @@ events) and, last, a ``done`` marker.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import hashlib
-import json
 import math
 import os
 import platform
+import shutil
+import signal
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dalab.utils import DalabError, atomic_write_json, atomic_write_text, git_commit, package_versions, seed_everything
-
-RECORD_VERSION = 1
-
-
-@dataclass
-class RunConfig:
-    """Everything that defines a run (and therefore its id)."""
-
-    method: str
-    source: str
-    target: str
-    seed: int = 0
-    budget: str = "0"               # target labels: "0", k per class, or "all"
-    steps: int = 2000
-    eval_every: int = 250
-    backbone: str = "lenet"
-    pretrained: str | None = None   # local ImageNet weights (ResNets only)
-    split_seed: int = 0             # the data split is fixed across run seeds
-    precision: str = "auto"         # auto | fp32 | bf16 (autocast); auto = bf16 where the device has it
-    hparams: dict[str, Any] = field(default_factory=dict)  # overrides of the defaults
-
-    def key(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["budget"] = str(d["budget"])
-        return d
-
-    def run_id(self) -> str:
-        """Deterministic, readable id: a hash of the full config behind the main fields."""
-        h = hashlib.sha1(json.dumps(self.key(), sort_keys=True).encode()).hexdigest()[:8]
-        return f"{self.method}__{self.source}-{self.target}__b{self.budget}__s{self.seed}__{h}"
+from dalab import runs
+from dalab.runs import RECORD_VERSION, Interrupted, RunConfig, RunOptions  # noqa: F401 -- re-exported
+from dalab.utils import DalabError, Unsupported, git_commit, package_versions, seed_everything
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -109,13 +83,27 @@ def validate(cfg: RunConfig) -> Prepared:
     from dalab.methods import get_method, resolve_hparams
     from dalab.methods.base import TargetData, budget_kind
 
+    from dalab.methods.nets import BACKBONE_INPUT
+
     method_cls = get_method(cfg.method)
-    get_domain(cfg.source)
-    get_domain(cfg.target)
+    domains = [get_domain(cfg.source), get_domain(cfg.target)]
+    if cfg.source == cfg.target:
+        raise DalabError(f"source and target are the same domain {cfg.source!r}: that is not domain adaptation; "
+                         f"pick another --target (in-domain accuracy is every record's src_val, or "
+                         f"--method target_only --budget all)")
+    if cfg.backbone not in BACKBONE_INPUT:
+        raise DalabError(f"unknown backbone {cfg.backbone!r}; choose one of {', '.join(BACKBONE_INPUT)}")
+    need = BACKBONE_INPUT[cfg.backbone]
+    for d in domains:
+        if need is not None and d.image_size != need:
+            fits = [b for b, n in BACKBONE_INPUT.items() if n in (None, d.image_size)]
+            raise DalabError(f"backbone {cfg.backbone!r} takes {need}x{need} images but domain {d.name!r} gives "
+                             f"{d.image_size}x{d.image_size}; use a backbone that fits: {', '.join(fits)} "
+                             f"(--backbone, or a spec's backbone:)")
     budget = parse_budget(cfg.budget)
     kind = budget_kind(budget)
     if kind not in method_cls.label_budgets:
-        raise DalabError(f"method {cfg.method!r} does not support target-label budget {cfg.budget!r} "
+        raise Unsupported(f"method {cfg.method!r} does not support target-label budget {cfg.budget!r} "
                          f"(it supports {', '.join(method_cls.label_budgets)}; 'k' = labels per class)")
     if cfg.precision not in PRECISIONS:
         raise DalabError(f"precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -123,11 +111,14 @@ def validate(cfg: RunConfig) -> Prepared:
         if not isinstance(v, int) or v < lo:
             raise DalabError(f"{name}={v!r} must be an integer >= {lo}")
     hp = resolve_hparams(method_cls, cfg.hparams)
+    src_hp = cfg.source_run_hparams(hp)
+    if src_hp is not None:  # the source model's overrides must be valid too
+        resolve_hparams(get_method("source_only"), src_hp)
     if hp["mixup"] == "cross" and method_cls.target_data not in (TargetData.UNLABELED, TargetData.BOTH):
-        raise DalabError(f"mixup=cross mixes source with unlabeled target inputs, but method {cfg.method!r} "
+        raise Unsupported(f"mixup=cross mixes source with unlabeled target inputs, but method {cfg.method!r} "
                          f"uses no unlabeled target data; use mixup=source, or a method that adapts (e.g. dann)")
     if not method_cls.uses_source and hp["mixup"] != "none":
-        raise DalabError(f"method {cfg.method!r} is source-free (its adaptation sees no source data), so "
+        raise Unsupported(f"method {cfg.method!r} is source-free (its adaptation sees no source data), so "
                          f"mixup={hp['mixup']} cannot apply; use mixup=none")
     return Prepared(cfg, method_cls, hp, budget)
 
@@ -294,27 +285,64 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "auto",
-          progress: bool = True, tensorboard: bool = True, log_every: int = 50,
-          data_root: str | None = None, save_model: bool = False, checkpoint_every: int | None = None,
-          resume: bool = False, deterministic: bool = False, channels_last: bool = True,
-          compile: bool = False) -> dict[str, Any]:
+def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", opts: RunOptions | None = None,
+          **options: Any) -> dict[str, Any]:
     """Train one run to its step budget and write its record. Returns the record.
 
-    ``data_root`` locates domains read from disk; it is not part of the run's identity.
-    ``save_model`` also writes the network weights to ``model.pt`` (always on for ``source_only``:
-    those weights are the shared source-pretrained start of other methods, see dalab.pretrain).
-    ``checkpoint_every`` N writes ``checkpoint.pt`` every N steps (atomically): weights, optimizer,
-    scheduler, RNG states, step, evaluations so far. ``resume`` continues from it when present; on
-    CPU a resumed run ends with the same numbers as an uninterrupted one (same thread count).
-    ``deterministic`` selects deterministic GPU kernels (cuDNN deterministic, no autotuning,
-    ``torch.use_deterministic_algorithms``); otherwise CUDA runs let cuDNN autotune for speed.
+    ``opts`` (a :class:`dalab.runs.RunOptions`; keyword ``options`` override its fields) says how
+    to run, never what: ``data_root`` locates domains read from disk; ``save_model`` also writes
+    the weights to ``model.pt`` (always for ``source_only``: the shared source-pretrained start of
+    other methods, see dalab.pretrain); ``checkpoint_every`` N writes ``checkpoint.pt`` every N
+    steps (atomically): weights, optimizer, scheduler, RNG states, step, evaluations so far;
+    ``resume`` continues from it when present (an unreadable one is moved aside and the run starts
+    over); on CPU a resumed run ends with the same numbers as an uninterrupted one (same thread
+    count). ``deterministic`` selects deterministic GPU kernels; otherwise cuDNN autotunes.
+
+    Stops: SIGINT/SIGTERM/SIGUSR1 finish the current step, write a checkpoint and raise
+    :class:`dalab.runs.Interrupted`; a non-finite loss stops the run at that step (on CPU checked
+    every step; on CUDA an on-device flag, read at logging and evaluation points, keeps the first
+    bad step without a per-step host sync), and non-finite weights are caught before any
+    evaluation: the record says ``diverged`` with the step, and no NaN model is ever evaluated.
 
     Speed options (they change float rounding only, never the algorithm; recorded in provenance):
     ``cfg.precision`` (bf16 autocast of the backbone; part of the run's identity),
     ``channels_last`` (NHWC memory layout for conv backbones: faster convolutions and pooling on
     CPU and on tensor-core GPUs), ``compile`` (``torch.compile`` the backbone; pays off on GPUs and
     long runs, not for a 500-step LeNet run on CPU, where compiling takes longer than training)."""
+    o = dataclasses.replace(opts or RunOptions(), **options)
+    rdir = runs.run_dir(runs_dir, cfg.run_id())
+    existed = rdir.exists()
+    try:
+        return _train(cfg, Path(runs_dir), rdir, o)
+    except Exception:
+        # nothing half-written: a run that failed before its first checkpoint leaves no folder
+        if not existed and rdir.exists() and not (rdir / "checkpoint.pt").exists():
+            shutil.rmtree(rdir, ignore_errors=True)
+        raise
+
+
+def _all_finite(out: dict) -> torch.Tensor | bool:
+    """Whether every logged value of a step is finite: a 0-dim bool tensor on the values' device
+    (no host sync), or a bool when there is no tensor."""
+    ts = [v.detach().reshape(()) for v in out.values() if torch.is_tensor(v)]
+    ok = all(math.isfinite(float(v)) for v in out.values() if not torch.is_tensor(v))
+    if not ts:
+        return ok
+    flag = torch.isfinite(torch.stack([t.float() for t in ts])).all()
+    return flag if ok else torch.zeros((), dtype=torch.bool, device=flag.device)
+
+
+def _sync_every_step(dev: torch.device) -> bool:
+    """Check the loss on the host every step (CPU: costs nothing) or keep an on-device flag read at
+    logging/evaluation points (CUDA: no per-step synchronisation)."""
+    return dev.type == "cpu"
+
+
+def _params_finite(method) -> bool:
+    return bool(torch.stack([p.detach().isfinite().all() for p in method.parameters()]).all())
+
+
+def _train(cfg: RunConfig, runs_dir: Path, run_dir: Path, o: RunOptions) -> dict[str, Any]:
     from dalab.datasets.base import check_same_classes, labeled_indices, load_domain
     from dalab.methods.base import Batch, TargetData
     from dalab.methods.nets import build_classifier
@@ -323,20 +351,21 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
 
     prep = validate(cfg)
     ddp = distributed.context()  # torchrun: one of several ranks of this run (dalab.distributed)
-    dev = ddp.device if ddp else pick_device(device)
+    dev = ddp.device if ddp else pick_device(o.device)
     main = ddp is None or ddp.is_main  # rank 0 alone evaluates and writes
-    set_determinism(deterministic, dev)
-    src = load_domain(cfg.source, cfg.split_seed, dev, root=data_root)
-    tgt = load_domain(cfg.target, cfg.split_seed, dev, root=data_root)
+    set_determinism(o.deterministic, dev)
+    src = load_domain(cfg.source, cfg.split_seed, dev, root=o.data_root)
+    tgt = load_domain(cfg.target, cfg.split_seed, dev, root=o.data_root)
     check_same_classes(src, tgt)
     data_options = set_up_data_options(prep.hp, {"source": src, "target": tgt})
 
-    init_from = None
+    init_from = source_key = None
     if prep.method_cls.starts_from_source(prep.hp):  # before seeding, so a cache hit or miss changes nothing
-        from dalab.pretrain import source_pretrained
+        from dalab.pretrain import source_config, source_pretrained
         if ddp:
             distributed.require_source_run(cfg, runs_dir)
-        init_state, init_from = source_pretrained(cfg, runs_dir, device, data_root, progress)
+        init_state, init_from = source_pretrained(cfg, runs_dir, o, train_fn=train)
+        source_key = source_config(cfg).key()
     seed_everything(cfg.seed)
     net = build_classifier(cfg.backbone, src.num_classes, cfg.pretrained)
     if init_from:
@@ -350,12 +379,12 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
     method.input_stats = {role: input_stats(dom) for role, dom in (("source", src), ("target", tgt))}
     if ddp:  # SyncBatchNorm, rank 0's weights everywhere, gradient averaging in every optimizer step
         ddp.prepare(method, prep.hp["batch_size"])
-    channels_last = channels_last and any(isinstance(m, torch.nn.Conv2d) for m in net.backbone.modules())
+    channels_last = o.channels_last and any(isinstance(m, torch.nn.Conv2d) for m in net.backbone.modules())
     if channels_last:
         method.to(memory_format=torch.channels_last)
         for split in (*src.splits(), *tgt.splits()):
             split.memory_format = torch.channels_last
-    if compile:
+    if o.compile:
         net.backbone.compile()
 
     # data streams: each gets its own generator so adding a stream never changes another's order
@@ -377,12 +406,11 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
         lab_iter = sample(tgt.train.subset(lab_idx), bs, gens[2], aug_t)
 
     data = {"src_val": src.val, "tgt_val": tgt.val, "tgt_test": tgt.test, "tgt_train": tgt.train}
-    run_dir = Path(runs_dir) / cfg.run_id()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "done").unlink(missing_ok=True)
     writer = None
-    if tensorboard and main:
+    if o.tensorboard and main:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(run_dir / "tb"))
 
@@ -390,16 +418,15 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
     last_losses: dict[str, float] = {}
     status, diverged_at = "done", None
     bar = None
-    if progress and main:
+    if o.progress and main:
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, desc=f"{cfg.method} {cfg.source}->{cfg.target} s{cfg.seed}",
                    leave=False, dynamic_ncols=True)
     t0 = time.perf_counter()
     train_time = eval_time = 0.0
     start = 1
-    ckpt = run_dir / "checkpoint.pt"
-    if resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location=dev, weights_only=False)  # our own file: RNG tuples inside
+    state = runs.load_checkpoint(run_dir, dev) if o.resume else None  # unreadable: moved aside, None
+    if state is not None:
         method.load_training_state(state["method"])
         evals, last_losses, train_time = state["evals"], state["last_losses"], state["train_time"]
         eval_time = state.get("eval_time", 0.0)
@@ -411,64 +438,102 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
         if ddp:
             ddp.restore_cuda_rng(state["rng"])
         start = state["step"] + 1
+        if main:
+            print(f"resuming {cfg.run_id()} from its checkpoint at step {state['step']}", file=sys.stderr, flush=True)
         if bar:
             bar.update(state["step"])
+    resumed_from = start - 1 if start > 1 else None
     tgt_inputs = _Inputs(tgt.train) if tgt_iter is not None else None
     refresh = refresh_period(prep.method_cls.refresh_every, len(tgt.train), bs)
     if start == 1:
         method.on_train_start(tgt_inputs)
-    for step in range(start, cfg.steps + 1):
-        t_step = time.perf_counter()
-        if refresh and (step - 1) % refresh == 0:  # pseudo-labels, clusters, memory banks
-            method.refresh(_Inputs(tgt.train), step)
-        xs = ys = None
-        if src_iter is not None:
-            xs, ys = next(src_iter)
-            if prep.hp["mixup"] == "source":
-                xs, ys = mixup_source(xs, ys, src.num_classes, prep.hp["mixup_alpha"])
-        batch = Batch(xs, ys)
-        if tgt_iter is not None:
-            batch.x_tgt = next(tgt_iter)[0]           # labels dropped: unsupervised use
-        if lab_iter is not None:
-            batch.x_tgt_lab, batch.y_tgt_lab = next(lab_iter)
-        out = method.train_step(batch, step)
-        train_time += time.perf_counter() - t_step
-        if step % log_every == 0 or step == cfg.steps:
-            # the only host sync of the loop: losses become floats on logging steps only
-            last_losses = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
-            last_losses["lr"] = method.lr
-            if ddp:  # the global batch's losses; a non-finite one on any rank stops every rank here
-                last_losses = ddp.average_scalars(last_losses)
-            if not all(math.isfinite(v) for v in last_losses.values()):
-                status, diverged_at = "diverged", step
-                break
-            if writer:
-                for k, v in last_losses.items():
-                    writer.add_scalar(f"train/{k}", v, step)
+
+    def checkpoint(step: int) -> None:
+        if main:
+            runs.save_checkpoint(run_dir, {"step": step, "method": method.training_state(), "evals": evals,
+                                           "last_losses": last_losses, "train_time": train_time,
+                                           "eval_time": eval_time, "rng": _get_rng_state()})
+
+    def floats(out: dict) -> dict[str, float]:
+        d = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
+        d["lr"] = method.lr
+        return d
+
+    # divergence: on CPU the loss is checked every step (no cost); on CUDA (and across DDP ranks)
+    # the first non-finite step is kept in an on-device flag (0 = none), read at sync points only
+    per_step = _sync_every_step(dev) and ddp is None
+    first_bad = None if per_step else torch.zeros((), dtype=torch.long, device=dev)
+    with runs.graceful_stop():
+        for step in range(start, cfg.steps + 1):
+            t_step = time.perf_counter()
+            if refresh and (step - 1) % refresh == 0:  # pseudo-labels, clusters, memory banks
+                method.refresh(_Inputs(tgt.train), step)
+            xs = ys = None
+            if src_iter is not None:
+                xs, ys = next(src_iter)
+                if prep.hp["mixup"] == "source":
+                    xs, ys = mixup_source(xs, ys, src.num_classes, prep.hp["mixup_alpha"])
+            batch = Batch(xs, ys)
+            if tgt_iter is not None:
+                batch.x_tgt = next(tgt_iter)[0]           # labels dropped: unsupervised use
+            if lab_iter is not None:
+                batch.x_tgt_lab, batch.y_tgt_lab = next(lab_iter)
+            out = method.train_step(batch, step)
+            train_time += time.perf_counter() - t_step
+            finite = _all_finite(out)
+            if first_bad is None or not torch.is_tensor(finite):
+                if not bool(finite) and ddp is None:
+                    status, diverged_at, last_losses = "diverged", step, floats(out)
+                    break
+            else:
+                first_bad = torch.where(finite | (first_bad > 0), first_bad, step)
+            log = step % o.log_every == 0 or step == cfg.steps
+            evaluate_now = step % cfg.eval_every == 0 or step == cfg.steps
+            stop = runs.stop_requested() is not None and step < cfg.steps
+            if log or evaluate_now or (stop and ddp is None):  # sync points (the same step on every rank)
+                bad = int(first_bad) if first_bad is not None else 0  # the loop's only host sync on CUDA
+                stopping = stop
+                if ddp:  # every rank decides together: divergence or a stop on any rank stops all
+                    agreed = ddp.average_scalars({"bad": float(bad > 0), "stop": float(stop)})
+                    bad = bad or (step if agreed["bad"] > 0 else 0)
+                    stopping = agreed["stop"] > 0
+                if bad or (evaluate_now and not _params_finite(method)):  # never evaluate a NaN model
+                    status, diverged_at, last_losses = "diverged", bad or step, floats(out)
+                    break
+                if stopping:
+                    # a signal asked us to stop: this step is complete, so its checkpoint resumes exactly
+                    checkpoint(step)
+                    for closing in (writer, bar):
+                        if closing:
+                            closing.close()
+                    raise Interrupted(runs.stop_requested() or int(signal.SIGTERM), step)
+            if log:
+                last_losses = floats(out)
+                if ddp:  # the global batch's losses
+                    last_losses = ddp.average_scalars(last_losses)
+                if writer:
+                    for k, v in last_losses.items():
+                        writer.add_scalar(f"train/{k}", v, step)
+                if bar:
+                    bar.set_postfix(loss=f"{last_losses.get('loss', float('nan')):.3f}")
             if bar:
-                bar.set_postfix(loss=f"{last_losses.get('loss', float('nan')):.3f}")
-        if bar:
-            bar.update(1)
-        if step == cfg.steps:  # post-training adaptation (AdaBN, probes) sees only declared target data
-            method.on_train_end(tgt_inputs,
-                                _Inputs(tgt.train.subset(lab_idx), labels=True) if lab_iter is not None else None)
-        if (step % cfg.eval_every == 0 or step == cfg.steps) and main:
-            t_eval = time.perf_counter()
-            ev = {"step": step, **evaluate(method, data)}
-            eval_time += time.perf_counter() - t_eval
-            evals.append(ev)
-            if writer:
-                for split in ("src_val", "tgt_val", "tgt_test"):
-                    for m, v in ev[split].items():
-                        writer.add_scalar(f"{split}/{m}", v, step)
-                for m, v in ev["tgt_train_unsup"].items():
-                    writer.add_scalar(f"tgt_train_unsup/{m}", v, step)
-        if checkpoint_every and step % checkpoint_every == 0 and step < cfg.steps and main:
-            tmp = run_dir / ".checkpoint.pt.tmp"
-            torch.save({"step": step, "method": method.training_state(), "evals": evals,
-                        "last_losses": last_losses, "train_time": train_time, "eval_time": eval_time,
-                        "rng": _get_rng_state()}, tmp)
-            os.replace(tmp, ckpt)  # atomic: a crash leaves the previous checkpoint intact
+                bar.update(1)
+            if step == cfg.steps:  # post-training adaptation (AdaBN, probes) sees only declared target data
+                method.on_train_end(tgt_inputs,
+                                    _Inputs(tgt.train.subset(lab_idx), labels=True) if lab_iter is not None else None)
+            if evaluate_now and main:
+                t_eval = time.perf_counter()
+                ev = {"step": step, **evaluate(method, data)}
+                eval_time += time.perf_counter() - t_eval
+                evals.append(ev)
+                if writer:
+                    for split in ("src_val", "tgt_val", "tgt_test"):
+                        for m, v in ev[split].items():
+                            writer.add_scalar(f"{split}/{m}", v, step)
+                    for m, v in ev["tgt_train_unsup"].items():
+                        writer.add_scalar(f"tgt_train_unsup/{m}", v, step)
+            if o.checkpoint_every and step % o.checkpoint_every == 0 and step < cfg.steps:
+                checkpoint(step)  # atomic: a crash leaves the previous checkpoint intact
     wall = time.perf_counter() - t0
     if bar:
         bar.close()
@@ -485,7 +550,7 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
         "method": {"name": cfg.method, "family": prep.method_cls.family,
                    "target_data": prep.method_cls.target_data.value + (" (+ unlabeled for vat)" if vat_only else ""),
                    "budget": str(cfg.budget), "uses_source": prep.method_cls.uses_source,
-                   "init_from": init_from},
+                   "init_from": init_from, "source_config": source_key},
         "data": {"source": {"classes": len(src.classes), **{k: len(getattr(src, k)) for k in ("train", "val", "test")}},
                  "target": {"classes": len(tgt.classes), **{k: len(getattr(tgt, k)) for k in ("train", "val", "test")},
                             "labeled": int(len(lab_idx)) if lab_iter is not None else 0},
@@ -495,20 +560,19 @@ def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", device: str = "
         "train": {"steps": steps_done, "wall_time_s": wall, "train_time_s": train_time,
                   "eval_time_s": eval_time,
                   "steps_per_s": steps_done / max(train_time, 1e-9), "last_losses": last_losses,
-                  "diverged_at": diverged_at, "precision": precision, "channels_last": channels_last,
-                  "compile": compile, "distributed": ddp.record_info() if ddp else None},
+                  "diverged_at": diverged_at, "resumed_from": resumed_from, "precision": precision,
+                  "channels_last": channels_last, "compile": o.compile,
+                  "distributed": ddp.record_info() if ddp else None},
         "provenance": {**git_commit(), "versions": package_versions(), "device": str(dev),
                        "device_name": _device_name(dev), "torch_threads": torch.get_num_threads(),
-                       "deterministic": deterministic,
+                       "deterministic": o.deterministic,
                        "host": platform.node(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
     }
     if not main:
         return ddp.broadcast(None)  # rank 0's record, once it is written
-    if (save_model or cfg.method == "source_only") and status == "done":
-        tmp = run_dir / ".model.pt.tmp"
-        torch.save({k: v.detach().cpu() for k, v in method.net.state_dict().items()}, tmp)
-        os.replace(tmp, run_dir / "model.pt")  # atomic: readers see no half-written weights
-    atomic_write_json(run_dir / "record.json", record)
-    ckpt.unlink(missing_ok=True)  # finished: the record holds every evaluation
-    atomic_write_text(run_dir / "done", status + "\n")
+    if (o.save_model or cfg.method == "source_only") and status == "done":
+        runs.save_model(run_dir, method.net.state_dict())  # atomic: readers see no half-written weights
+    runs.write_record(run_dir, record)
+    runs.remove_checkpoint(run_dir)  # finished: the record holds every evaluation
+    runs.mark_done(run_dir, status)
     return ddp.broadcast(record) if ddp else record

@@ -20,6 +20,12 @@ class DalabError(Exception):
     """
 
 
+class Unsupported(DalabError):
+    """A valid setting a method cannot take (a label budget, ``mixup=cross`` without target
+    inputs): a benchmark variant skips such a method, with a line saying so; any other bad value
+    stops the whole grid before it starts."""
+
+
 def write_report(path: str | os.PathLike, module: str, argv, text: str) -> None:
     """Write a benchmark script's Markdown report atomically, its first line naming the command
     that made it (``python -m <module> <args>``; ``argv=None`` means this process's arguments)."""

@@ -51,21 +51,23 @@ class DomainSpec:
     description: str
     hidden: bool = False  # test-only domains are not listed in benchmarks
     display: str = ""     # name in tables and figures ("UCI digits"); the registry name stays the CLI's
+    image_size: int = 28  # side of the square images the model sees (digits 28, image folders 224)
 
 
 DOMAINS: dict[str, DomainSpec] = {}
 
 
-def register_domain(family: str, hidden: bool = False, display: str = ""):
+def register_domain(family: str, hidden: bool = False, display: str = "", image_size: int = 28):
     """Register a domain builder; the function's name is the domain's name (written once);
-    ``display`` is its name in tables and figures (default: the registry name)."""
+    ``display`` is its name in tables and figures (default: the registry name); ``image_size`` the
+    side of the square images the model sees (backbones are checked against it)."""
 
     def deco(fn: Callable[..., DomainData]) -> Callable[..., DomainData]:
         name = fn.__name__
         if name in DOMAINS:
             raise ValueError(f"domain {name!r} registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
-        DOMAINS[name] = DomainSpec(name, fn, family, doc[0] if doc else "", hidden, display or name)
+        DOMAINS[name] = DomainSpec(name, fn, family, doc[0] if doc else "", hidden, display or name, image_size)
         return fn
 
     return deco

@@ -148,5 +148,5 @@ _DISPLAY = {"dslr": "DSLR", "Real_World": "Real World", "train": "Synthetic", "v
 
 for _ds in DATASETS.values():
     for _domain in _ds.domains:
-        register_domain(family=_ds.prefix, display=_DISPLAY.get(_domain, _domain[:1].upper() + _domain[1:]))(
-            _make_builder(_ds, _domain))
+        register_domain(family=_ds.prefix, display=_DISPLAY.get(_domain, _domain[:1].upper() + _domain[1:]),
+                        image_size=224)(_make_builder(_ds, _domain))

@@ -83,6 +83,9 @@ class ResNetBackbone(nn.Module):
         return self.body(x)
 
 
+# input side each backbone takes (None: any size >= 32 after resizing, e.g. ResNets' global pooling)
+BACKBONE_INPUT: dict[str, int | None] = {"lenet": 28, "lenet_bn": 28, "resnet18": None, "resnet50": None}
+
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "lenet": lambda pretrained=None: LeNet(bn=False),    # the DANN paper's exact architecture
     "lenet_bn": lambda pretrained=None: LeNet(bn=True),  # + BatchNorm after each conv

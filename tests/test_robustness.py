@@ -1,15 +1,398 @@
-"""Crash safety: a killed run resumes to the same numbers; a diverged run is recorded, not fatal."""
+"""Crash safety and bad input: the fault battery of issue 15, one test per fault.
+
+Processes that die are real processes killed with real signals. Runs are tiny (toy domains, tens of
+steps) so the whole module stays within a couple of minutes on 2 cores."""
 
 from __future__ import annotations
 
-import pytest
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pytest
+import yaml
+
+from dalab import runs
+from dalab.bench import BenchSpec, expand, run_state
+from dalab.cli import INTERRUPTED, main
 from dalab.methods.dann import DANN
 from dalab.tables import build_table, load_records
 from dalab.trainer import RunConfig, train
+from dalab.utils import DalabError
 
 KW = dict(device="cpu", progress=False, tensorboard=False, checkpoint_every=4)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # subprocesses: 1 thread each
 
+
+def spec_file(tmp_path, **over) -> Path:
+    raw = {"name": "t", "methods": ["source_only"], "pairs": [["toy_a", "toy_b"]], "seeds": [0],
+           "steps": 4, "eval_every": 2, "runs_dir": str(tmp_path / "runs"), "out": str(tmp_path / "out")}
+    raw.update(over)
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def dalab(*args, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dalab.cli", *map(str, args)], env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def wait_for(cond, timeout=120.0, what="condition"):
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def one_line_error(capsys, needle: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and needle in err, err
+    return err
+
+
+# --------------------------------------------------------------------------- 1-5: bad input
+
+def test_same_domain_is_a_one_line_error(tmp_path, capsys):  # item 1
+    rd = tmp_path / "runs"
+    assert main(["run", "--method", "source_only", "--source", "toy_a", "--target", "toy_a", "--steps", "2",
+                 "--runs-dir", str(rd), "--quiet"]) == 2
+    one_line_error(capsys, "same domain 'toy_a'")
+    assert not rd.exists()
+    with pytest.raises(DalabError, match="same domain"):
+        expand(BenchSpec.from_yaml(spec_file(tmp_path, pairs=[["toy_b", "toy_b"]])))
+
+
+@pytest.mark.parametrize("field", ["methods", "pairs"])
+def test_empty_methods_or_pairs_rejected_and_tables_untouched(tmp_path, capsys, field):  # item 2
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "table.md").write_text("the previous tables\n")
+    assert main(["bench", str(spec_file(tmp_path, **{field: []}))]) == 2
+    one_line_error(capsys, f"field '{field}' is an empty list")
+    assert (out / "table.md").read_text() == "the previous tables\n" and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("variant,needle", [({"mixup": "sideways"}, "mixup='sideways' must be one of"),
+                                            ({"mixupp": "source"}, "unknown hyperparameter 'mixupp'")])
+def test_invalid_variant_rejected_before_anything_runs(tmp_path, capsys, variant, needle):  # item 3
+    assert main(["bench", str(spec_file(tmp_path, methods=["source_only", "dann"], variants=[{}, variant]))]) == 2
+    one_line_error(capsys, needle)
+    assert not (tmp_path / "runs").exists()
+    # a variant a method cannot take is still skipped for that method only, with a line saying so
+    skipped: list[str] = []
+    grid = expand(BenchSpec.from_yaml(spec_file(tmp_path, methods=["source_only", "dann"],
+                                                variants=[{}, {"mixup": "cross"}])), skipped)
+    assert len(grid) == 3 and len(skipped) == 1 and "skipped for source_only" in skipped[0]
+
+
+@pytest.mark.parametrize("which", ["runs_dir", "out"])
+def test_unusable_runs_dir_or_out_fail_before_the_first_run(tmp_path, capsys, which):  # item 4
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    bad = str(blocker) if which == "runs_dir" else str(blocker / "tables")  # a file; a folder under a file
+    p = spec_file(tmp_path, **{which: bad})
+    assert main(["bench", str(p)]) == 2
+    one_line_error(capsys, which)
+    assert not [d for d in (tmp_path / "runs").glob("*") if d.is_dir()]  # nothing trained
+
+
+def test_image_folder_domain_with_a_digits_backbone_is_a_one_line_error(tmp_path, capsys):  # item 5
+    assert main(["run", "--method", "source_only", "--source", "office31_amazon", "--target", "office31_webcam",
+                 "--backbone", "lenet", "--data-root", str(tmp_path), "--runs-dir", str(tmp_path / "runs")]) == 2
+    err = one_line_error(capsys, "backbone 'lenet' takes 28x28 images")
+    assert "resnet18" in err and "resnet50" in err and not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------- 6: divergence
+
+def _nan_from(step_from: int, monkeypatch, cls=None):
+    from dalab.methods.source_only import SourceOnly
+    cls = cls or SourceOnly
+    real = cls.update
+
+    def blows_up(self, batch, step):  # the loss turns non-finite at step_from
+        out = real(self, batch, step)
+        return {**out, "loss": out["loss"] * float("nan")} if step >= step_from else out
+
+    monkeypatch.setattr(cls, "update", blows_up)
+
+
+def _all_rules_mark_it(runs_dir):
+    from dalab.tables import RULE_TEXT
+    for rule in RULE_TEXT:
+        cell = build_table(load_records(runs_dir), rule)["rows"][0]["cells"]["toy_a→toy_b"]
+        assert cell["n_failed"] == 1 and not cell["accs"], rule
+
+
+def test_divergence_between_logging_points_stops_at_that_step_and_every_rule_marks_it(tmp_path, monkeypatch):
+    _nan_from(7, monkeypatch)
+    cfg = RunConfig("source_only", "toy_a", "toy_b", steps=20, eval_every=5)
+    rec = train(cfg, tmp_path, device="cpu", progress=False, tensorboard=False, log_every=50)
+    assert rec["status"] == "diverged" and rec["final"] is None and rec["train"]["diverged_at"] == 7
+    assert [e["step"] for e in rec["evals"]] == [5]  # no evaluation of a NaN model
+    assert (tmp_path / cfg.run_id() / "done").read_text().strip() == "diverged"  # finished: not re-run
+    _all_rules_mark_it(tmp_path)
+
+
+def test_divergence_on_device_flag_path_keeps_the_first_bad_step(tmp_path, monkeypatch):
+    """The CUDA path (no per-step host sync) exercised on CPU: the flag is read at logging and
+    evaluation points, the record still gives the first non-finite step."""
+    import dalab.trainer as trainer
+    monkeypatch.setattr(trainer, "_sync_every_step", lambda dev: False)
+    _nan_from(7, monkeypatch)
+    rec = train(RunConfig("source_only", "toy_a", "toy_b", steps=20, eval_every=10), tmp_path,
+                device="cpu", progress=False, tensorboard=False, log_every=50)
+    assert rec["status"] == "diverged" and rec["train"]["diverged_at"] == 7 and rec["evals"] == []
+
+
+def test_non_finite_weights_are_caught_before_evaluation(tmp_path, monkeypatch):
+    from dalab.methods.source_only import SourceOnly
+    real = SourceOnly.update
+
+    def poisons(self, batch, step):  # finite loss, NaN weights (e.g. an infinite gradient)
+        out = real(self, batch, step)
+        if step == 3:
+            next(self.parameters()).data.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(SourceOnly, "update", poisons)
+    rec = train(RunConfig("source_only", "toy_a", "toy_b", steps=8, eval_every=4), tmp_path,
+                device="cpu", progress=False, tensorboard=False)
+    assert rec["status"] == "diverged" and rec["train"]["diverged_at"] in (3, 4) and rec["evals"] == []
+
+
+# --------------------------------------------------------------------------- 7: SIGINT / SIGTERM
+
+RUN = ["run", "--method", "source_only", "--source", "toy_a", "--target", "toy_b", "--seed", "0", "--quiet",
+       "--steps", "300", "--eval-every", "100", "--checkpoint-every", "5", "--no-tensorboard", "--precision", "fp32"]
+
+
+def _interrupt(rd: Path, sig: int) -> tuple[subprocess.Popen, str, str]:
+    p = dalab(*RUN, "--runs-dir", rd)
+    wait_for(lambda: any(rd.glob("*/checkpoint.pt")) or p.poll() is not None, what="a first checkpoint")
+    assert p.poll() is None, p.communicate()
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=120)
+    return p, out, err
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_dalab_run_with_one_line_and_a_resumable_checkpoint(tmp_path, sig, code):  # item 7
+    rd = tmp_path / "runs"
+    p, out, err = _interrupt(rd, sig)
+    assert p.returncode == code and err.strip().splitlines()[-1] == INTERRUPTED and "Traceback" not in err
+    (run,) = [d for d in rd.iterdir() if d.is_dir()]
+    st = runs.load_checkpoint(run, "cpu")
+    assert st is not None and 5 <= st["step"] < 300 and not (run / "done").exists()
+    assert not list(rd.glob("*.claim"))  # claim released
+    if sig == signal.SIGINT:  # the same command resumes, to the numbers of an uninterrupted run
+        again = dalab(*RUN, "--runs-dir", rd)
+        out2, err2 = again.communicate(timeout=300)
+        assert again.returncode == 0 and "resuming" in err2, err2
+        ref = dalab(*RUN, "--runs-dir", tmp_path / "ref")
+        assert ref.wait(timeout=300) == 0
+        rec = runs.read_record(run)
+        assert rec["train"]["resumed_from"] == st["step"]
+        assert rec["evals"] == runs.read_record(tmp_path / "ref" / run.name)["evals"]
+
+
+def test_sigint_to_a_parallel_bench_releases_claims_and_keeps_checkpoints(tmp_path):  # item 7, bench
+    p = spec_file(tmp_path, seeds=[0, 1], steps=300, eval_every=5, precision="fp32")
+    rd = tmp_path / "runs"
+    b = dalab("bench", p, "--jobs", "2", "--no-tensorboard")
+    wait_for(lambda: len(list(rd.glob("*/checkpoint.pt"))) == 2 or b.poll() is not None, what="two checkpoints")
+    b.send_signal(signal.SIGINT)
+    out, err = b.communicate(timeout=120)
+    assert b.returncode == 130 and err.strip().splitlines()[-1] == INTERRUPTED, err
+    wait_for(lambda: not list(rd.glob("*.claim")), timeout=30, what="claims released")
+    assert len(list(rd.glob("*/checkpoint.pt"))) == 2
+
+
+# --------------------------------------------------------------------------- 8: kill -9 of the bench parent
+
+def test_kill_9_of_the_bench_parent_takes_its_workers_with_it(tmp_path, capsys):  # item 8
+    p = spec_file(tmp_path, seeds=[0, 1, 2], steps=300, eval_every=100, precision="fp32")
+    rd = tmp_path / "runs"
+    b = dalab("bench", p, "--jobs", "2", "--no-tensorboard")
+    wait_for(lambda: len(list(rd.glob("*.claim"))) == 2 and all(c.read_text() for c in rd.glob("*.claim"))
+             or b.poll() is not None, what="two claimed runs")
+    workers = [json.loads(c.read_text())["pid"] for c in rd.glob("*.claim")]
+    assert b.poll() is None and b.pid not in workers
+    b.kill()
+    b.wait()
+    wait_for(lambda: not any(runs._pid_alive(w) for w in workers), timeout=60, what="orphaned workers to exit")
+    assert not list(rd.glob("*.claim"))  # they released their claims on the way out
+    assert main(["bench", str(p), "--no-tensorboard"]) == 0  # the relaunch finishes every run
+    spec = BenchSpec.from_yaml(p)
+    assert all(run_state(rd, c.run_id()) == "done" for c, _ in expand(spec))
+
+
+def test_relaunch_never_exits_0_while_runs_are_missing_or_failed(tmp_path, capsys, monkeypatch):  # item 8
+    p = spec_file(tmp_path, methods=["source_only", "dann"], seeds=[0, 1])
+    real = DANN.update
+
+    def broken(self, batch, step):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(DANN, "update", broken)
+    assert main(["bench", str(p), "--no-tensorboard"]) == 1
+    err = capsys.readouterr().err
+    assert "2 of 4 runs of this grid are not finished" in err and "2 failed (RuntimeError: boom)" in err
+    monkeypatch.setattr(DANN, "update", real)
+    assert main(["bench", str(p), "--no-tensorboard"]) == 0  # a relaunch retries failed runs
+    assert "2 runs attempted" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- 9-13: files
+
+def test_truncated_record_is_not_done_and_table_counts_it(tmp_path, capsys):  # item 9
+    p = spec_file(tmp_path, seeds=[0, 1])
+    assert main(["bench", str(p), "--no-tensorboard"]) == 0
+    rd = tmp_path / "runs"
+    rec = sorted(rd.glob("*/record.json"))[0]
+    rec.write_text(rec.read_text()[:200])
+    assert run_state(rd, rec.parent.name) == "partial"
+    capsys.readouterr()
+    assert main(["table", str(rd), "--out", str(tmp_path / "t")]) == 0
+    assert "1 finished run(s) under" in capsys.readouterr().err
+    assert main(["bench", str(p), "--no-tensorboard"]) == 0  # redone
+    assert "1 runs attempted" in capsys.readouterr().out and run_state(rd, rec.parent.name) == "done"
+
+
+def test_garbage_checkpoint_is_moved_aside_and_the_run_restarts(tmp_path, capsys):  # item 10
+    cfg = RunConfig("source_only", "toy_a", "toy_b", steps=8, eval_every=4)
+    run = tmp_path / "b" / cfg.run_id()
+    run.mkdir(parents=True)
+    (run / "checkpoint.pt").write_bytes(b"\x00garbage" * 10)
+    rec = train(cfg, tmp_path / "b", resume=True, **KW)
+    assert "unreadable" in capsys.readouterr().err and list(run.glob("checkpoint.pt.corrupt-*"))
+    assert rec["train"]["resumed_from"] is None
+    assert rec["evals"] == train(cfg, tmp_path / "a", **KW)["evals"]
+
+
+def test_truncated_source_model_is_retrained_once(tmp_path, capsys, monkeypatch):  # item 11
+    import dalab.trainer as trainer
+    kw = dict(source="toy_a", target="toy_b", steps=4, eval_every=4, budget="2")
+    rd = tmp_path / "runs"
+    ft = train(RunConfig("finetune", **kw), rd, device="cpu", progress=False, tensorboard=False)
+    model = rd / ft["method"]["init_from"] / "model.pt"
+    model.write_bytes(model.read_bytes()[:100])
+    calls = []
+    real = trainer.train
+    monkeypatch.setattr(trainer, "train", lambda cfg, *a, **k: calls.append(cfg.method) or real(cfg, *a, **k))
+    again = train(RunConfig("finetune", **kw), rd, device="cpu", progress=False, tensorboard=False)
+    assert calls == ["source_only"] and again["final"] == ft["final"]
+    assert "unreadable" in capsys.readouterr().err and list(model.parent.glob("model.pt.corrupt-*"))
+
+
+def test_empty_claim_goes_stale_after_a_few_seconds(tmp_path):  # item 12
+    claim = runs.claim_path(tmp_path, "r1")
+    claim.write_text("")  # its writer died between create and write
+    assert not runs.try_claim(tmp_path, "r1")  # maybe still being written
+    old = time.time() - runs.CLAIM_EMPTY_STALE_S - 1
+    os.utime(claim, (old, old))
+    assert runs.try_claim(tmp_path, "r1")
+    assert json.loads(claim.read_text())["pid"] == os.getpid()
+
+
+def test_two_identical_runs_at_once_the_second_refuses_in_one_line(tmp_path):  # item 13
+    rd = tmp_path / "runs"
+    first = dalab(*RUN, "--runs-dir", rd)
+    wait_for(lambda: any(rd.glob("*/checkpoint.pt")) or first.poll() is not None, what="the first run")
+    second = dalab(*RUN, "--runs-dir", rd)
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 2 and err.startswith("error: run ") and "being trained right now" in err
+    assert err.count("\n") == 1
+    first.send_signal(signal.SIGINT)
+    assert first.wait(timeout=120) == 130
+
+
+def test_temporary_files_are_unique_per_writer_and_a_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
+    import torch
+    d = tmp_path / "run"
+    d.mkdir()
+    assert runs._tmp_path(tmp_path / "checkpoint.pt") != runs._tmp_path(tmp_path / "checkpoint.pt")
+    runs.save_checkpoint(d, {"step": 1, "method": {}, "evals": [], "rng": None})
+
+    def disk_full(obj, f, *a, **k):
+        Path(f).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        runs.save_checkpoint(d, {"step": 2, "method": {}, "evals": [], "rng": None})
+    monkeypatch.undo()
+    assert runs.load_checkpoint(d, "cpu")["step"] == 1 and sorted(p.name for p in d.iterdir()) == ["checkpoint.pt"]
+
+
+# --------------------------------------------------------------------------- records and identity
+
+def test_run_id_is_the_canonical_resolved_config(tmp_path):
+    from dalab.cli import parse_sets
+    ids = {RunConfig("dann", "toy_a", "toy_b", hparams=hp).run_id()
+           for hp in ({}, {"lr": 0.01}, {"lr": 1e-2}, parse_sets(["lr=0.01"]), parse_sets(["lr=1e-2"]),
+                      {"lr": "0.010", "momentum": 0.9})}
+    assert len(ids) == 1
+    assert RunConfig("dann", "toy_a", "toy_b", hparams={"lr": 0.02}).run_id() not in ids
+    # a spec stating the default trains nothing new
+    a = expand(BenchSpec.from_yaml(spec_file(tmp_path, methods=["dann"])))
+    b = expand(BenchSpec.from_yaml(spec_file(tmp_path, methods=["dann"], hparams={"dann": {"lr": 1e-2}})))
+    assert [c.run_id() for c, _ in a] == [c.run_id() for c, _ in b]
+
+
+def test_record_is_strict_json_with_non_finite_numbers_flagged(tmp_path, monkeypatch):
+    _nan_from(3, monkeypatch)
+    cfg = RunConfig("source_only", "toy_a", "toy_b", steps=6, eval_every=3)
+    rec = train(cfg, tmp_path, device="cpu", progress=False, tensorboard=False)
+    text = (tmp_path / cfg.run_id() / "record.json").read_text()
+
+    def reject(name):
+        raise ValueError(f"bare {name} in record.json")
+
+    raw = json.loads(text, parse_constant=reject)  # strict JSON: jq / JavaScript accept it
+    assert raw["train"]["last_losses"]["loss"] is None and "/train/last_losses/loss" in raw["nonfinite"]
+    back = runs.read_record(tmp_path / cfg.run_id())
+    assert back["train"]["last_losses"]["loss"] != back["train"]["last_losses"]["loss"]  # NaN again
+    assert rec["status"] == back["status"] == "diverged"
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path, monkeypatch):
+    import dalab.trainer as trainer
+
+    def unreadable_image(*a, **k):
+        raise OSError("image file is truncated (3 bytes not processed)")
+
+    monkeypatch.setattr(trainer, "evaluate", unreadable_image)
+    cfg = RunConfig("source_only", "toy_a", "toy_b", steps=4, eval_every=2)
+    with pytest.raises(OSError):
+        train(cfg, tmp_path / "runs", device="cpu", progress=False)  # with TensorBoard events
+    assert not (tmp_path / "runs" / cfg.run_id()).exists()
+
+
+def test_one_source_model_per_source_hyperparameters(tmp_path):
+    from dalab.pretrain import source_config
+    p = spec_file(tmp_path, methods=["source_only", "finetune"], budgets=[0, 2], steps=4, eval_every=4,
+                  hparams={"source_only": {"lr": 0.02}})
+    grid = [c for c, _ in expand(BenchSpec.from_yaml(p))]
+    src_row = [c for c in grid if c.method == "source_only"][0]
+    ft = [c for c in grid if c.method == "finetune"][0]
+    assert source_config(ft).run_id() == src_row.run_id()  # the row IS the source model
+    assert main(["bench", str(p), "--no-tensorboard"]) == 0
+    rec = runs.read_record(tmp_path / "runs" / ft.run_id())
+    assert rec["method"]["init_from"] == src_row.run_id() and rec["method"]["source_config"]["hparams"]["lr"] == 0.02
+    # other source hyperparameters, another source model (and another run id)
+    other = RunConfig(**{**ft.__dict__, "source_hparams": {"lr": 0.03}})
+    assert other.run_id() != ft.run_id() and source_config(other).run_id() != src_row.run_id()
+
+
+# --------------------------------------------------------------------------- resume (kept from before)
 
 def test_killed_run_resumes_to_the_same_final_numbers(tmp_path, monkeypatch):
     cfg = RunConfig("dann", "toy_a", "toy_b", steps=12, eval_every=4)
@@ -20,11 +403,11 @@ def test_killed_run_resumes_to_the_same_final_numbers(tmp_path, monkeypatch):
 
     def dies_at_step_7(self, batch, step):
         if step == 7:
-            raise KeyboardInterrupt  # as if killed between the step-4 and step-8 checkpoints
+            raise RuntimeError("killed")  # as if killed between the step-4 and step-8 checkpoints
         return real(self, batch, step)
 
     monkeypatch.setattr(DANN, "update", dies_at_step_7)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RuntimeError):
         train(cfg, tmp_path / "b", **KW)
     run = tmp_path / "b" / cfg.run_id()
     assert (run / "checkpoint.pt").is_file() and not (run / "done").exists()
@@ -39,25 +422,6 @@ def test_resume_without_checkpoint_starts_from_scratch(tmp_path):
     a = train(cfg, tmp_path / "a", **KW)
     b = train(cfg, tmp_path / "b", resume=True, **KW)
     assert a["evals"] == b["evals"]
-
-
-def test_diverged_run_is_recorded_and_marked_in_tables(tmp_path, monkeypatch):
-    from dalab.methods.source_only import SourceOnly
-    real = SourceOnly.update
-
-    def blows_up(self, batch, step):  # a loss that turns non-finite at step 7
-        out = real(self, batch, step)
-        return {**out, "loss": out["loss"] * float("nan")} if step >= 7 else out
-
-    monkeypatch.setattr(SourceOnly, "update", blows_up)
-    cfg = RunConfig("source_only", "toy_a", "toy_b", steps=20, eval_every=5)
-    rec = train(cfg, tmp_path, device="cpu", progress=False, tensorboard=False, log_every=5)
-    assert rec["status"] == "diverged" and rec["final"] is None
-    assert rec["train"]["diverged_at"] == 10 and rec["train"]["last_losses"]
-    assert [e["step"] for e in rec["evals"]] == [5]  # the evaluation before it is kept
-    assert (tmp_path / cfg.run_id() / "done").read_text().strip() == "diverged"  # finished: not re-run
-    row = build_table(load_records(tmp_path), "last")["rows"][0]
-    assert row["cells"]["toy_a→toy_b"]["n_failed"] == 1 and not row["cells"]["toy_a→toy_b"]["accs"]
 
 
 @pytest.mark.parametrize("name", ["self_ensembling", "adamatch"])
@@ -107,3 +471,63 @@ def test_multi_optimizer_methods_resume_exactly(tmp_path, monkeypatch, name):
     monkeypatch.setattr(cls, "update", real)
     resumed = train(cfg, tmp_path / "b", resume=True, **KW)
     assert resumed["evals"] == full["evals"]
+
+
+# --------------------------------------------------------------------------- Slurm: checkpoint and requeue
+
+def test_preemption_signal_under_submitit_checkpoints_requeues_and_resumes_exactly(tmp_path):
+    pytest.importorskip("submitit")
+    from dalab.bench import submit
+    cfg = RunConfig("source_only", "toy_a", "toy_b", steps=300, eval_every=100, precision="fp32")
+    rd = tmp_path / "runs"
+    opts = runs.RunOptions(device="cpu", tensorboard=False, checkpoint_every=5)
+    (job,) = submit([cfg.__dict__], str(rd), opts, "submitit-local", 1, str(tmp_path / "sub"))
+    run = rd / cfg.run_id()
+    wait_for(lambda: (run / "checkpoint.pt").exists() or job.done(), timeout=180, what="the job's first checkpoint")
+    assert not job.done()
+    task = json.loads(runs.claim_path(rd, cfg.run_id()).read_text())["pid"]  # the job's task process
+    os.kill(task, signal.SIGUSR1)  # what Slurm sends before the time limit with --signal USR1@90
+    assert dict(job.result())[cfg.run_id()] == "done"  # after the requeue
+    rec = runs.read_record(run)
+    assert rec["train"]["resumed_from"] is not None
+    import torch
+    torch.set_num_threads(int(rec["provenance"]["torch_threads"]))
+    try:
+        ref = train(cfg, tmp_path / "ref", device="cpu", progress=False, tensorboard=False)
+    finally:
+        torch.set_num_threads(2)
+    assert rec["evals"] == ref["evals"]
+
+
+# --------------------------------------------------------------------------- imports
+
+MODULES = ["dalab.runs", "dalab.trainer", "dalab.pretrain", "dalab.bench", "dalab.cli", "dalab.tables", "dalab.utils"]
+
+
+def test_no_import_circle_and_each_module_imports_alone():
+    """Walk every ``import dalab.*`` (module level and inside functions) of the run-lifecycle
+    modules: no circle; and each imports on its own in a fresh interpreter."""
+    import ast
+    import importlib.util
+
+    graph: dict[str, set[str]] = {}
+    for mod in MODULES:
+        path = importlib.util.find_spec(mod).origin
+        deps = set()
+        for node in ast.walk(ast.parse(Path(path).read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                     if isinstance(node, ast.ImportFrom) and node.module else [])
+            deps |= {n for n in names if n in MODULES and n != mod}
+        graph[mod] = deps
+
+    def visit(m, stack):
+        assert m not in stack, f"import circle: {' -> '.join(stack + [m])}"
+        for d in graph[m]:
+            visit(d, stack + [m])
+
+    for m in MODULES:
+        visit(m, [])
+    procs = [subprocess.Popen([sys.executable, "-c", f"import {m}"], stderr=subprocess.PIPE, text=True) for m in MODULES]
+    for m, p in zip(MODULES, procs):
+        assert p.wait(timeout=120) == 0, f"import {m} alone fails: {p.stderr.read()[-500:]}"

@@ -1,0 +1,561 @@
+"""A run's folder, owned by this module and nowhere else.
+
+``<runs_dir>/<run_id>/`` holds ``record.json`` (strict JSON, written atomically), ``checkpoint.pt``
+(while the run is unfinished), ``model.pt`` (source-pretrained weights), ``tb/`` (TensorBoard) and,
+written last, a ``done`` marker. Next to the folder, ``<run_id>.claim`` says which process trains
+the run right now, ``<run_id>.failed`` why its last attempt raised.
+
+Guarantees (tested in tests/test_robustness.py):
+
+- a run is *done* only when its ``done`` marker exists AND its record parses and is complete; a
+  truncated record means the run is redone;
+- every file is written to a temporary name unique to the writing process, then renamed: a reader
+  (or a second process, or a full disk) never sees half a file, and two processes never share a
+  temporary file;
+- an unreadable checkpoint or weight file is moved aside (kept, renamed ``*.corrupt-<time>``) with a
+  warning, and the run restarts from scratch instead of failing forever;
+- a claim is an exclusively created file; it is stale (taken over) when its process died on this
+  host, when it is empty or unparsable for more than :data:`CLAIM_EMPTY_STALE_S` (its writer died
+  between create and write), or when nobody refreshed it for :data:`CLAIM_TTL_S` (a holder
+  refreshes its claims every :data:`CLAIM_HEARTBEAT_S` from a background thread);
+- SIGINT, SIGTERM and SIGUSR1 (Slurm's warning before the time limit) only *request* a stop: the
+  trainer finishes the current step, writes a checkpoint and raises :class:`Interrupted`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+RECORD_VERSION = 2  # 2: strict JSON (non-finite numbers stored as null, listed in "nonfinite")
+CLAIM_EMPTY_STALE_S = 5.0
+CLAIM_TTL_S = 15 * 60.0
+CLAIM_HEARTBEAT_S = 60.0
+
+
+# --------------------------------------------------------------------------- identity
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run, and therefore its id."""
+
+    method: str
+    source: str
+    target: str
+    seed: int = 0
+    budget: str = "0"               # target labels: "0", k per class, or "all"
+    steps: int = 2000
+    eval_every: int = 250
+    backbone: str = "lenet"
+    pretrained: str | None = None   # local ImageNet weights (ResNets only)
+    split_seed: int = 0             # the data split is fixed across run seeds
+    precision: str = "auto"         # auto | fp32 | bf16 (autocast); auto = bf16 where the device has it
+    hparams: dict[str, Any] = field(default_factory=dict)  # overrides of the defaults
+    # overrides of the source_only run a method with init_from_source starts from (else ignored)
+    source_hparams: dict[str, Any] = field(default_factory=dict)
+
+    def source_run_hparams(self, hp: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The hyperparameter overrides of the ``source_only`` run this run starts from (None if it
+        starts from scratch): ``source_hparams``, with this run's input standardisation (the source
+        model must have seen inputs normalised as this run normalises them)."""
+        from dalab.methods import get_method, resolve_hparams
+
+        cls = get_method(self.method)
+        hp = hp if hp is not None else resolve_hparams(cls, self.hparams)
+        if not cls.starts_from_source(hp):
+            return None
+        return {**self.source_hparams, "standardize": hp["standardize"]}
+
+    def key(self) -> dict[str, Any]:
+        """The canonical configuration: hyperparameters resolved (typed, every default filled in),
+        so ``--set lr=0.01``, a spec's ``lr: 1e-2`` and not stating the default give one key."""
+        from dalab.methods import METHODS, get_method, resolve_hparams
+
+        cls = get_method(self.method)
+        hp = resolve_hparams(cls, self.hparams)
+        d = asdict(self)
+        d["budget"] = str(d["budget"])
+        d["hparams"] = hp
+        src = self.source_run_hparams(hp)
+        d["source_hparams"] = resolve_hparams(METHODS["source_only"], src) if src is not None else None
+        return d
+
+    def run_id(self) -> str:
+        """Deterministic, readable id: a hash of the canonical config behind the main fields."""
+        h = hashlib.sha1(json.dumps(self.key(), sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.method}__{self.source}-{self.target}__b{self.budget}__s{self.seed}__{h}"
+
+
+def run_dir(runs_dir: str | os.PathLike, run_id: str) -> Path:
+    return Path(runs_dir) / run_id
+
+
+# --------------------------------------------------------------------------- files
+
+def _tmp_path(path: Path) -> Path:
+    """A temporary name next to ``path`` that no other process or thread uses."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def atomic_save(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` then rename onto ``path``: readers see the old file or the new one. A failure
+    (full disk, a signal) leaves the old file untouched and no temporary behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def move_aside(path: Path, why: str) -> Path:
+    """Rename an unreadable file to ``<name>.corrupt-<time>`` (kept for inspection) and warn."""
+    dest = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    os.replace(path, dest)
+    warn(f"{path} is unreadable ({why}); moved to {dest.name}")
+    return dest
+
+
+def save_torch(path: Path, obj: Any) -> None:
+    import torch
+
+    atomic_save(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_torch(path: Path, map_location="cpu", weights_only: bool = True, required: tuple = ()) -> Any | None:
+    """The object in ``path``, or None when there is none; an unreadable file (truncated, garbage,
+    missing keys) is moved aside with a warning and None returned."""
+    import torch
+
+    if not path.is_file():
+        return None
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=weights_only)
+        missing = [k for k in required if k not in obj]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        return obj
+    except Exception as e:  # noqa: BLE001 -- any failure to read it means the same: not usable
+        move_aside(path, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+        return None
+
+
+CHECKPOINT_KEYS = ("step", "method", "evals", "rng")
+
+
+def save_checkpoint(rdir: Path, state: dict) -> None:
+    save_torch(rdir / "checkpoint.pt", state)
+
+
+def load_checkpoint(rdir: Path, map_location) -> dict | None:
+    """The run's checkpoint, or None (none, or unreadable: moved aside, the run restarts)."""
+    return load_torch(rdir / "checkpoint.pt", map_location, weights_only=False, required=CHECKPOINT_KEYS)
+
+
+def remove_checkpoint(rdir: Path) -> None:
+    (rdir / "checkpoint.pt").unlink(missing_ok=True)
+
+
+def save_model(rdir: Path, state_dict: dict) -> None:
+    save_torch(rdir / "model.pt", {k: v.detach().cpu() for k, v in state_dict.items()})
+
+
+def load_model(rdir: Path) -> dict | None:
+    """Saved weights, or None (none, or unreadable: moved aside with a warning)."""
+    return load_torch(rdir / "model.pt", "cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------- records (strict JSON)
+
+RECORD_KEYS = ("record_version", "run_id", "status", "config", "evals", "train")
+FINISHED = ("done", "diverged")
+
+
+def _strict(obj: Any, path: str, bad: dict[str, str]) -> Any:
+    """A copy of ``obj`` with every non-finite float replaced by None, its path noted in ``bad``."""
+    if isinstance(obj, dict):
+        return {k: _strict(v, f"{path}/{k}", bad) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v, f"{path}/{i}", bad) for i, v in enumerate(obj)]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):  # numpy / torch scalars
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        bad[path] = repr(obj)  # 'nan', 'inf', '-inf'
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def record_text(record: dict) -> str:
+    """Strict JSON (jq, JavaScript and ``json.loads(..., parse_constant=error)`` accept it):
+    non-finite numbers become null and their JSON-pointer paths are listed in ``"nonfinite"``."""
+    bad: dict[str, str] = {}
+    clean = _strict({k: v for k, v in record.items() if k != "nonfinite"}, "", bad)
+    clean["nonfinite"] = bad
+    return json.dumps(clean, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def write_record(rdir: Path, record: dict) -> None:
+    text = record_text(record)
+    atomic_save(rdir / "record.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _restore(rec: dict, bad: dict[str, str]) -> None:
+    for ptr, val in bad.items():
+        *parents, last = ptr.split("/")[1:]
+        node: Any = rec
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        node[int(last) if isinstance(node, list) else last] = float(val)
+
+
+def parse_record(text: str) -> dict:
+    """A record from its text; non-finite numbers come back as floats. ValueError if it is not a
+    complete record (truncated, not JSON, keys missing, unfinished status)."""
+    def no_constants(name):  # old records wrote bare NaN: still readable
+        return float(name)
+    rec = json.loads(text, parse_constant=no_constants)
+    if not isinstance(rec, dict):
+        raise ValueError("not a JSON object")
+    missing = [k for k in RECORD_KEYS if k not in rec]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    if rec["status"] not in FINISHED:
+        raise ValueError(f"status {rec['status']!r}")
+    _restore(rec, rec.get("nonfinite") or {})
+    return rec
+
+
+def read_record(rdir: Path) -> dict | None:
+    """The finished run's record, or None when it is missing or unreadable."""
+    try:
+        return parse_record((rdir / "record.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def mark_done(rdir: Path, status: str) -> None:
+    atomic_save(rdir / "done", lambda tmp: tmp.write_text(status + "\n"))
+
+
+def is_done(runs_dir: str | os.PathLike, run_id: str) -> bool:
+    d = run_dir(runs_dir, run_id)
+    return (d / "done").is_file() and read_record(d) is not None
+
+
+def load_records(runs_dir: str | os.PathLike, report: bool = True) -> list[dict]:
+    """Every finished run's record under ``runs_dir``. Folders with a ``done`` marker whose record
+    cannot be read are left out and, with ``report``, counted in one warning line."""
+    root = Path(runs_dir)
+    out, unreadable = [], []
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        if d.is_dir() and (d / "done").is_file():
+            rec = read_record(d)
+            (out.append(rec) if rec is not None else unreadable.append(d.name))
+    if unreadable and report:
+        warn(f"{len(unreadable)} finished run(s) under {root} have an unreadable record.json and are left out: "
+             f"{', '.join(unreadable[:5])}{' ...' if len(unreadable) > 5 else ''}; rerun their bench to redo them")
+    return out
+
+
+# --------------------------------------------------------------------------- failures
+
+def write_failure(runs_dir: Path, run_id: str, error: str) -> None:
+    text = json.dumps({"error": error, "time": time.time(), "host": socket.gethostname(), "pid": os.getpid()})
+    atomic_save(Path(runs_dir) / f"{run_id}.failed", lambda tmp: tmp.write_text(text + "\n"))
+
+
+def read_failure(runs_dir: Path, run_id: str) -> dict | None:
+    try:
+        return json.loads((Path(runs_dir) / f"{run_id}.failed").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def clear_failure(runs_dir: Path, run_id: str) -> None:
+    (Path(runs_dir) / f"{run_id}.failed").unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- claims
+
+_HELD: set[Path] = set()
+_HELD_LOCK = threading.Lock()
+_HEARTBEAT: threading.Thread | None = None
+
+
+def claim_path(runs_dir: str | os.PathLike, run_id: str) -> Path:
+    return Path(runs_dir) / f"{run_id}.claim"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_owner(runs_dir: str | os.PathLike, run_id: str) -> dict | None:
+    """Who holds the claim ({pid, host, time}; {} while it is unreadable), or None if nobody."""
+    path = claim_path(runs_dir, run_id)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return {}
+    try:
+        owner = json.loads(text)
+        return owner if isinstance(owner, dict) else {}
+    except ValueError:
+        return {}
+
+
+def _stale(path: Path, owner: dict | None) -> bool:
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if not owner or "pid" not in owner:
+        return age > CLAIM_EMPTY_STALE_S  # its writer died between create and write
+    if owner.get("host") == socket.gethostname():
+        try:
+            return not _pid_alive(int(owner["pid"]))
+        except (TypeError, ValueError):
+            return True
+    return age > CLAIM_TTL_S  # another host: alive as long as its holder refreshes it
+
+
+@contextlib.contextmanager
+def _claims_lock(runs_dir: Path) -> Iterator[None]:
+    """Serialise stale-claim takeovers (check, remove, re-create) between processes."""
+    import fcntl
+
+    with open(runs_dir / ".claims.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def try_claim(runs_dir: str | os.PathLike, run_id: str) -> bool:
+    """Atomically claim a run for this process (O_EXCL file); takes over a stale claim."""
+    rd = Path(runs_dir)
+    rd.mkdir(parents=True, exist_ok=True)
+    path = claim_path(rd, run_id)
+    me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()})
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if attempt:
+                return False
+            with _claims_lock(rd):
+                if not _stale(path, claim_owner(rd, run_id)):
+                    return False
+                path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+            f.flush()
+            os.fsync(f.fileno())
+        with _HELD_LOCK:
+            _HELD.add(path)
+        _start_heartbeat()
+        return True
+    return False
+
+
+def release_claim(runs_dir: str | os.PathLike, run_id: str) -> None:
+    path = claim_path(runs_dir, run_id)
+    with _HELD_LOCK:
+        held = path in _HELD
+        _HELD.discard(path)
+    owner = claim_owner(runs_dir, run_id)
+    if held or (owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname()):
+        path.unlink(missing_ok=True)
+
+
+def _start_heartbeat() -> None:
+    global _HEARTBEAT
+    if _HEARTBEAT is not None and _HEARTBEAT.is_alive():
+        return
+
+    def beat():
+        while True:
+            time.sleep(CLAIM_HEARTBEAT_S)
+            with _HELD_LOCK:
+                held = list(_HELD)
+            for p in held:
+                with contextlib.suppress(OSError):
+                    os.utime(p)
+
+    _HEARTBEAT = threading.Thread(target=beat, name="dalab-claim-heartbeat", daemon=True)
+    _HEARTBEAT.start()
+
+
+@contextlib.contextmanager
+def claimed(runs_dir: str | os.PathLike, run_id: str) -> Iterator[bool]:
+    """``with claimed(rd, rid) as ok:`` -- ok is whether this process holds the run; released on exit."""
+    ok = try_claim(runs_dir, run_id)
+    try:
+        yield ok
+    finally:
+        if ok:
+            release_claim(runs_dir, run_id)
+
+
+def run_state(runs_dir: str | os.PathLike, run_id: str) -> str:
+    """done (finished: marker + complete record), claimed (a live process is on it), failed (its
+    last attempt raised), partial (started, unfinished: resumed or redone), or missing."""
+    rd = Path(runs_dir)
+    if is_done(rd, run_id):
+        return "done"
+    path = claim_path(rd, run_id)
+    if path.exists() and not _stale(path, claim_owner(rd, run_id)):
+        return "claimed"
+    if (rd / f"{run_id}.failed").is_file():
+        return "failed"
+    return "partial" if run_dir(rd, run_id).exists() else "missing"
+
+
+# --------------------------------------------------------------------------- interrupts
+
+class Interrupted(KeyboardInterrupt):
+    """A stop requested by a signal; the run's checkpoint (if any) is on disk. ``exit_code`` is
+    the shell's 128 + signal number (130 for Ctrl-C)."""
+
+    def __init__(self, signum: int, step: int | None = None):
+        super().__init__(signum)
+        self.signum, self.step = signum, step
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, n))
+_stop: dict[str, Any] = {"signum": None, "depth": 0}
+
+
+def stop_requested() -> int | None:
+    """The signal number of a pending stop request, or None."""
+    return _stop["signum"]
+
+
+def check_stop(step: int | None = None) -> None:
+    """Raise :class:`Interrupted` if a stop was requested (call it where stopping is safe)."""
+    if _stop["signum"] is not None:
+        raise Interrupted(_stop["signum"], step)
+
+
+def _on_signal(signum, frame) -> None:
+    if _stop["signum"] == signal.SIGINT and signum == signal.SIGINT:
+        raise KeyboardInterrupt  # a second Ctrl-C: stop now
+    _stop["signum"] = signum
+    for cb in list(_stop.get("forward", ())):
+        cb(signum)
+
+
+@contextlib.contextmanager
+def graceful_stop(signals: tuple = STOP_SIGNALS, forward: Callable[[int], None] | None = None) -> Iterator[None]:
+    """Within the block, the ``signals`` only request a stop (see :func:`check_stop`); a second
+    Ctrl-C raises at once. Nested use is fine; outside the main thread it does nothing.
+    ``forward(signum)`` is called on each signal (e.g. to pass it on to worker processes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    prev = {}
+    if _stop["depth"] == 0:
+        _stop["signum"] = None
+        for s in signals:
+            prev[s] = signal.signal(s, _on_signal)
+    _stop["depth"] += 1
+    if forward:
+        _stop.setdefault("forward", []).append(forward)
+    try:
+        yield
+    finally:
+        _stop["depth"] -= 1
+        if forward:
+            _stop["forward"].remove(forward)
+        if _stop["depth"] == 0:
+            for s, h in prev.items():
+                signal.signal(s, h)
+            _stop["signum"] = None
+
+
+# --------------------------------------------------------------------------- dying with the parent
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux
+    PR_SET_PDEATHSIG); elsewhere a watchdog thread polls the parent pid. With SIGTERM the worker
+    checkpoints its run, releases its claim and exits."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(sig), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os.kill(os.getpid(), sig)
+        threading.Thread(target=watch, name="dalab-parent-watchdog", daemon=True).start()
+    if os.getppid() != parent:  # the parent died before we asked
+        os.kill(os.getpid(), sig)
+
+
+# --------------------------------------------------------------------------- how to run (not identity)
+
+@dataclass
+class RunOptions:
+    """How a run is executed -- never part of its identity. ``dalab run`` and ``dalab bench``
+    build one from the same command-line options (:func:`dalab.cli.add_run_options`) and pass it
+    to :func:`dalab.trainer.train` unchanged, so every run option reaches a benchmark's runs."""
+
+    device: str = "auto"                # auto (cuda if available), cpu, cuda, cuda:N
+    data_root: str | None = None        # root folder of datasets read from disk
+    checkpoint_every: int | None = None  # write checkpoint.pt every N steps (bench: each run's eval_every)
+    resume: bool = False                # continue from checkpoint.pt when present
+    deterministic: bool = False         # deterministic GPU kernels (CPU runs are deterministic anyway)
+    channels_last: bool = True          # NHWC layout for conv backbones
+    compile: bool = False               # torch.compile the backbone
+    progress: bool = True               # progress bar
+    tensorboard: bool = True            # TensorBoard events under tb/
+    log_every: int = 50                 # losses become host floats (and go to TensorBoard) every N steps
+    save_model: bool = False            # also write model.pt (always for source_only)
