@@ -358,6 +358,7 @@ def _train(cfg: RunConfig, runs_dir: Path, run_dir: Path, o: RunOptions) -> dict
     tgt = load_domain(cfg.target, cfg.split_seed, dev, root=o.data_root)
     check_same_classes(src, tgt)
     data_options = set_up_data_options(prep.hp, {"source": src, "target": tgt})
+    runs.check_stop()  # a stop asked for while the data loaded: nothing to save yet
 
     init_from = source_key = None
     if prep.method_cls.starts_from_source(prep.hp):  # before seeding, so a cache hit or miss changes nothing
@@ -366,6 +367,7 @@ def _train(cfg: RunConfig, runs_dir: Path, run_dir: Path, o: RunOptions) -> dict
             distributed.require_source_run(cfg, runs_dir)
         init_state, init_from = source_pretrained(cfg, runs_dir, o, train_fn=train)
         source_key = source_config(cfg).key()
+        runs.check_stop()
     seed_everything(cfg.seed)
     net = build_classifier(cfg.backbone, src.num_classes, cfg.pretrained)
     if init_from:
