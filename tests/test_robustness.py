@@ -171,7 +171,7 @@ def test_non_finite_weights_are_caught_before_evaluation(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- 7: SIGINT / SIGTERM
 
 RUN = ["run", "--method", "source_only", "--source", "toy_a", "--target", "toy_b", "--seed", "0", "--quiet",
-       "--steps", "300", "--eval-every", "100", "--checkpoint-every", "5", "--no-tensorboard", "--precision", "fp32"]
+       "--steps", "300", "--eval-every", "100", "--checkpoint-every", "10", "--no-tensorboard", "--precision", "fp32"]
 
 
 def _interrupt(rd: Path, sig: int) -> tuple[subprocess.Popen, str, str]:
@@ -190,7 +190,7 @@ def test_signal_stops_dalab_run_with_one_line_and_a_resumable_checkpoint(tmp_pat
     assert p.returncode == code and err.strip().splitlines()[-1] == INTERRUPTED and "Traceback" not in err
     (run,) = [d for d in rd.iterdir() if d.is_dir()]
     st = runs.load_checkpoint(run, "cpu")
-    assert st is not None and 5 <= st["step"] < 300 and not (run / "done").exists()
+    assert st is not None and 10 <= st["step"] < 300 and not (run / "done").exists()
     assert not list(rd.glob("*.claim"))  # claim released
     if sig == signal.SIGINT:  # the same command resumes, to the numbers of an uninterrupted run
         again = dalab(*RUN, "--runs-dir", rd)
@@ -480,7 +480,7 @@ def test_preemption_signal_under_submitit_checkpoints_requeues_and_resumes_exact
     from dalab.bench import submit
     cfg = RunConfig("source_only", "toy_a", "toy_b", steps=300, eval_every=100, precision="fp32")
     rd = tmp_path / "runs"
-    opts = runs.RunOptions(device="cpu", tensorboard=False, checkpoint_every=5)
+    opts = runs.RunOptions(device="cpu", tensorboard=False, checkpoint_every=10)
     (job,) = submit([cfg.__dict__], str(rd), opts, "submitit-local", 1, str(tmp_path / "sub"))
     run = rd / cfg.run_id()
     wait_for(lambda: (run / "checkpoint.pt").exists() or job.done(), timeout=300, what="the job's first checkpoint")
