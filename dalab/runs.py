@@ -189,7 +189,7 @@ def load_model(rdir: Path) -> dict | None:
 
 # --------------------------------------------------------------------------- records (strict JSON)
 
-RECORD_KEYS = ("record_version", "run_id", "status", "config", "evals", "train")
+RECORD_KEYS = ("run_id", "status", "config", "method", "evals", "train")
 FINISHED = ("done", "diverged")
 
 
