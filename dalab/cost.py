@@ -141,6 +141,8 @@ def estimate(spec, grid, states: list[str], domains: dict[str, Any] | None = Non
         shape = tuple(dom.train.input_shape) if dom is not None else (
             (3, 28, 28) if cfg.backbone.startswith("lenet") else (3, 224, 224))
         ncls = dom.num_classes if dom is not None else 10
+        print(f"probing the cost: {probe_steps} training steps of {cfg.method} on {cfg.backbone} "
+              f"(--step-time S skips this) ...", flush=True)
         p = probe(cfg, shape, ncls, device, steps=probe_steps)
         step_s, eval_s = p["step_s"], p["eval_image_s"]
         bs = cfg.hparams.get("batch_size", 64)
