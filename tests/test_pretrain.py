@@ -47,6 +47,6 @@ def test_which_methods_start_from_source():
     from dalab.methods import METHODS, resolve_hparams
 
     starts = {n for n, c in METHODS.items() if c.starts_from_source(resolve_hparams(c, {}))}
-    assert starts == {"finetune", "frozen_features", "arch_mod"}
+    assert starts == {"finetune", "frozen_features", "arch_mod", "adda", "shot"}  # two-phase methods
     ff = METHODS["frozen_features"]
     assert not ff.starts_from_source(resolve_hparams(ff, {"features": "backbone_init"}))
