@@ -255,6 +255,49 @@ def peer_finetuner(m, **_) -> Peer:
     return Peer(adapter, pairs)
 
 
+class _TwoHeads(nn.Module):
+    """pytorch-adapt's MCD wants C to return the list of both classifiers' logits."""
+
+    def __init__(self, c1: nn.Module, c2: nn.Module):
+        super().__init__()
+        self.c1, self.c2 = c1, c2
+
+    def forward(self, f):
+        return [self.c1(f), self.c2(f)]
+
+
+def peer_mcd(m, **_) -> Peer:
+    """pytorch-adapt's MCD adapter (MCDHook: steps A, B, C; C repeated num_k times)."""
+    from pytorch_adapt.adapters import MCD
+    from pytorch_adapt.containers import Models
+    from pytorch_adapt.weighters import SumWeighter
+
+    G, C1, C2 = copy.deepcopy(m.net.backbone), copy.deepcopy(m.net.head), copy.deepcopy(m.head2)
+    # the paper sums the terms of each step (A: CE1 + CE2; B: CE1 + CE2 - d), as dalab; pytorch-adapt's
+    # default MeanWeighter divides them by 2 and 3
+    adapter = MCD(models=Models({"G": G, "C": _TwoHeads(C1, C2)}),
+                  optimizers=_sgd(multipliers={"G": m.hp.backbone_lr_mult}),
+                  hook_kwargs={"repeat": m.hp.num_k, "x_weighter": SumWeighter(), "y_weighter": SumWeighter()})
+    return Peer(adapter, [("backbone", m.net.backbone, G), ("head", m.net.head, C1), ("head2", m.head2, C2)])
+
+
+def peer_adda(m, **_) -> Peer:
+    """pytorch-adapt's ADDA adapter: G = the frozen source encoder, T = its copy (dalab's net.backbone)."""
+    from pytorch_adapt.adapters import ADDA
+    from pytorch_adapt.containers import Models
+
+    G, C, D = copy.deepcopy(m.src_encoder), copy.deepcopy(m.net.head), copy.deepcopy(m.disc)
+    G.requires_grad_(True)  # the adapter deep-copies G into T, which must train (G runs under no_grad)
+    # threshold -1: T is stepped at every batch, as the paper and dalab's d_threshold=0 (pytorch-adapt's
+    # default 0.6 skips T's step while D's batch accuracy is <= 0.6)
+    adapter = ADDA(models=Models({"G": G, "C": C, "D": nn.Sequential(D, nn.Flatten(0))}),
+                   optimizers=_sgd(keys=["T", "D"], multipliers={"T": m.hp.backbone_lr_mult}),
+                   hook_kwargs={"threshold": -1.0})
+    T = adapter.models["T"]
+    return Peer(adapter, [("target encoder", m.net.backbone, T), ("disc", m.disc, D),
+                          ("source encoder", m.src_encoder, G), ("head", m.net.head, C)])
+
+
 def peer_aligner(m, **_) -> Peer:
     """dan / deep_coral / joint (alignment mmd or coral): pytorch-adapt's Aligner adapter (source CE +
     AlignerHook per aligned layer). Its "features" and "logits" layers are the backbone output and
@@ -309,6 +352,13 @@ class Case:
     # what a step is fed: "uda" (labeled source + unlabeled target), "source" (labeled source only),
     # "target_labeled" (labeled target only; pytorch-adapt's Classifier gets it as its "src" batch)
     data: str = "uda"
+    # whether dalab forwards several domains through the backbone at once (bn_mode applies); ADDA
+    # forwards source through the frozen source encoder and target through M_t, one domain each
+    pools_domains: bool = True
+
+    @property
+    def bn_mode_applies(self) -> bool:
+        return self.data == "uda" and self.pools_domains
 
 
 SUM_W = "SumWeighter with dalab's weights"
@@ -354,6 +404,13 @@ CASES: list[Case] = [
     Case("frozen_features", "adapters.Finetuner", peer_finetuner,
          "optimizer for C only (G frozen, in eval mode); the labeled target batch as \"src\"",
          data="target_labeled"),
+    Case("mcd", "adapters.MCD (MCDHook)", peer_mcd,
+         "x_weighter and y_weighter SumWeighter (the paper sums each step's terms); repeat = num_k; "
+         "C = a module returning [C1(f), C2(f)]; G's optimizer at backbone_lr_mult"),
+    Case("adda", "adapters.ADDA (ADDAHook)", peer_adda,
+         "threshold -1 (T stepped every batch, as the paper; pytorch-adapt's default 0.6 is dalab's "
+         "d_threshold option); optimizers T (at backbone_lr_mult) and D; domain labels source=1",
+         pools_domains=False),
     Case("arch_mod", "adapters.Finetuner", peer_finetuner,
          "optimizer for C only (G frozen, in eval mode): the training step on source (budget 0); the new "
          "head is arch_mod's bottleneck with BatchNorm", data="source"),
@@ -405,6 +462,15 @@ NOTES = [
     "sum to the batch size, and lets the reversed domain gradient flow through softmax(logits) into "
     "the classifier (the authors' code and TLlib detach it; so does dalab). Configured as the "
     "authors' code (a sum normaliser and a combiner that detaches the softmax), it matches dalab.",
+    "**pytorch-adapt's MCD averages, the paper sums.** Its MeanWeighter divides step A's two "
+    "cross-entropies by 2 and step B's three terms by 3; the paper and the official code (and dalab) "
+    "sum them. With SumWeighters for steps A and B the three steps agree bitwise.",
+    "**pytorch-adapt's ADDA thresholds on a stale discriminator.** Its ADDAHook steps T only when D's "
+    "batch accuracy exceeds 0.6 (not in the paper; dalab's `d_threshold`, default 0 = off, compared "
+    "here with threshold -1). The accuracy it tests is computed from D's logits of the D phase, "
+    "i.e. before D's update (checked: identical to the pre-update logits, 7e-3 away from the "
+    "updated D's), while dalab's d_threshold evaluates the updated D, so `d_threshold=0.6` "
+    "reproduces pytorch-adapt's rule only up to that one-step lag.",
     "**10 steps.** Differences from float rounding grow with the number of steps, by how much depends "
     "on the objective: dan on the BN-free lenet goes from 1.5e-8 after one step to ~9e-3 after 10, "
     "and so does dalab against itself from weights moved by one ulp (rounding control column), so "
@@ -435,7 +501,7 @@ def build_method(name: str, backbone: str, overrides: dict, seed: int = 0):
     """dalab's method through the public API, with plain SGD at a constant LR, in float32."""
     torch.manual_seed(seed)
     cls = get_method(name)
-    hp = resolve_hparams(cls, {"lr": LR, "momentum": 0.0, "weight_decay": 0.0, "lr_schedule": "constant",
+    hp = resolve_hparams(cls, {"optimizer": "sgd", "lr": LR, "momentum": 0.0, "weight_decay": 0.0, "lr_schedule": "constant",
                                **overrides})
     m = cls(build_classifier(backbone, NUM_CLASSES), NUM_CLASSES, hp, TOTAL_STEPS)
     m.train()
@@ -519,7 +585,7 @@ def compare(case: Case, backbone: str, extra: dict | None = None, steps: int = 1
         if twin is not None:
             twin.train_step(batch, s)
             ctrl.append(_max_abs_diff([p.detach() for p in m.parameters()], [p.detach() for p in twin.parameters()]))
-    bn = "-" if backbone != "lenet_bn" else extra.get("bn_mode", "joint") if case.data == "uda" else "n/a"
+    bn = "-" if backbone != "lenet_bn" else extra.get("bn_mode", "joint") if case.bn_mode_applies else "n/a"
     scale = max(float(p.abs().max()) for p in before)
     return Result(case, backbone, bn, diffs, bdiffs, ctrl, scale, update)
 
@@ -544,7 +610,7 @@ def run_all(steps: int = 10) -> list[Result]:
     out = []
     for case in CASES:
         for backbone in case.backbones:
-            settings = bn_mode_cases() if backbone == "lenet_bn" and case.data == "uda" else [("-", {})]
+            settings = bn_mode_cases() if backbone == "lenet_bn" and case.bn_mode_applies else [("-", {})]
             for _, extra in settings:
                 out.append(compare(case, backbone, extra, steps, control=True))
     return out

@@ -30,15 +30,16 @@ def test_one_step_matches_on_bn_free_lenet(case):
     assert r.update > 1000 * r.tol
 
 
-@pytest.mark.parametrize("case", [c for c in MATCHING if c.data != "uda"], ids=_id)
+@pytest.mark.parametrize("case", [c for c in MATCHING if not c.bn_mode_applies], ids=_id)
 def test_single_domain_step_matches_on_lenet_bn(case):
-    """Methods that train on one domain per step forward it alone in both libraries: BatchNorm
-    (the backbone's, arch_mod's bottleneck's, frozen ones in eval mode) agrees too."""
+    """Methods that forward one domain at a time (supervised ones, ADDA's two encoders) do so in
+    both libraries: BatchNorm (the backbone's, arch_mod's bottleneck's, frozen ones in eval mode)
+    agrees too."""
     r = pe.compare(case, "lenet_bn", steps=1)
     assert r.diff(1) <= r.tol and r.buffer_diffs[0] <= pe.REL_TOL * 10
 
 
-@pytest.mark.parametrize("case", [c for c in MATCHING if c.data == "uda" and "lenet_bn" in c.backbones], ids=_id)
+@pytest.mark.parametrize("case", [c for c in MATCHING if c.bn_mode_applies and "lenet_bn" in c.backbones], ids=_id)
 def test_lenet_bn_differs_exactly_by_bn_mode(case):
     """The documented deviation on a BatchNorm backbone: dalab's default (bn_mode=joint) pools the
     BatchNorm statistics of source and target, pytorch-adapt's hooks forward each domain alone. The
