@@ -289,7 +289,9 @@ def main(argv=None) -> int:
                     continue
                 s = summarize(grid(m, bb, st, default_overrides(m)))
                 curves.setdefault(m, {})[(bb, st)] = s["avg"]
-                row.append(f"{fmt(s['avg'])} [{fmt(s['std'])}; {fmt(s['plateau'])}]")
+                few = min(len(a) for a in s["cells"].values())
+                row.append(f"{fmt(s['avg'])} [{fmt(s['std'])}; {fmt(s['plateau'])}]"
+                           + (f" (≥{few} seed{'s' if few != 1 else ''} per pair)" if 0 < few < len(SEEDS) else ""))
             lines.append(f"| {m} | " + " | ".join(row) + " |")
         lines.append("")
         png = Path(args.out).with_suffix(".png")
