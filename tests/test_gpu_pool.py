@@ -37,29 +37,42 @@ def machine(monkeypatch):
 
 @pytest.fixture
 def pool(monkeypatch):
-    """Replaces the spawn pool: records each worker's arguments instead of starting processes."""
+    """Replaces the spawn context: records each worker's (todo, runs_dir, opts, threads, ...)
+    instead of starting processes; every fake worker reports an empty result at once."""
+    import queue
+
     calls: list[tuple] = []
 
-    class FakePool:
-        def __init__(self, n):
-            self.n = n
+    class FakeProcess:
+        pid = None
 
-        def __enter__(self):
-            return self
+        def __init__(self, target=None, name=None, args=()):
+            self.q, self.work_args = args
+            calls.append(self.work_args)
 
-        def __exit__(self, *exc):
+        def start(self):
+            self.q.put(("ok", []))
+
+        def is_alive(self):
             return False
 
-        def map(self, fn, args):
-            calls.extend(args)
-            return [[] for _ in args]
+        def join(self):
+            pass
 
     class Ctx:
-        def Pool(self, n):  # noqa: N802 -- multiprocessing's name
-            return FakePool(n)
+        def Queue(self):  # noqa: N802 -- multiprocessing's names
+            return queue.Queue()
+
+        def Process(self, **kw):  # noqa: N802
+            return FakeProcess(**kw)
 
     monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: Ctx())
     return calls
+
+
+def placed(calls) -> list[tuple[str, int]]:
+    """(device, threads) of each recorded worker."""
+    return [(a[2].device, a[3]) for a in calls]
 
 
 def grid_of(tmp_path):
@@ -72,7 +85,7 @@ def test_eight_jobs_share_one_gpu(machine, pool, tmp_path, capsys):
     machine(["NVIDIA H200"], cores=16)
     spec, grid = grid_of(tmp_path)
     launch(spec, grid, jobs=8)
-    assert [(a[2], a[3]) for a in pool] == [("cuda:0", 2)] * 8   # 8 runs on one GPU, 16 cores / 8
+    assert placed(pool) == [("cuda:0", 2)] * 8                  # 8 runs on one GPU, 16 cores / 8
     assert all(len(a[0]) == len(grid) for a in pool)              # every worker sees the grid, claims decide
     assert "8 workers, 2 CPU threads each: 8 on cuda:0 (NVIDIA H200)" in capsys.readouterr().out
 
@@ -81,8 +94,8 @@ def test_jobs_round_robin_over_gpus(machine, pool, tmp_path, capsys):
     machine(["GPU-A", "GPU-B", "GPU-C"], cores=12)
     spec, grid = grid_of(tmp_path)
     launch(spec, grid, jobs=7)
-    assert [a[2] for a in pool] == ["cuda:0", "cuda:1", "cuda:2", "cuda:0", "cuda:1", "cuda:2", "cuda:0"]
-    assert {a[3] for a in pool} == {1}                            # 12 cores // 7 workers
+    assert [d for d, _ in placed(pool)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:0", "cuda:1", "cuda:2", "cuda:0"]
+    assert {t for _, t in placed(pool)} == {1}                    # 12 cores // 7 workers
     assert "3 on cuda:0 (GPU-A), 2 on cuda:1 (GPU-B), 2 on cuda:2 (GPU-C)" in capsys.readouterr().out
 
 
@@ -93,7 +106,7 @@ def test_cuda_visible_devices_is_respected(machine, pool, tmp_path, monkeypatch,
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     spec, grid = grid_of(tmp_path)
     launch(spec, grid, jobs=4)
-    assert [a[2] for a in pool] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert [d for d, _ in placed(pool)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
     out = capsys.readouterr().out
     assert "2 on cuda:0 (G2), 2 on cuda:1 (G3); CUDA_VISIBLE_DEVICES=2,3" in out
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")                # no GPU visible: CPU workers
@@ -120,7 +133,7 @@ def test_cpu_threads_split_the_cores_this_process_may_use(machine):
 def test_a_worker_applies_its_thread_share(tmp_path):
     before = torch.get_num_threads()
     try:
-        assert bench.work([], str(tmp_path), "cpu", threads=3) == []
+        assert bench.work([], str(tmp_path), threads=3) == []
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
