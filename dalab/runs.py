@@ -366,10 +366,16 @@ def _claims_lock(runs_dir: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+# runs dirs this process created when claiming (see release_claim)
+_CREATED: set[Path] = set()
+
+
 def try_claim(runs_dir: str | os.PathLike, run_id: str) -> bool:
     """Atomically claim a run for this process (O_EXCL file); takes over a stale claim."""
     rd = Path(runs_dir)
-    rd.mkdir(parents=True, exist_ok=True)
+    if not rd.exists():  # remembered: a run that fails before writing anything leaves no folder
+        rd.mkdir(parents=True, exist_ok=True)
+        _CREATED.add(rd)
     path = claim_path(rd, run_id)
     me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()})
     for attempt in range(2):
@@ -402,6 +408,13 @@ def release_claim(runs_dir: str | os.PathLike, run_id: str) -> None:
     owner = claim_owner(runs_dir, run_id)
     if held or (owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname()):
         path.unlink(missing_ok=True)
+    rd = Path(runs_dir)
+    if rd in _CREATED:  # this process made the runs dir: remove it if nothing was written there
+        _CREATED.discard(rd)
+        try:
+            rd.rmdir()
+        except OSError:
+            pass
 
 
 def _start_heartbeat() -> None:

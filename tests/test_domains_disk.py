@@ -202,7 +202,7 @@ def test_images_decode_in_worker_processes_too(tmp_path, monkeypatch):
 def test_missing_root_exits_2_with_one_line(tmp_path, capsys):
     missing = tmp_path / "nope"
     args = ["run", "--method", "source_only", "--source", "office31_amazon", "--target", "office31_dslr",
-            "--steps", "1", "--quiet", "--runs-dir", str(tmp_path / "runs"), "--data-root", str(missing)]
+            "--steps", "1", "--quiet", "--runs-dir", str(tmp_path / "runs"), "--data-root", str(missing), "--backbone", "resnet18"]  # fits 224x224
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: data root ") and str(missing) in err and "\n" not in err
@@ -253,7 +253,7 @@ def test_class_lists_that_differ_between_source_and_target(tmp_path, capsys):
     with pytest.raises(DalabError, match=r"different class lists .*only in source: mug; only in target: ruler"):
         check_same_classes(src, tgt)
     args = ["run", "--method", "source_only", "--source", "office31_amazon", "--target", "office31_webcam",
-            "--steps", "1", "--quiet", "--runs-dir", str(tmp_path / "runs"), "--data-root", str(tmp_path)]
+            "--steps", "1", "--quiet", "--runs-dir", str(tmp_path / "runs"), "--data-root", str(tmp_path), "--backbone", "resnet18"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "different class" in err and "\n" not in err

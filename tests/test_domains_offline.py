@@ -154,7 +154,10 @@ def test_shift_table_is_generated_from_records(tmp_path):
     rec("source_only", 0, "0", 0.5, 0.9)
     rec("source_only", 1, "0", 0.7, 1.0)
     rec("target_only", 0, "all", 0.95, 0.1)
-    row = [line for line in shift_table(tmp_path).splitlines() if line.startswith("| mnist5k→ucidigits")][0]
+    from dalab import display
+
+    name = display.pair("mnist5k", "ucidigits")  # tables show display names
+    row = [line for line in shift_table(tmp_path).splitlines() if line.startswith(f"| {name}")][0]
     assert "0.500 / 0.700" in row and "0.600 ± 0.141" in row and "| 0.950 | +0.350 |" in row
     assert row.endswith("0.950 (n=1) |")
     assert "(no runs)" in shift_table(tmp_path, pairs=[("syndigits", "mnist5k")])
