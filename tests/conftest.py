@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -28,3 +30,21 @@ def tiny_batch(n: int = 8, seed: int = 0, labeled: bool = True, unlabeled: bool 
         b.x_tgt_lab = torch.randn(n, 3, 28, 28, generator=g) + 0.5
         b.y_tgt_lab = (torch.arange(n) + 3) % 10
     return b
+
+
+@contextmanager
+def killed_at_step(cls, step: int, exc: type[BaseException] = KeyboardInterrupt, attr: str = "update"):
+    """Inside: ``cls.<attr>`` raises ``exc`` at training step ``step`` -- a run killed between two
+    checkpoints. The real method is back on exit."""
+    real = getattr(cls, attr)
+
+    def dies(self, batch, s):
+        if s == step:
+            raise exc("killed")
+        return real(self, batch, s)
+
+    setattr(cls, attr, dies)
+    try:
+        yield
+    finally:
+        setattr(cls, attr, real)

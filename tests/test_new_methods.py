@@ -12,7 +12,7 @@ from dalab.methods import METHODS, resolve_hparams
 from dalab.methods.nets import build_classifier
 from dalab.optim import lr_factor
 from dalab.trainer import RunConfig, train
-from conftest import tiny_batch
+from conftest import killed_at_step, tiny_batch
 
 KW = dict(device="cpu", progress=False, tensorboard=False)
 
@@ -97,18 +97,9 @@ def test_shot_pseudo_labels_survive_resume(tmp_path, monkeypatch, shot_source):
         _runs_dir(shot_source, tmp_path / d)
     full = train(cfg, tmp_path / "a", save_model=True, checkpoint_every=4, **KW)
 
-    real = cls.update
-
-    def dies_at_step_7(self, batch, step):
-        if step == 7:
-            raise KeyboardInterrupt
-        return real(self, batch, step)
-
-    monkeypatch.setattr(cls, "update", dies_at_step_7)
     for d in ("b", "c"):
-        with pytest.raises(KeyboardInterrupt):
+        with killed_at_step(cls, 7), pytest.raises(KeyboardInterrupt):
             train(cfg, tmp_path / d, checkpoint_every=4, **KW)
-    monkeypatch.setattr(cls, "update", real)
     state = torch.load(tmp_path / "b" / cfg.run_id() / "checkpoint.pt", weights_only=False)["method"]["model"]
     assert state["labelset"].any() and "centroids" in state and any(k.startswith("snapshot.") for k in state)
 

@@ -23,6 +23,7 @@ from dalab.methods.dann import DANN
 from dalab.tables import build_table, load_records
 from dalab.trainer import RunConfig, train
 from dalab.utils import DalabError
+from conftest import killed_at_step
 
 KW = dict(device="cpu", progress=False, tensorboard=False, checkpoint_every=4)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # subprocesses: 1 thread each
@@ -394,24 +395,16 @@ def test_one_source_model_per_source_hyperparameters(tmp_path):
 
 # --------------------------------------------------------------------------- resume (kept from before)
 
-def test_killed_run_resumes_to_the_same_final_numbers(tmp_path, monkeypatch):
+def test_killed_run_resumes_to_the_same_final_numbers(tmp_path):
     cfg = RunConfig("dann", "toy_a", "toy_b", steps=12, eval_every=4)
     full = train(cfg, tmp_path / "a", **KW)
     assert not (tmp_path / "a" / cfg.run_id() / "checkpoint.pt").exists()  # removed once finished
 
-    real = DANN.update
-
-    def dies_at_step_7(self, batch, step):
-        if step == 7:
-            raise RuntimeError("killed")  # as if killed between the step-4 and step-8 checkpoints
-        return real(self, batch, step)
-
-    monkeypatch.setattr(DANN, "update", dies_at_step_7)
-    with pytest.raises(RuntimeError):
+    # as if killed between the step-4 and step-8 checkpoints
+    with killed_at_step(DANN, 7, RuntimeError), pytest.raises(RuntimeError):
         train(cfg, tmp_path / "b", **KW)
     run = tmp_path / "b" / cfg.run_id()
     assert (run / "checkpoint.pt").is_file() and not (run / "done").exists()
-    monkeypatch.setattr(DANN, "update", real)
     resumed = train(cfg, tmp_path / "b", resume=True, **KW)
     assert resumed["evals"] == full["evals"]  # every checkpoint's metrics, bitwise
     assert (run / "done").read_text().strip() == "done"
@@ -424,51 +417,20 @@ def test_resume_without_checkpoint_starts_from_scratch(tmp_path):
     assert a["evals"] == b["evals"]
 
 
-@pytest.mark.parametrize("name", ["self_ensembling", "adamatch"])
-def test_teacher_and_view_methods_resume_bitwise(tmp_path, monkeypatch, name):
-    """An EMA teacher (self_ensembling) and in-method augmented views (both) are restored from the
-    checkpoint: a run killed at step 7 resumes to the uninterrupted run's evaluations, bitwise."""
+@pytest.mark.parametrize("name,steps,kill_at", [("self_ensembling", 12, 7), ("adamatch", 12, 7),
+                                                 ("mcd", 8, 6), ("adda", 8, 6)])
+def test_multi_optimizer_and_teacher_methods_resume_exactly(tmp_path, name, steps, kill_at):
+    """An EMA teacher (self_ensembling), in-method augmented views (self_ensembling, adamatch) and
+    several optimizers (MCD: G and C, 2 + num_k steps per batch; ADDA: T and D, a frozen source
+    encoder, started from the shared source pretraining) are restored from the checkpoint: a run
+    killed between two checkpoints resumes to the uninterrupted run's evaluations, bitwise."""
     from dalab.methods import METHODS
 
-    cls = METHODS[name]
-    cfg = RunConfig(name, "toy_a", "toy_b", steps=12, eval_every=4)
+    cfg = RunConfig(name, "toy_a", "toy_b", steps=steps, eval_every=4)
     full = train(cfg, tmp_path / "a", **KW)
-    real = cls.update
-
-    def dies_at_step_7(self, batch, step):
-        if step == 7:
-            raise KeyboardInterrupt
-        return real(self, batch, step)
-
-    monkeypatch.setattr(cls, "update", dies_at_step_7)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "b", **KW)
-    monkeypatch.setattr(cls, "update", real)
-    resumed = train(cfg, tmp_path / "b", resume=True, **KW)
-    assert resumed["evals"] == full["evals"]
-
-
-@pytest.mark.parametrize("name", ["mcd", "adda"])
-def test_multi_optimizer_methods_resume_exactly(tmp_path, monkeypatch, name):
-    """MCD (optimizers G and C, 2 + num_k steps per batch) and ADDA (T and D, a frozen source encoder,
-    started from the shared source pretraining) resume from a checkpoint to bitwise the same numbers."""
-    from dalab.methods import METHODS
-
-    cls = METHODS[name]
-    cfg = RunConfig(name, "toy_a", "toy_b", steps=8, eval_every=4)
-    full = train(cfg, tmp_path / "a", **KW)
-    real = cls.update
-
-    def dies_at_step_6(self, batch, step):
-        if step == 6:
-            raise KeyboardInterrupt
-        return real(self, batch, step)
-
-    monkeypatch.setattr(cls, "update", dies_at_step_6)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_step(METHODS[name], kill_at), pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "b", **KW)
     assert (tmp_path / "b" / cfg.run_id() / "checkpoint.pt").is_file()
-    monkeypatch.setattr(cls, "update", real)
     resumed = train(cfg, tmp_path / "b", resume=True, **KW)
     assert resumed["evals"] == full["evals"]
 
