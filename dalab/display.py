@@ -13,6 +13,14 @@ def method(name: str) -> str:
     return METHODS[name].display if name in METHODS else name
 
 
+def failure(name: str) -> str:
+    """A method's documented failure under dalab's protocol (``known_failure``), "" if none: the
+    footnote every results table prints under the method's rows."""
+    from dalab.methods import METHODS
+
+    return METHODS[name].known_failure if name in METHODS else ""
+
+
 def domain(name: str) -> str:
     from dalab.datasets import DOMAINS
 

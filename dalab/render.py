@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # Unicode in cell text -> LaTeX (math symbols need no package beyond the LaTeX kernel)
-_TEX_SYMBOLS = {"±": r"$\pm$", "→": r"$\to$", "—": "--", "–": "--", "†": r"$^\dagger$", "↑": r"$^{\uparrow}$",
+_TEX_SYMBOLS = {"±": r"$\pm$", "→": r"$\to$", "—": "--", "–": "--", "†": r"$^\dagger$", "‡": r"$^\ddagger$", "↑": r"$^{\uparrow}$",
                 "↓": r"$^{\downarrow}$", "Δ": r"$\Delta$", "χ²": r"$\chi^2$", "≥": r"$\geq$", "≤": r"$\leq$",
                 "×": r"$\times$", "α": r"$\alpha$", "°": r"$^\circ$", "…": r"\dots{}"}
 _TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",

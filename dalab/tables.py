@@ -267,11 +267,14 @@ def to_table(t: dict, cd_file: str = "") -> Table:
                 title=f"Selection rule: `{rule.name}` — {rule.text}", caption=caption,
                 notes=[friedman_note(t, cd_file)], label=f"tab:{rule.name}")
     budget = None
+    failures = {r["method"]: display.failure(r["method"]) for r in t["rows"] if display.failure(r["method"])}
+    for name, text in sorted(failures.items(), key=lambda kv: display.method(kv[0])):
+        tab.notes.append(f"‡ {display.method(name)}: {text}")
     for r in t["rows"]:
         if r["budget"] != budget:
             budget = r["budget"]
             tab.add_group(display.budget(budget))
-        cells: list[str | Cell] = [r["display"], display.family(r["family"])]
+        cells: list[str | Cell] = [r["display"] + (" ‡" if r["method"] in failures else ""), display.family(r["family"])]
         for p in t["pairs"]:
             cells.append(Cell(_cell_text(r["cells"][p], n), r["mark"][p]))
         cells.append(Cell(f"{r['avg']:.1f}" if r["avg"] is not None else "—", r["mark"]["avg"]))

@@ -525,7 +525,8 @@ def _train(cfg: RunConfig, runs_dir: Path, run_dir: Path, o: RunOptions) -> dict
                                     _Inputs(tgt.train.subset(lab_idx), labels=True) if lab_iter is not None else None)
             if evaluate_now and main:
                 t_eval = time.perf_counter()
-                ev = {"step": step, **evaluate(method, data)}
+                with method.deployed(tgt_inputs):  # e.g. AdaBN's target statistics at every point
+                    ev = {"step": step, **evaluate(method, data)}
                 eval_time += time.perf_counter() - t_eval
                 evals.append(ev)
                 if writer:

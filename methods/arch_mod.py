@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -91,7 +93,27 @@ class ArchMod(Method):
         return {"loss": loss, **out}
 
     @torch.no_grad()
+    def adabn(self, x_tgt) -> None:
+        """AdaBN: every BatchNorm layer's statistics re-estimated on target train inputs (torch's
+        re-estimation: reset, cumulative average over one pass, modes restored)."""
+        torch.optim.swa_utils.update_bn(x_tgt, self.net)
+
+    @contextmanager
+    def deployed(self, x_tgt):
+        """Every evaluation point scores the network with AdaBN's target statistics (the model this
+        method hands over), then the source statistics that training uses come back; without this
+        the checkpoints before the last were scored without AdaBN and the plateau measure of
+        results/protocol.md mixed that jump with convergence."""
+        if not (self.hp.adabn and x_tgt is not None):
+            yield
+            return
+        saved = {k: v.clone() for k, v in self.net.state_dict().items() if not v.is_floating_point() or "running_" in k}
+        self.adabn(x_tgt)
+        try:
+            yield
+        finally:
+            self.net.load_state_dict(saved, strict=False)
+
     def on_train_end(self, x_tgt, labeled):
         if self.hp.adabn and x_tgt is not None:
-            # torch's BN re-estimation: reset, cumulative average over one pass, restore modes
-            torch.optim.swa_utils.update_bn(x_tgt, self.net)
+            self.adabn(x_tgt)  # the final network keeps the target statistics

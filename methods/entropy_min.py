@@ -31,6 +31,9 @@ class EntropyMin(TargetRegularized):
     family = "regularization"
     display = "Entropy min."
     paper = "Grandvalet & Bengio, Semi-supervised Learning by Entropy Minimization, NeurIPS 2004. https://papers.nips.cc/paper/2740-semi-supervised-learning-by-entropy-minimization"
+    known_failure = ("collapses under dalab's protocol: target predictions grow confident on wrong classes and "
+                     "accuracy falls with training (tuning pairs, results/protocol.md); the paper gives no fix, IM "
+                     "adds the diversity term that prevents it")
     hparams = {
         "trade_off": HParam(0.1, ("log", 0.01, 1.0), "weight of the target term", low=0.0),
         "diversity": HParam(0.0, ("uniform", 0.0, 1.0), "weight of -H(mean prediction)", low=0.0),

@@ -159,3 +159,28 @@ def test_every_method_trains_in_bf16(name, kind):
             assert math.isfinite(float(torch.as_tensor(v).detach())), f"{name}: {k} = {v}"
     x = torch.randn(4, 3, 28, 28)
     assert m.features(x).dtype == torch.float32 and m.predict(x).dtype == torch.float32
+
+
+def test_arch_mod_scores_every_point_with_adabn_and_trains_on_source_statistics():
+    """arch_mod's ``deployed`` applies AdaBN for one evaluation (every checkpoint is scored as the
+    network it hands over) and restores the source statistics training uses; the end hook's AdaBN
+    gives the same predictions as the evaluation-time one."""
+    torch.manual_seed(0)
+    cls = METHODS["arch_mod"]
+    m = cls(build_classifier("lenet_bn", 10), 10, resolve_hparams(cls, {}), 10)
+    m.train()
+    for step in range(1, 3):
+        m.update(batch_for(cls, "0", seed=step), step)
+    m.eval()
+    x_tgt = [tiny_batch(seed=s).x_tgt for s in range(3)]
+    before = {k: v.clone() for k, v in m.net.state_dict().items()}
+    plain = m.predict(x_tgt[0])
+    with m.deployed(x_tgt):
+        inside = m.predict(x_tgt[0])
+        assert any(not torch.equal(v, before[k]) for k, v in m.net.state_dict().items() if "running_mean" in k)
+    for k, v in m.net.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} not restored after evaluation"
+    assert not torch.allclose(inside, plain)
+    m.on_train_end(x_tgt, None)
+    m.eval()
+    assert torch.allclose(m.predict(x_tgt[0]), inside, atol=1e-6)

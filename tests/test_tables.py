@@ -349,3 +349,21 @@ def test_display_names_are_unique_and_declared_with_each_thing():
     assert METHODS["cdan"].display == "CDAN+E" and METHODS["source_only"].display == "Source only"
     assert display.pair("mnist5k", "ucidigits") == "MNIST-5k → UCI digits"
     assert display.method("not_a_method") == "not_a_method" and display.family("fine-tuning") == "Fine-tuning"
+
+
+def test_a_documented_failure_marks_the_row_and_prints_its_footnote():
+    """A method with ``known_failure`` (entropy_min) gets a ‡ on its row and the reason under the
+    table in every renderer; methods without one are unmarked."""
+    from dalab.methods import METHODS
+
+    assert METHODS["entropy_min"].known_failure and not METHODS["dann"].known_failure
+    accs = {PAIRS[0]: [60.0, 61.0, 62.0], PAIRS[1]: [70.0, 71.0, 69.0]}
+    recs = (_cell_records("source_only", accs, "baseline") + _cell_records("dann", accs)
+            + _cell_records("entropy_min", {PAIRS[0]: [30.0, 31.0, 32.0], PAIRS[1]: [40.0, 41.0, 39.0]},
+                            "regularization"))
+    t = build_table(recs, "last")
+    md = to_markdown(t)
+    assert "| Entropy min. ‡ |" in md and "| DANN |" in md
+    assert f"‡ Entropy min.: {METHODS['entropy_min'].known_failure}" in md
+    tex = to_latex(t)
+    assert r"Entropy min. $^\ddagger$" in tex and "falls with training" in tex
