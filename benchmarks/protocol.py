@@ -34,49 +34,83 @@ BENCHMARK = "digits-extra"
 RULE = ("highest mean target-test accuracy at the last checkpoint (the `last` rule) over the 4 tuning "
         "pairs x 3 seeds, at the main job's step budget, lenet_bn; candidates are compared on the same "
         "(pair, seed) runs (while a grid is incomplete, on the seeds every candidate has finished)")
+MAIN_SPEC = Path(__file__).with_name("digits.yaml")   # the main job: its budget and its per-method choices
 MAIN_STEPS = 500          # the main job's budget (benchmarks/digits.yaml)
 EVAL_POINTS = 4           # eval_every = steps // 4: the halfway point is always an evaluation point
 
-# method -> [(label, explicit overrides)], in the order they are shown. The chosen default is
-# marked by CHOSEN; every tuned key appears in every candidate (records stay unambiguous).
+# method -> [(label, explicit overrides)], in the order they are shown. Every tuned key appears in
+# every candidate of a method (records stay unambiguous when a default changes later). The default
+# is the candidate equal to the method's current defaults; the rule's pick is marked next to it.
+_LR = (0.01, 0.03)   # the DANN paper's mu0, and 3x (500 steps are ~20x fewer than the papers' budgets)
+_DANN_BASE = {"bn_mode": "joint", "disc_bn": "auto", "disc_bn_stats": "split", "disc_hidden": 100, "disc_depth": 1,
+              "trade_off": 1.0, "lr": 0.01}
+
+
+def _dann(**over) -> dict[str, Any]:
+    return {**_DANN_BASE, **over}
+
+
+def _lr_grid(label: str, fixed: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(f"{label}, lr {lr}" if label else f"lr {lr}", {**fixed, "lr": lr}) for lr in _LR]
+
+
 CANDIDATES: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "source_only": _lr_grid("", {}),
     "dann": [
-        ("BN joint, disc BN per domain (before)", {"bn_mode": "joint", "disc_bn_stats": "split"}),
-        ("BN joint, disc BN joint (TLlib)", {"bn_mode": "joint", "disc_bn_stats": "joint"}),
-        ("BN split, disc BN per domain (pytorch-adapt)", {"bn_mode": "split", "disc_bn_stats": "split"}),
+        ("BN joint, disc 100x1 BN per domain", _dann()),
+        ("BN joint, disc 100x1 BN per domain, lr 0.03", _dann(lr=0.03)),
+        ("BN joint, disc 100x1 BN joint (TLlib's call)", _dann(disc_bn_stats="joint")),
+        ("BN split, disc 100x1 BN per domain (pytorch-adapt's forwards)", _dann(bn_mode="split")),
+        ("BN split, disc 100x1 BN joint", _dann(bn_mode="split", disc_bn_stats="joint")),
+        ("BN joint, disc 500x2 BN per domain", _dann(disc_hidden=500, disc_depth=2)),
+        ("BN joint, disc 500x2 BN joint (TLlib's width and call)", _dann(disc_hidden=500, disc_depth=2,
+                                                                         disc_bn_stats="joint")),
+        ("BN joint, disc 500x2 without BN (pytorch-adapt's)", _dann(disc_hidden=500, disc_depth=2, disc_bn="false")),
+        ("BN split, disc 500x2 BN per domain (CDAN's)", _dann(bn_mode="split", disc_hidden=500, disc_depth=2)),
+        ("BN split, disc 500x2 BN joint", _dann(bn_mode="split", disc_hidden=500, disc_depth=2, disc_bn_stats="joint")),
+        ("BN split, disc 500x2 without BN", _dann(bn_mode="split", disc_hidden=500, disc_depth=2, disc_bn="false")),
+        ("BN joint, disc 100x1 BN per domain, trade-off 0.3", _dann(trade_off=0.3)),
+        ("BN split, disc 100x1 BN joint, trade-off 0.3", _dann(bn_mode="split", disc_bn_stats="joint", trade_off=0.3)),
+        ("BN split, disc 500x2 without BN, trade-off 0.3", _dann(bn_mode="split", disc_hidden=500, disc_depth=2,
+                                                                 disc_bn="false", trade_off=0.3)),
     ],
     "cdan": [
-        ("BN joint, disc BN per domain (before)", {"bn_mode": "joint", "disc_bn_stats": "split"}),
-        ("BN split, disc BN per domain", {"bn_mode": "split", "disc_bn_stats": "split"}),
+        ("BN joint, disc BN per domain", {"bn_mode": "joint", "disc_bn_stats": "split", "lr": 0.01}),
+        *_lr_grid("BN split, disc BN per domain", {"bn_mode": "split", "disc_bn_stats": "split"}),
     ],
-    "mdd": [("BN joint (before)", {"bn_mode": "joint"}), ("BN split", {"bn_mode": "split"})],
+    "mdd": [("BN joint, lr 0.01", {"bn_mode": "joint", "lr": 0.01}), *_lr_grid("BN split", {"bn_mode": "split"})],
     "afn": [
-        ("per-sample pull over S u T, BN joint (before)", {"bn_mode": "joint", "reduction": "sample"}),
-        ("paper: per-domain mean norm, BN split (authors' code)", {"bn_mode": "split", "reduction": "domain"}),
+        ("per-sample pull over S u T, BN joint", {"bn_mode": "joint", "reduction": "sample", "lr": 0.01}),
+        *_lr_grid("paper: per-domain mean norm, BN split (authors' code)", {"bn_mode": "split", "reduction": "domain"}),
     ],
-    "mcc": [("BN joint (before)", {"bn_mode": "joint"}), ("BN split", {"bn_mode": "split"})],
-    "entropy_min": [("BN joint (before)", {"bn_mode": "joint"}), ("BN split (still collapses)", {"bn_mode": "split"})],
+    "mcc": [("BN joint, lr 0.01", {"bn_mode": "joint", "lr": 0.01}), *_lr_grid("BN split", {"bn_mode": "split"})],
+    "bnm": [*_lr_grid("BN joint", {"bn_mode": "joint"}), ("BN split, lr 0.03", {"bn_mode": "split", "lr": 0.03})],
+    "im": [*_lr_grid("BN joint", {"bn_mode": "joint"}), ("BN split, lr 0.03", {"bn_mode": "split", "lr": 0.03})],
+    "dan": [*_lr_grid("BN joint", {"bn_mode": "joint"}), ("BN split, lr 0.03", {"bn_mode": "split", "lr": 0.03})],
+    "entropy_min": [("BN joint, lr 0.01", {"bn_mode": "joint", "lr": 0.01}), *_lr_grid("BN split", {"bn_mode": "split"})],
+    # ADDA is not here: its lr is its own optimizer's (Adam 2e-4, the paper's), not the shared SGD one
+    **{m: _lr_grid("", {}) for m in ("deep_coral", "joint", "self_ensembling", "adamatch", "mcd", "shot")},
 }
 # how each tuned method's default was chosen (shown in the report; the numbers are in the tables)
 HOW: dict[str, str] = {
-    "dann": "rule (bn_mode and the discriminator's BatchNorm call)",
-    "cdan": "rule (bn_mode; discriminator BatchNorm per domain as DANN's)",
-    "mdd": "rule (bn_mode)",
     "afn": "paper for the formulation (Eq. 4 and the authors' code: per-domain mean norm, separate forwards); "
-           "the tuning pairs only checked it",
-    "mcc": "rule (bn_mode)",
-    "entropy_min": "rule (bn_mode); collapses under both settings -- documented in its docstring",
+           "the rule for lr",
+    "entropy_min": "rule (bn_mode, lr); collapses under every setting -- documented in its docstring and marked "
+                   "in the tables (known_failure)",
 }
 
-# (backbone, steps) cells of the budget/backbone study -> the methods run there. The CPU this was
-# built on (2 cores shared by several agents) allowed the longer budget only for the adversarial
-# methods and MCC, the BN-free backbone only for source_only and dann; every tuned method has the
-# main budget.
-STUDY: dict[tuple[str, int], list[str]] = {
-    ("lenet_bn", 500): ["source_only", *CANDIDATES],
-    ("lenet_bn", 1000): ["source_only", "dann", "cdan", "mdd", "mcc"],
-    ("lenet", 500): ["source_only", "dann"],
-}
+# why a default differs from the rule's pick (shown in the report)
+WHY_NOT: dict[str, str] = {}
+
+# Budget and backbone cells (label, backbone, steps, shared overrides) -> the methods run there, each
+# at its default. "batch 32" spends the main budget's compute on twice as many, half-size steps.
+STUDY: list[tuple[str, str, int, dict[str, Any], list[str]]] = [
+    ("lenet_bn, 500 steps", "lenet_bn", 500, {}, ["source_only", *CANDIDATES]),
+    ("lenet_bn, 1000 steps", "lenet_bn", 1000, {}, ["source_only", "dann", "cdan", "mdd", "mcc"]),
+    ("lenet_bn, 1000 steps of batch 32", "lenet_bn", 1000, {"batch_size": 32},
+     ["source_only", "dann", "cdan", "mdd", "mcc", "bnm", "im", "dan"]),
+    ("lenet, 500 steps", "lenet", 500, {}, ["source_only", "dann"]),
+]
 
 
 # --------------------------------------------------------------------------- finding and making runs
@@ -190,11 +224,21 @@ def cell(accs: list[float]) -> str:
 
 # --------------------------------------------------------------------------- the report
 
+def main_overrides(method: str) -> dict[str, Any]:
+    """What the main job (:data:`MAIN_SPEC`) sets on top of ``method``'s defaults: the digits
+    protocol's choices that this study made (e.g. a learning rate), ``all`` then the method's own."""
+    from dalab.bench import BenchSpec
+
+    hp = BenchSpec.from_yaml(MAIN_SPEC).hparams
+    return {**hp.get("all", {}), **hp.get(method, {})}
+
+
 def is_default(method: str, overrides: dict[str, Any]) -> bool:
-    """Whether a candidate is the method's current default setting."""
+    """Whether a candidate is the setting the main job runs: the method's defaults plus the main
+    spec's overrides for it."""
     from dalab.methods import get_method, resolve_hparams
 
-    hp = resolve_hparams(get_method(method), {})
+    hp = resolve_hparams(get_method(method), main_overrides(method))
     return all(hp[k] == v for k, v in overrides.items())
 
 
@@ -233,25 +277,28 @@ def main(argv=None) -> int:
              f"**Rule that chose each default:** {RULE}.", ""]
 
     # 1. tuning grid
-    base = summarize(grid("source_only", "lenet_bn", MAIN_STEPS, {}))
+    base = summarize(grid("source_only", "lenet_bn", MAIN_STEPS, default_overrides("source_only")))
     lines += [f"## Tuning grid (lenet_bn, {MAIN_STEPS} steps)", "",
+              "Source only at its default for reference: "
+              + ", ".join(f"{s}→{t} {cell(base['cells'][(s, t)])}" for s, t in pairs)
+              + f"; average {fmt(base['avg'])}.", "",
               "| method | setting | " + " | ".join(pair_names) + " | avg | mean seed std | plateau |",
               "|---|---|" + "---|" * (len(pairs) + 3)]
-    lines.append("| source_only | — | " + " | ".join(cell(base["cells"][p]) for p in pairs)
-                 + f" | {fmt(base['avg'])} | {fmt(base['std'])} | {fmt(base['plateau'])} |")
     picks = []
     for method, cands in CANDIDATES.items():
         grids = [(label, ov, grid(method, "lenet_bn", MAIN_STEPS, ov)) for label, ov in cands]
         best = rule_pick([(label, g) for label, _, g in grids])
         sums = [(label, ov, summarize(g)) for label, ov, g in grids]
         for label, ov, s in sums:
+            if not any(s["cells"].values()):
+                continue  # a candidate never run is not shown
             mark = (" **(default)**" if is_default(method, ov) else "") + (" *(rule's pick)*" if label == best else "")
             lines.append(f"| {method} | {label}{mark} | " + " | ".join(cell(s["cells"][p]) for p in pairs)
                          + f" | {fmt(s['avg'])} | {fmt(s['std'])} | {fmt(s['plateau'])} |")
         default = next((label for label, ov, _ in sums if is_default(method, ov)), None)
         if best and default != best:
-            picks.append(f"- **{method}**: the rule now picks *{best}*, the default is *{default}* "
-                         f"(see the notes below for why).")
+            picks.append(f"- **{method}**: the rule picks *{best}*, the default is *{default}*"
+                         + (f" ({WHY_NOT[method]})" if method in WHY_NOT else "") + ".")
     lines.append("")
     if picks:
         lines += ["Where the default is not the rule's pick on the runs available now:", ""] + picks + [""]
@@ -274,21 +321,21 @@ def main(argv=None) -> int:
 
     # 2. budget / backbone study
     if not args.skip_study:
-        methods = list(dict.fromkeys(m for ms in STUDY.values() for m in ms))
+        methods = list(dict.fromkeys(m for *_, ms in STUDY for m in ms))
         lines += ["## Budget and backbone (each method at its default)", "",
                   "Average over the 4 tuning pairs of the `last` rule; in brackets the mean per-cell seed std "
                   "and the plateau |last − halfway|. Empty cells were not run (CPU; see STUDY in the module).", "",
-                  "| method | " + " | ".join(f"{bb}, {st} steps" for bb, st in STUDY) + " |",
+                  "| method | " + " | ".join(label for label, *_ in STUDY) + " |",
                   "|---|" + "---|" * len(STUDY)]
         curves: dict[str, dict[tuple, float | None]] = {}
         for m in methods:
             row = []
-            for (bb, st), ms in STUDY.items():
+            for _label, bb, st, over, ms in STUDY:
                 if m not in ms:
                     row.append("")
                     continue
-                s = summarize(grid(m, bb, st, default_overrides(m)))
-                curves.setdefault(m, {})[(bb, st)] = s["avg"]
+                s = summarize(grid(m, bb, st, {**default_overrides(m), **over}))
+                curves.setdefault(m, {})[(bb + (" batch 32" if over else ""), st)] = s["avg"]
                 few = min(len(a) for a in s["cells"].values())
                 row.append(f"{fmt(s['avg'])} [{fmt(s['std'])}; {fmt(s['plateau'])}]"
                            + (f" (≥{few} seed{'s' if few != 1 else ''} per pair)" if 0 < few < len(SEEDS) else ""))
@@ -314,7 +361,7 @@ def main_job_plateau(runs_dir: str | Path) -> list[str]:
     for r in load_records(runs_dir):
         c = r["config"]
         if (c["steps"] == MAIN_STEPS and c["eval_every"] == MAIN_STEPS // EVAL_POINTS and c["backbone"] == "lenet_bn"
-                and str(c["budget"]) == "0" and not c["hparams"]):
+                and str(c["budget"]) == "0" and c["hparams"] == main_overrides(c["method"])):
             p = plateau(r)
             if p is not None:
                 by.setdefault(c["method"], []).append(p)
@@ -324,9 +371,6 @@ def main_job_plateau(runs_dir: str | Path) -> list[str]:
            "Reported, not used to choose anything. |acc(last) − acc(halfway)| averaged over pairs and seeds.", "",
            "| method | runs | plateau (points) |", "|---|---|---|"]
     out += [f"| {m} | {len(v)} | {statistics.mean(v):.1f} |" for m, v in sorted(by.items())]
-    notes = {"arch_mod": "re-estimates its BatchNorm statistics on target only after the last step, so its "
-                         "halfway checkpoint is scored without AdaBN: the measure mixes that change with convergence"}
-    out += [""] + [f"- {m}: {t}." for m, t in notes.items() if m in by]
     return out + [""]
 
 
@@ -344,7 +388,7 @@ def plot(curves: dict[str, dict[tuple, float | None]], path: Path) -> bool:
         for bb in sorted({b for b, _ in pts}):
             xy = sorted((st, v) for (b, st), v in pts.items() if b == bb and v is not None)
             if xy:
-                ax.plot(*zip(*xy), marker="o", ls="-" if bb == "lenet_bn" else "--", label=f"{m} ({bb})")
+                ax.plot(*zip(*xy), marker="o", ls="-" if bb == "lenet_bn" else ":" if "batch" in bb else "--", label=f"{m} ({bb})")
                 drawn = True
     if not drawn:
         plt.close(fig)
