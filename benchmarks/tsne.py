@@ -3,7 +3,8 @@
     python -m dalab.benchmarks.tsne [--spec benchmarks/digits.yaml] [--pair mnist5k:ucidigits] [--method dann]
                                      [--seed 0] [--runs-dir results/runs] [--out results/digits/tsne.png]
 
-Steps, evaluation interval and backbone come from the benchmark spec (so the runs are the grid's).
+Steps, evaluation interval, backbone and each method's overrides come from the benchmark spec
+(so the runs are the grid's).
 
 Uses the trained weights (``model.pt``) of the ``source_only`` run and of the adapted run with the
 same config as the benchmark grid; a run finished without saved weights is retrained through the
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs-dir", default="results/runs")
     ap.add_argument("--out", default="results/digits/tsne.png")
     args = ap.parse_args(argv)
-    from dalab.bench import BenchSpec
+    from dalab.bench import BenchSpec, trial_hparams
     spec = BenchSpec.from_yaml(args.spec) if args.spec and Path(args.spec).is_file() else BenchSpec()
     args.steps = args.steps or spec.steps
     args.eval_every = args.eval_every or spec.eval_every
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     nets = {}
     for m in ("source_only", args.method):
         cfg = RunConfig(m, src, tgt, seed=args.seed, steps=args.steps, eval_every=args.eval_every,
-                        backbone=args.backbone)
+                        backbone=args.backbone, hparams=trial_hparams(m, 0, spec))  # the spec's overrides too
         net = build_classifier(args.backbone, 10)
         net.load_state_dict(weights(cfg, Path(args.runs_dir)))
         nets[f"{display.method(m)} ({'before' if m == 'source_only' else 'after'} adaptation)"] = net
