@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from pathlib import Path
 
 from dalab import display
 from dalab.bench import run_or_load
@@ -63,14 +62,12 @@ def main(argv=None) -> int:
 def main_job_row(method: str) -> str:
     """``method`` with the main job's overrides (benchmarks/digits.yaml, chosen on the tuning pairs
     by results/protocol.md), as a row spec ``NAME:KEY=VALUE,...``; plain ``NAME`` when it has none."""
-    from dalab.bench import BenchSpec
+    from dalab.benchmarks.protocol import main_overrides
 
-    hp = BenchSpec.from_yaml(MAIN_SPEC).hparams
-    over = {**hp.get("all", {}), **hp.get(method, {})}
+    over = main_overrides(method)
     return method + (":" + ",".join(f"{k}={v}" for k, v in sorted(over.items())) if over else "")
 
 
-MAIN_SPEC = Path(__file__).with_name("digits.yaml")
 # lenet: the paper's network, dalab's defaults and a BatchNorm discriminator; lenet_bn (the main
 # job's network): dalab's defaults and the main job's settings (lr, DANN's BatchNorm handling and
 # trade-off), which were chosen at 500 steps -- this checks them at a 4x longer budget.

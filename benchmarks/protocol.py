@@ -23,6 +23,7 @@ default never makes an old record stand for the new setting.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 from pathlib import Path
 from typing import Any
@@ -103,19 +104,18 @@ HOW: dict[str, str] = {
 # why a default differs from the rule's pick (shown in the report)
 WHY_NOT: dict[str, str] = {}
 
-# Budget and backbone cells (label, backbone, steps, shared overrides) -> the methods run there, each
-# at its default. "batch 32" spends the main budget's compute on twice as many, half-size steps.
-# PAPER = at the method's own defaults (lr 0.01, the setting before the main job's overrides), else at
-# the main job's setting.
-PAPER = "method defaults"
-STUDY: list[tuple[str, str, int, dict[str, Any], list[str]]] = [
-    ("lenet_bn, 500 steps", "lenet_bn", 500, {}, ["source_only", *CANDIDATES]),
-    ("lenet_bn, 500 steps, method defaults", "lenet_bn", 500, {PAPER: True},
+# Budget and backbone cells (label, backbone, steps, shared overrides, at the method's own defaults?)
+# -> the methods run there. Own defaults = lr 0.01, the setting before the main job's overrides;
+# otherwise the main job's setting. "batch 32" spends the main budget's compute on twice as many,
+# half-size steps.
+STUDY: list[tuple[str, str, int, dict[str, Any], bool, list[str]]] = [
+    ("lenet_bn, 500 steps", "lenet_bn", 500, {}, False, ["source_only", *CANDIDATES]),
+    ("lenet_bn, 500 steps, method defaults", "lenet_bn", 500, {}, True,
      ["source_only", "dann", "cdan", "mdd", "mcc", "bnm", "im", "dan"]),
-    ("lenet_bn, 1000 steps, method defaults", "lenet_bn", 1000, {PAPER: True}, ["source_only", "dann", "cdan", "mdd", "mcc"]),
-    ("lenet_bn, 1000 steps of batch 32, method defaults", "lenet_bn", 1000, {PAPER: True, "batch_size": 32},
+    ("lenet_bn, 1000 steps, method defaults", "lenet_bn", 1000, {}, True, ["source_only", "dann", "cdan", "mdd", "mcc"]),
+    ("lenet_bn, 1000 steps of batch 32, method defaults", "lenet_bn", 1000, {"batch_size": 32}, True,
      ["source_only", "dann", "cdan", "mdd", "mcc", "bnm", "im", "dan"]),
-    ("lenet, 500 steps, method defaults", "lenet", 500, {PAPER: True}, ["source_only", "dann"]),
+    ("lenet, 500 steps, method defaults", "lenet", 500, {}, True, ["source_only", "dann"]),
 ]
 
 
@@ -146,8 +146,7 @@ class Records:
         (new hyperparameters are added with the old behaviour as default)."""
         key = tuple(cfg.key().get(f) for f in self.FIELDS)
         for rec in self.index.get(key, []):
-            old = rec.get("hparams", {})
-            if all(old[k] == v if k in old else v == defaults.get(k) for k, v in hp.items()):
+            if matches(rec.get("hparams", {}), hp, defaults):
                 return rec
         return None
 
@@ -230,46 +229,55 @@ def cell(accs: list[float]) -> str:
 
 # --------------------------------------------------------------------------- the report
 
-def main_overrides(method: str) -> dict[str, Any]:
-    """What the main job (:data:`MAIN_SPEC`) sets on top of ``method``'s defaults: the digits
-    protocol's choices that this study made (e.g. a learning rate), ``all`` then the method's own."""
+@functools.cache
+def _main_spec():
     from dalab.bench import BenchSpec
 
-    hp = BenchSpec.from_yaml(MAIN_SPEC).hparams
-    return {**hp.get("all", {}), **hp.get(method, {})}
+    return BenchSpec.from_yaml(MAIN_SPEC)
+
+
+def main_overrides(method: str) -> dict[str, Any]:
+    """What the main job (:data:`MAIN_SPEC`) sets on top of ``method``'s defaults: the digits
+    protocol's choices that this study made (e.g. a learning rate); the bench's own reading
+    (``trial_hparams`` of trial 0: ``all``, then the method's entry)."""
+    from dalab.bench import trial_hparams
+
+    return trial_hparams(method, 0, _main_spec())
+
+
+@functools.cache
+def setting(method: str, main: bool = True) -> dict[str, Any]:
+    """``method``'s resolved hyperparameters: the main job's setting, or (``main=False``) its own
+    defaults. Cached: read-only."""
+    from dalab.methods import get_method, resolve_hparams
+
+    return resolve_hparams(get_method(method), main_overrides(method) if main else {})
+
+
+def matches(recorded: dict[str, Any], want: dict[str, Any], defaults: dict[str, Any]) -> bool:
+    """Whether resolved hyperparameters ``recorded`` have every value of ``want``. A key missing from
+    an older record (an hparam added since) matches when ``want`` has that key's default value (new
+    hyperparameters are added with the old behaviour as default)."""
+    return all(recorded[k] == v if k in recorded else v == defaults.get(k) for k, v in want.items())
 
 
 def is_main_setting(method: str, hparams: dict[str, Any]) -> bool:
-    """Whether a run's hyperparameters (as its config records them: explicit overrides or fully
-    resolved) are the main job's setting of ``method``."""
-    from dalab.methods import get_method, resolve_hparams
-
-    want = resolve_hparams(get_method(method), main_overrides(method))
-    return all(want.get(k) == v for k, v in hparams.items() if k in want) and \
-        all(hparams.get(k, want[k]) == want[k] for k in main_overrides(method))
+    """Whether a run's resolved hyperparameters (its record's ``hparams``) are the main job's
+    setting of ``method``."""
+    return matches(hparams, setting(method), setting(method, main=False))
 
 
 def is_default(method: str, overrides: dict[str, Any]) -> bool:
     """Whether a candidate is the setting the main job runs: the method's defaults plus the main
     spec's overrides for it."""
-    from dalab.methods import get_method, resolve_hparams
-
-    hp = resolve_hparams(get_method(method), main_overrides(method))
-    return all(hp[k] == v for k, v in overrides.items())
+    return matches(setting(method), overrides, {})
 
 
-def default_overrides(method: str) -> dict[str, Any]:
-    """The current default's tuned hyperparameters, explicitly (empty when nothing was tuned), so
-    the study's run records name the setting they were trained with."""
-    return next((ov for _, ov in CANDIDATES.get(method, []) if is_default(method, ov)), {})
-
-
-def own_default_overrides(method: str) -> dict[str, Any]:
-    """The candidate equal to the method's own defaults (without the main job's overrides)."""
-    from dalab.methods import get_method, resolve_hparams
-
-    hp = resolve_hparams(get_method(method), {})
-    return next((ov for _, ov in CANDIDATES.get(method, []) if all(hp[k] == v for k, v in ov.items())), {})
+def candidate(method: str, main: bool = True) -> dict[str, Any]:
+    """The candidate (explicit tuned keys) equal to the main job's setting of ``method`` or, with
+    ``main=False``, to its own defaults; empty when nothing was tuned, so the study's run records
+    name the setting they were trained with."""
+    return next((ov for _, ov in CANDIDATES.get(method, []) if matches(setting(method, main), ov, {})), {})
 
 
 def main(argv=None) -> int:
@@ -301,7 +309,7 @@ def main(argv=None) -> int:
              f"**Rule that chose each default:** {RULE}.", ""]
 
     # 1. tuning grid
-    base = summarize(grid("source_only", "lenet_bn", MAIN_STEPS, default_overrides("source_only")))
+    base = summarize(grid("source_only", "lenet_bn", MAIN_STEPS, candidate("source_only")))
     lines += [f"## Tuning grid (lenet_bn, {MAIN_STEPS} steps)", "",
               "Source only at its default for reference: "
               + ", ".join(f"{s}→{t} {cell(base['cells'][(s, t)])}" for s, t in pairs)
@@ -357,14 +365,13 @@ def main(argv=None) -> int:
         curves: dict[str, dict[tuple, float | None]] = {}
         for m in methods:
             row = []
-            for _label, bb, st, over, ms in STUDY:
+            for _label, bb, st, over, own, ms in STUDY:
                 if m not in ms:
                     row.append("")
                     continue
-                base = own_default_overrides(m) if over.get(PAPER) else default_overrides(m)
-                s = summarize(grid(m, bb, st, {**base, **{k: v for k, v in over.items() if k != PAPER}}))
+                s = summarize(grid(m, bb, st, {**candidate(m, main=not own), **over}))
                 curves.setdefault(m, {})[(bb + (" batch 32" if "batch_size" in over else "")
-                                          + (" defaults" if over.get(PAPER) else ""), st)] = s["avg"]
+                                          + (" defaults" if own else ""), st)] = s["avg"]
                 few = min(len(a) for a in s["cells"].values())
                 row.append(f"{fmt(s['avg'])} [{fmt(s['std'])}; {fmt(s['plateau'])}]"
                            + (f" (≥{few} seed{'s' if few != 1 else ''} per pair)" if 0 < few < len(SEEDS) else ""))
@@ -398,7 +405,7 @@ def main_job_check(runs_dir: str | Path, any_setting: bool = False) -> list[str]
     for r in load_records(runs_dir):
         c = r["config"]
         if (c["steps"] == MAIN_STEPS and c["eval_every"] == MAIN_STEPS // EVAL_POINTS and c["backbone"] == "lenet_bn"
-                and str(c["budget"]) == "0" and (any_setting or is_main_setting(c["method"], c["hparams"]))):
+                and str(c["budget"]) == "0" and (any_setting or is_main_setting(c["method"], r["hparams"]))):
             a, p = last_acc(r), plateau(r)
             if a is not None:
                 accs.setdefault(c["method"], {}).setdefault((c["source"], c["target"]), []).append(a)

@@ -267,7 +267,7 @@ def to_table(t: dict, cd_file: str = "") -> Table:
                 title=f"Selection rule: `{rule.name}` — {rule.text}", caption=caption,
                 notes=[friedman_note(t, cd_file)], label=f"tab:{rule.name}")
     budget = None
-    failures = {r["method"]: display.failure(r["method"]) for r in t["rows"] if display.failure(r["method"])}
+    failures = {m: text for m in dict.fromkeys(r["method"] for r in t["rows"]) if (text := display.failure(m))}
     for name, text in sorted(failures.items(), key=lambda kv: display.method(kv[0])):
         tab.notes.append(f"‡ {display.method(name)}: {text}")
     for r in t["rows"]:
