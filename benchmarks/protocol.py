@@ -92,6 +92,27 @@ CANDIDATES: dict[str, list[tuple[str, dict[str, Any]]]] = {
     # ADDA is not here: its lr is its own optimizer's (Adam 2e-4, the paper's), not the shared SGD one
     **{m: _lr_grid("", {}) for m in ("deep_coral", "joint", "self_ensembling", "adamatch", "mcd", "shot")},
 }
+# Weight averaging (shared ``weight_ema``): every candidate above gains the key (0 = off), and the
+# main job's setting before this study gains a copy with the average of its weights evaluated
+_EMA = 0.99
+_EMA_BASE = {"source_only": "lr 0.03", "dann": "BN split, disc 100x1 BN joint, trade-off 0.3",
+             "cdan": "BN split, disc BN per domain, lr 0.03", "mdd": "BN split, lr 0.03",
+             "afn": "paper: per-domain mean norm, BN split (authors' code), lr 0.03", "mcc": "BN split, lr 0.03",
+             "bnm": "BN split, lr 0.03", "im": "BN split, lr 0.03", "dan": "BN split, lr 0.03",
+             "deep_coral": "lr 0.03", "self_ensembling": "lr 0.03", "adamatch": "lr 0.03", "mcd": "lr 0.01"}
+CANDIDATES["adda"] = [("paper's Adam 2e-4", {})]   # its optimizer is its own; only the average is tried
+_EMA_BASE["adda"] = "paper's Adam 2e-4"
+
+
+def _with_average(cands: list[tuple[str, dict[str, Any]]], base: str) -> list[tuple[str, dict[str, Any]]]:
+    over = dict(cands)[base]
+    return ([(label, {**ov, "weight_ema": 0.0}) for label, ov in cands]
+            + [(f"{base}, weight EMA {_EMA}", {**over, "weight_ema": _EMA})])
+
+
+for _m, _base in _EMA_BASE.items():
+    CANDIDATES[_m] = _with_average(CANDIDATES[_m], _base)
+
 # how each tuned method's default was chosen (shown in the report; the numbers are in the tables)
 HOW: dict[str, str] = {
     "afn": "paper for the formulation (Eq. 4 and the authors' code: per-domain mean norm, separate forwards); "
@@ -108,10 +129,16 @@ WHY_NOT: dict[str, str] = {}
 # -> the methods run there. Own defaults = lr 0.01, the setting before the main job's overrides;
 # otherwise the main job's setting. "batch 32" spends the main budget's compute on twice as many,
 # half-size steps.
+# the methods whose plateau on the main job's runs was above 2 points at 500 steps, and source-only
+_SLOW = ["source_only", "dann", "cdan", "mdd", "adda", "mcd", "bnm", "mcc", "dan", "deep_coral", "im", "afn",
+         "self_ensembling", "adamatch"]
 STUDY: list[tuple[str, str, int, dict[str, Any], bool, list[str]]] = [
     ("lenet_bn, 500 steps", "lenet_bn", 500, {}, False, ["source_only", *CANDIDATES]),
     ("lenet_bn, 500 steps, method defaults", "lenet_bn", 500, {}, True,
      ["source_only", "dann", "cdan", "mdd", "mcc", "bnm", "im", "dan"]),
+    ("lenet_bn, 1000 steps", "lenet_bn", 1000, {}, False, _SLOW),
+    ("lenet_bn, 500 steps, cosine LR", "lenet_bn", 500, {"lr_schedule": "cosine"}, False,
+     ["source_only", "dann", "cdan", "mdd", "bnm", "deep_coral", "mcd", "adamatch"]),
     ("lenet_bn, 1000 steps, method defaults", "lenet_bn", 1000, {}, True, ["source_only", "dann", "cdan", "mdd", "mcc"]),
     ("lenet_bn, 1000 steps of batch 32, method defaults", "lenet_bn", 1000, {"batch_size": 32}, True,
      ["source_only", "dann", "cdan", "mdd", "mcc", "bnm", "im", "dan"]),
@@ -126,7 +153,7 @@ class Records:
     that a wanted setting can be matched on its resolved hyperparameters."""
 
     FIELDS = ("method", "source", "target", "seed", "budget", "steps", "eval_every", "backbone",
-              "split_seed", "precision", "pretrained")
+              "split_seed", "precision", "pretrained", "source_hparams")
 
     def __init__(self, runs_dir: str | Path):
         from dalab.tables import load_records
@@ -136,15 +163,22 @@ class Records:
         for r in load_records(self.runs_dir):
             self.add(r)
 
+    @classmethod
+    def key(cls, config: dict) -> tuple:
+        """The index key of a record's (or a wanted run's) canonical config: FIELDS, dicts as JSON."""
+        import json
+
+        return tuple(json.dumps(config.get(f), sort_keys=True) for f in cls.FIELDS)
+
     def add(self, rec: dict) -> None:
-        key = tuple(rec["config"].get(f) for f in self.FIELDS)
+        key = self.key(rec["config"])
         self.index.setdefault(key, []).append(rec)
 
     def find(self, cfg, hp: dict[str, Any], defaults: dict[str, Any]) -> dict | None:
         """A done record of ``cfg`` whose resolved hyperparameters equal ``hp``. A key missing from
         an older record (an hparam added since) matches when ``hp`` has that key's default value
         (new hyperparameters are added with the old behaviour as default)."""
-        key = tuple(cfg.key().get(f) for f in self.FIELDS)
+        key = self.key(cfg.key())
         for rec in self.index.get(key, []):
             if matches(rec.get("hparams", {}), hp, defaults):
                 return rec
@@ -152,13 +186,16 @@ class Records:
 
 
 def get_run(records: Records, method: str, src: str, tgt: str, seed: int, steps: int, backbone: str,
-            overrides: dict[str, Any], cached_only: bool, device: str) -> dict | None:
+            overrides: dict[str, Any], cached_only: bool, device: str,
+            source_overrides: dict[str, Any] | None = None) -> dict | None:
+    """The run of ``method`` with ``overrides`` (and, for a method that starts from the source
+    model, that model trained with ``source_overrides``): found under the runs dir, or trained."""
     from dalab.bench import run_or_load
     from dalab.methods import get_method, resolve_hparams
     from dalab.trainer import RunConfig
 
     cfg = RunConfig(method, src, tgt, seed=seed, steps=steps, eval_every=max(1, steps // EVAL_POINTS),
-                    backbone=backbone, hparams=dict(overrides))
+                    backbone=backbone, hparams=dict(overrides), source_hparams=dict(source_overrides or {}))
     cls = get_method(method)
     hp, defaults = resolve_hparams(cls, overrides), resolve_hparams(cls, {})
     rec = records.find(cfg, hp, defaults)
@@ -176,22 +213,38 @@ def last_acc(rec: dict) -> float | None:
     return rec["final"]["tgt_test"]["acc"] * 100 if rec and rec.get("final") else None
 
 
-def plateau(rec: dict) -> float | None:
-    """|target-test acc at the last checkpoint - at the checkpoint halfway through| (points)."""
+def drift(rec: dict) -> float | None:
+    """Target-test acc at the last checkpoint - at the checkpoint halfway through (points, signed)."""
     if not rec or not rec.get("final"):
         return None
     half = rec["config"]["steps"] // 2
     mid = next((e for e in rec["evals"] if e["step"] == half), None)
-    return None if mid is None else abs(rec["final"]["tgt_test"]["acc"] - mid["tgt_test"]["acc"]) * 100
+    return None if mid is None else (rec["final"]["tgt_test"]["acc"] - mid["tgt_test"]["acc"]) * 100
+
+
+def plateau(rec: dict) -> float | None:
+    """|:func:`drift`|: how far a run still moves in its second half. Averaged over runs it mixes two
+    things the signed mean (the trend) separates: a trend close to the plateau = still rising (or
+    falling) at the budget; a trend near 0 with a large plateau = checkpoint-to-checkpoint swings."""
+    d = drift(rec)
+    return None if d is None else abs(d)
+
+
+def mean_drift(drifts: list[float] | None) -> tuple[float | None, float | None]:
+    """(plateau, trend) of a list of signed drifts: mean of |d|, mean of d."""
+    if not drifts:
+        return None, None
+    return statistics.mean(abs(d) for d in drifts), statistics.mean(drifts)
 
 
 def summarize(recs_by_pair: dict[tuple, list[dict | None]]) -> dict[str, Any]:
-    """Per pair mean/std over seeds; the 4-pair average, the mean per-cell seed std, the plateau."""
-    cells, stds, plats, missing = {}, [], [], 0
+    """Per pair mean/std over seeds; the 4-pair average, the mean per-cell seed std, the plateau and
+    the trend (mean signed drift)."""
+    cells, stds, drifts, missing = {}, [], [], 0
     for pair, recs in recs_by_pair.items():
         accs = [a for a in (last_acc(r) for r in recs) if a is not None]
         missing += len(recs) - len(accs)
-        plats += [p for p in (plateau(r) for r in recs) if p is not None]
+        drifts += [d for d in (drift(r) for r in recs) if d is not None]
         cells[pair] = accs
         if len(accs) > 1:
             stds.append(statistics.stdev(accs))
@@ -199,7 +252,7 @@ def summarize(recs_by_pair: dict[tuple, list[dict | None]]) -> dict[str, Any]:
     complete = all(len(a) >= 1 for a in cells.values())  # cells with fewer seeds say (n=k)
     return {"cells": cells, "avg": statistics.mean(means) if means and complete else None,
             "std": statistics.mean(stds) if stds else None,
-            "plateau": statistics.mean(plats) if plats else None, "missing": missing}
+            **dict(zip(("plateau", "trend"), mean_drift(drifts))), "missing": missing}
 
 
 def rule_pick(grids: list[tuple[str, dict[tuple, list[dict | None]]]]) -> str | None:
@@ -218,6 +271,11 @@ def rule_pick(grids: list[tuple[str, dict[tuple, list[dict | None]]]]) -> str | 
 
 def fmt(x: float | None, nd: int = 1) -> str:
     return "—" if x is None else f"{x:.{nd}f}"
+
+
+def fmt_plateau(plateau: float | None, trend: float | None) -> str:
+    """``plateau (trend)``, e.g. ``4.5 (+0.9)``: mostly swings; ``3.7 (+3.7)``: still rising."""
+    return "—" if plateau is None else f"{plateau:.1f} ({trend:+.1f})"
 
 
 def cell(accs: list[float]) -> str:
@@ -243,6 +301,13 @@ def main_overrides(method: str) -> dict[str, Any]:
     from dalab.bench import trial_hparams
 
     return trial_hparams(method, 0, _main_spec())
+
+
+def source_overrides() -> dict[str, Any]:
+    """The main job's source model: what its spec sets for ``source_only`` (the bench's reading)."""
+    from dalab.bench import source_hparams
+
+    return source_hparams(_main_spec())
 
 
 @functools.cache
@@ -295,8 +360,11 @@ def main(argv=None) -> int:
     pairs = [tuple(p) for p in BENCHMARKS[BENCHMARK]]
     records = Records(args.runs_dir)
 
-    def grid(method, backbone, steps, overrides):
-        return {p: [get_run(records, method, *p, s, steps, backbone, overrides, args.cached_only, args.device)
+    def grid(method, backbone, steps, overrides, main=True):
+        """``main``: a method that starts from the source model starts from the main job's (its
+        source_only overrides), as in the main job; else from source_only at its defaults."""
+        src = source_overrides() if main else {}
+        return {p: [get_run(records, method, *p, s, steps, backbone, overrides, args.cached_only, args.device, src)
                     for s in SEEDS] for p in pairs}
 
     pair_names = [f"{s}→{t}" for s, t in pairs]
@@ -305,7 +373,9 @@ def main(argv=None) -> int:
              f"four default pairs are not used here: their target labels choose nothing. Accuracy: target "
              f"TEST accuracy (%) at the last checkpoint (`last` rule), mean ± std over seeds. "
              f"Plateau: |acc(last) − acc(halfway)| in points, averaged over pairs and seeds "
-             f"({EVAL_POINTS} evaluation points per run).", "",
+             f"({EVAL_POINTS} evaluation points per run); in brackets the trend, the same difference "
+             f"with its sign: a trend as large as the plateau means the method is still rising at the "
+             f"budget, a trend near 0 under a large plateau means its checkpoints swing.", "",
              f"**Rule that chose each default:** {RULE}.", ""]
 
     # 1. tuning grid
@@ -314,7 +384,7 @@ def main(argv=None) -> int:
               "Source only at its default for reference: "
               + ", ".join(f"{s}→{t} {cell(base['cells'][(s, t)])}" for s, t in pairs)
               + f"; average {fmt(base['avg'])}.", "",
-              "| method | setting | " + " | ".join(pair_names) + " | avg | mean seed std | plateau |",
+              "| method | setting | " + " | ".join(pair_names) + " | avg | mean seed std | plateau (trend) |",
               "|---|---|" + "---|" * (len(pairs) + 3)]
     picks = []
     for method, cands in CANDIDATES.items():
@@ -326,7 +396,7 @@ def main(argv=None) -> int:
                 continue  # a candidate never run is not shown
             mark = (" **(default)**" if is_default(method, ov) else "") + (" *(rule's pick)*" if label == best else "")
             lines.append(f"| {method} | {label}{mark} | " + " | ".join(cell(s["cells"][p]) for p in pairs)
-                         + f" | {fmt(s['avg'])} | {fmt(s['std'])} | {fmt(s['plateau'])} |")
+                         + f" | {fmt(s['avg'])} | {fmt(s['std'])} | {fmt_plateau(s['plateau'], s['trend'])} |")
         default = next((label for label, ov, _ in sums if is_default(method, ov)), None)
         if best and default != best:
             picks.append(f"- **{method}**: the rule picks *{best}*, the default is *{default}*"
@@ -359,7 +429,7 @@ def main(argv=None) -> int:
         methods = list(dict.fromkeys(m for *_, ms in STUDY for m in ms))
         lines += ["## Budget and backbone (the main job's setting, or the method's own defaults where a column says so)", "",
                   "Average over the 4 tuning pairs of the `last` rule; in brackets the mean per-cell seed std "
-                  "and the plateau |last − halfway|. Empty cells were not run (CPU; see STUDY in the module).", "",
+                  "and the plateau |last − halfway| (trend). Empty cells were not run (CPU; see STUDY in the module).", "",
                   "| method | " + " | ".join(label for label, *_ in STUDY) + " |",
                   "|---|" + "---|" * len(STUDY)]
         curves: dict[str, dict[tuple, float | None]] = {}
@@ -369,11 +439,10 @@ def main(argv=None) -> int:
                 if m not in ms:
                     row.append("")
                     continue
-                s = summarize(grid(m, bb, st, {**candidate(m, main=not own), **over}))
-                curves.setdefault(m, {})[(bb + (" batch 32" if "batch_size" in over else "")
-                                          + (" defaults" if own else ""), st)] = s["avg"]
+                s = summarize(grid(m, bb, st, {**candidate(m, main=not own), **over}, main=not own))
+                curves.setdefault(m, {})[(curve_name(label), st)] = s["avg"]
                 few = min(len(a) for a in s["cells"].values())
-                row.append(f"{fmt(s['avg'])} [{fmt(s['std'])}; {fmt(s['plateau'])}]"
+                row.append(f"{fmt(s['avg'])} [{fmt(s['std'])}; {fmt_plateau(s['plateau'], s['trend'])}]"
                            + (f" (≥{few} seed{'s' if few != 1 else ''} per pair)" if 0 < few < len(SEEDS) else ""))
             lines.append(f"| {m} | " + " | ".join(row) + " |")
         lines.append("")
@@ -401,16 +470,16 @@ def main_job_check(runs_dir: str | Path, any_setting: bool = False) -> list[str]
     from dalab.tables import load_records
 
     accs: dict[str, dict[tuple, list[float]]] = {}
-    plats: dict[str, list[float]] = {}
+    drifts: dict[str, list[float]] = {}
     for r in load_records(runs_dir):
         c = r["config"]
         if (c["steps"] == MAIN_STEPS and c["eval_every"] == MAIN_STEPS // EVAL_POINTS and c["backbone"] == "lenet_bn"
                 and str(c["budget"]) == "0" and (any_setting or is_main_setting(c["method"], r["hparams"]))):
-            a, p = last_acc(r), plateau(r)
+            a, d = last_acc(r), drift(r)
             if a is not None:
                 accs.setdefault(c["method"], {}).setdefault((c["source"], c["target"]), []).append(a)
-            if p is not None:
-                plats.setdefault(c["method"], []).append(p)
+            if d is not None:
+                drifts.setdefault(c["method"], []).append(d)
     base = accs.get("source_only")
     if not base:
         return []
@@ -425,8 +494,8 @@ def main_job_check(runs_dir: str | Path, any_setting: bool = False) -> list[str]
     out = [f"## The main job's runs against the criteria ({runs_dir}; default pairs, {MAIN_STEPS} steps)", "",
            "Reported, not used to choose anything. `last` rule; wins: pairs where the method's mean over seeds is "
            "above source-only's; seed std: mean over the 4 cells of the std over seeds; plateau: |acc(last) − "
-           "acc(halfway)| averaged over pairs and seeds; ‡: the method declares a known failure (table footnote).", "",
-           "| method | runs | 4-pair avg | Δ vs source only | pairs won | seed std | plateau |", "|---|---|---|---|---|---|---|"]
+           "acc(halfway)| averaged over pairs and seeds (trend: signed); ‡: the method declares a known failure (table footnote).", "",
+           "| method | runs | 4-pair avg | Δ vs source only | pairs won | seed std | plateau (trend) |", "|---|---|---|---|---|---|---|"]
     for m in sorted(accs, key=lambda m: (m != "source_only", m)):
         n = sum(len(v) for v in accs[m].values())
         wins = sum(mean[m].get(p, -1) > mean["source_only"][p] for p in pairs)
@@ -434,7 +503,7 @@ def main_job_check(runs_dir: str | Path, any_setting: bool = False) -> list[str]
         out.append(f"| {m}{flag} | {n} | {fmt(avg.get(m))} | "
                    + (f"{avg[m] - avg['source_only']:+.1f}" if m in avg and m != "source_only" else "—")
                    + f" | {wins if m != 'source_only' else '—'}/{len(pairs)} | {fmt(seed_std(m))} | "
-                   + f"{fmt(statistics.mean(plats[m]) if plats.get(m) else None)} |")
+                   + f"{fmt_plateau(*mean_drift(drifts.get(m)))} |")
     fam = [s for s in (seed_std(m) for m in ADVERSARIAL if m in accs) if s is not None]
     wide = [s for s in (seed_std(m) for m in (*ADVERSARIAL, "adda", "mcd") if m in accs) if s is not None]
     below = [m for m in avg if m != "source_only" and avg[m] < avg["source_only"]]
@@ -442,9 +511,16 @@ def main_job_check(runs_dir: str | Path, any_setting: bool = False) -> list[str]
                 f"{fmt(statistics.mean(fam)) if fam else '—'}; with ADDA and MCD {fmt(statistics.mean(wide)) if wide else '—'}.",
             f"- Below source-only on the 4-pair average: {', '.join(below) if below else 'none'}"
             + ("" if not below else f" (footnoted: {', '.join(m for m in below if display.failure(m)) or 'none'})") + ".",
-            f"- Plateau above 2 points: {', '.join(m for m in sorted(plats) if statistics.mean(plats[m]) > 2) or 'none'}.",
+            f"- Plateau above 2 points: {', '.join(m for m in sorted(drifts) if mean_drift(drifts[m])[0] > 2) or 'none'}.",
             ""]
     return out
+
+
+def curve_name(label: str) -> str:
+    """A STUDY label without its budget: the cells of one setting at several budgets form a curve."""
+    import re
+
+    return re.sub(r", \d+ steps", "", label)
 
 
 def plot(curves: dict[str, dict[tuple, float | None]], path: Path) -> bool:
@@ -461,7 +537,7 @@ def plot(curves: dict[str, dict[tuple, float | None]], path: Path) -> bool:
         for bb in sorted({b for b, _ in pts}):
             xy = sorted((st, v) for (b, st), v in pts.items() if b == bb and v is not None)
             if xy:
-                ax.plot(*zip(*xy), marker="o", ls=":" if "batch" in bb else "-." if "defaults" in bb else "-" if bb == "lenet_bn" else "--", label=f"{m} ({bb})")
+                ax.plot(*zip(*xy), marker="o", ls=":" if "batch" in bb or "cosine" in bb else "-." if "defaults" in bb else "-" if bb == "lenet_bn" else "--", label=f"{m} ({bb})")
                 drawn = True
     if not drawn:
         plt.close(fig)

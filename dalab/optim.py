@@ -18,6 +18,7 @@ for bit.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -107,3 +108,52 @@ class Optimization:
                              f"{sorted(self.optimizers)}; the checkpoint is from another method version")
         for name, st in state.items():
             self.optimizers[name].load_state_dict(st)
+
+
+class WeightAverage:
+    """An exponential moving average of a module's weights and BatchNorm statistics (Polyak
+    averaging), the model a run evaluates and hands over when ``weight_ema`` > 0.
+
+    After every training step ``avg <- d * avg + (1 - d) * live`` with ``d = min(decay, (1 + n) /
+    (10 + n))`` at the n-th update (the warm-up of TensorFlow's ExponentialMovingAverage: early
+    averages are not dragged towards the initial weights). Over parameters and BatchNorm running
+    statistics only: a method's other buffers (pseudo-labels, memory banks) are training state,
+    not the model. :meth:`swapped_in` evaluates the average and restores the live weights, so
+    training continues unaffected; :meth:`apply` makes the average the network for good."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        from dalab.methods.nets import batchnorm_layers
+
+        self.decay = float(decay)
+        stats = [t for bn in batchnorm_layers(module) for t in (bn.running_mean, bn.running_var) if t is not None]
+        self.live = [p.data for p in module.parameters()] + stats
+        self.avg = [t.detach().clone() for t in self.live]
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+        torch._foreach_lerp_(self.avg, self.live, 1.0 - d)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        torch._foreach_copy_(self.live, self.avg)
+
+    @contextmanager
+    def swapped_in(self):
+        saved = [t.clone() for t in self.live]
+        self.apply()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.live, saved)
+
+    def state_dict(self) -> dict:
+        return {"avg": self.avg, "updates": self.updates}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self.avg, list(state["avg"]))
+        self.updates = int(state["updates"])

@@ -82,14 +82,16 @@ class RunConfig:
         """The canonical configuration: hyperparameters resolved (typed, every default filled in),
         so ``--set lr=0.01``, a spec's ``lr: 1e-2`` and not stating the default give one key."""
         from dalab.methods import METHODS, get_method, resolve_hparams
+        from dalab.methods.base import keyed_hparams
 
         cls = get_method(self.method)
         hp = resolve_hparams(cls, self.hparams)
         d = asdict(self)
         d["budget"] = str(d["budget"])
-        d["hparams"] = hp
+        d["hparams"] = keyed_hparams(cls, hp)
         src = self.source_run_hparams(hp)
-        d["source_hparams"] = resolve_hparams(METHODS["source_only"], src) if src is not None else None
+        d["source_hparams"] = (keyed_hparams(METHODS["source_only"], resolve_hparams(METHODS["source_only"], src))
+                               if src is not None else None)
         return d
 
     def run_id(self) -> str:

@@ -21,6 +21,7 @@ import shutil
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -388,6 +389,9 @@ def _train(cfg: RunConfig, runs_dir: Path, run_dir: Path, o: RunOptions) -> dict
             split.memory_format = torch.channels_last
     if o.compile:
         net.backbone.compile()
+    from dalab.optim import WeightAverage
+    # weight_ema > 0: the run evaluates and hands over the average of its weights (after the layout change)
+    average = WeightAverage(method, prep.hp["weight_ema"]) if prep.hp["weight_ema"] > 0 else None
 
     # data streams: each gets its own generator so adding a stream never changes another's order
     bs = prep.hp["batch_size"]
@@ -430,6 +434,8 @@ def _train(cfg: RunConfig, runs_dir: Path, run_dir: Path, o: RunOptions) -> dict
     state = runs.load_checkpoint(run_dir, dev) if o.resume else None  # unreadable: moved aside, None
     if state is not None:
         method.load_training_state(state["method"])
+        if average is not None:
+            average.load_state_dict(state["average"])  # written by every checkpoint of such a run
         evals, last_losses, train_time = state["evals"], state["last_losses"], state["train_time"]
         eval_time = state.get("eval_time", 0.0)
         for _ in range(state["step"]):  # replay the data streams to where they were (indexing only)
@@ -454,7 +460,8 @@ def _train(cfg: RunConfig, runs_dir: Path, run_dir: Path, o: RunOptions) -> dict
         if main:
             runs.save_checkpoint(run_dir, {"step": step, "method": method.training_state(), "evals": evals,
                                            "last_losses": last_losses, "train_time": train_time,
-                                           "eval_time": eval_time, "rng": _get_rng_state()})
+                                           "eval_time": eval_time, "rng": _get_rng_state(),
+                                           "average": average.state_dict() if average is not None else None})
 
     def floats(out: dict) -> dict[str, float]:
         d = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
@@ -481,6 +488,8 @@ def _train(cfg: RunConfig, runs_dir: Path, run_dir: Path, o: RunOptions) -> dict
             if lab_iter is not None:
                 batch.x_tgt_lab, batch.y_tgt_lab = next(lab_iter)
             out = method.train_step(batch, step)
+            if average is not None:
+                average.update()
             train_time += time.perf_counter() - t_step
             finite = _all_finite(out)
             if first_bad is None or not torch.is_tensor(finite):
@@ -521,11 +530,14 @@ def _train(cfg: RunConfig, runs_dir: Path, run_dir: Path, o: RunOptions) -> dict
             if bar:
                 bar.update(1)
             if step == cfg.steps:  # post-training adaptation (AdaBN, probes) sees only declared target data
+                if average is not None:
+                    average.apply()  # the averaged network is the one adapted, evaluated and saved
                 method.on_train_end(tgt_inputs,
                                     _Inputs(tgt.train.subset(lab_idx), labels=True) if lab_iter is not None else None)
             if evaluate_now and main:
                 t_eval = time.perf_counter()
-                with method.deployed(tgt_inputs):  # e.g. AdaBN's target statistics at every point
+                averaged = average.swapped_in() if average is not None and step < cfg.steps else nullcontext()
+                with averaged, method.deployed(tgt_inputs):  # e.g. AdaBN's target statistics at every point
                     ev = {"step": step, **evaluate(method, data)}
                 eval_time += time.perf_counter() - t_eval
                 evals.append(ev)

@@ -74,6 +74,9 @@ class HParam:
     low: float | None = None
     high: float | None = None
     choices: tuple | None = None      # allowed values (when there is no "choice" search space)
+    # False for an option added after runs were recorded: at its default it is left out of run ids
+    # (RunConfig.key), so every finished run stays valid; set to anything else it is part of the id
+    keyed_at_default: bool = True
 
     def sample(self, rng) -> Any:
         """Draw from the search space with a ``numpy.random.Generator``."""
@@ -136,6 +139,10 @@ SHARED_HPARAMS: dict[str, HParam] = {
     "backbone_lr_mult": HParam(1.0, ("choice", (0.1, 1.0)),
                                "lr multiplier of the backbone (0.1 for pretrained backbones)",
                                low=0.0, high=10.0),
+    "weight_ema": HParam(0.0, ("choice", (0.0, 0.99)),
+                         "evaluate and hand over an exponential moving average of the weights and BatchNorm "
+                         "statistics with this decay (Polyak averaging, dalab.optim.WeightAverage); 0 = off",
+                         low=0.0, high=0.9999, keyed_at_default=False),
 }
 
 
@@ -172,6 +179,14 @@ def resolve_hparams(method_cls: type["Method"], overrides: Mapping[str, Any] | N
                              f"{closest(k, table)}; known: {', '.join(sorted(table))}")
         out[k] = table[k].parse(k, v)
     return out
+
+
+def keyed_hparams(method_cls: type["Method"], hp: Mapping[str, Any]) -> dict[str, Any]:
+    """Resolved hyperparameters as run ids see them: without the options that are left out at
+    their default (``HParam.keyed_at_default``)."""
+    table = {**SHARED_HPARAMS, **method_cls.hparams}
+    return {k: v for k, v in hp.items()
+            if k not in table or table[k].keyed_at_default or v != table[k].default}
 
 
 # --------------------------------------------------------------------------- registry

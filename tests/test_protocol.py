@@ -24,6 +24,25 @@ def test_plateau_is_last_minus_halfway_in_points():
     assert pr.plateau({"final": None}) is None                               # diverged run
 
 
+def test_trend_keeps_the_sign_that_the_plateau_drops():
+    rising = [rec([0.4, 0.5, 0.6, 0.56]), rec([0.4, 0.5, 0.6, 0.58])]      # +6, +8
+    swinging = [rec([0.4, 0.5, 0.6, 0.56]), rec([0.4, 0.5, 0.6, 0.44])]    # +6, -6
+    assert pr.drift(rising[0]) == pytest.approx(6.0)
+    s = pr.summarize({("a", "b"): rising})
+    assert (s["plateau"], s["trend"]) == (pytest.approx(7.0), pytest.approx(7.0))
+    s = pr.summarize({("a", "b"): swinging})
+    assert (s["plateau"], s["trend"]) == (pytest.approx(6.0), pytest.approx(0.0))
+    assert pr.fmt_plateau(6.0, 0.0) == "6.0 (+0.0)" and pr.fmt_plateau(None, None) == "—"
+
+
+def test_study_cells_of_one_setting_form_one_curve():
+    names = {pr.curve_name(label) for label, *_ in pr.STUDY}
+    assert pr.curve_name("lenet_bn, 500 steps") == pr.curve_name("lenet_bn, 1000 steps") == "lenet_bn"
+    assert len(names) < len(pr.STUDY)        # at least one setting is measured at two budgets
+    for label, backbone, steps, *_ in pr.STUDY:
+        assert f"{steps} steps" in label and backbone in label
+
+
 def test_rule_compares_candidates_on_matched_seeds_only():
     a = {("p", "q"): [rec([0.5]), rec([0.9]), None]}          # seeds 0, 1 done
     b = {("p", "q"): [rec([0.6]), None, None]}                # only seed 0 done
