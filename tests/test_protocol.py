@@ -64,6 +64,23 @@ def test_records_match_on_resolved_hparams_and_new_keys_default(tmp_path):
     assert recs.find(cfg, {"bn_mode": "split"}, defaults) is None
 
 
+def test_records_of_two_phase_methods_match_on_their_source_model(tmp_path):
+    """ADDA/SHOT runs that started from different source models are different settings."""
+    from dalab.trainer import RunConfig
+
+    recs = pr.Records(tmp_path)
+    runs = {}
+    for lr in (0.01, 0.03):
+        cfg = RunConfig("adda", "a", "b", seed=0, steps=500, eval_every=125, backbone="lenet_bn",
+                        source_hparams={"lr": lr})
+        r = rec([0.5, 0.6, 0.7, 0.8], method="adda")
+        r["config"] = {**r["config"], **{k: cfg.key()[k] for k in ("source_hparams", "precision", "pretrained")}}
+        recs.add(r)
+        runs[lr] = (cfg, r)
+    for cfg, r in runs.values():
+        assert recs.find(cfg, r["hparams"], {}) is r
+
+
 def test_default_marks_the_main_jobs_setting_and_candidates_name_every_tuned_key():
     """A candidate is the default when it equals the method's defaults plus the main spec's overrides
     (benchmarks/digits.yaml); within a method every candidate sets the same keys, so a later change
