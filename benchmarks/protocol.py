@@ -328,10 +328,22 @@ def matches(recorded: dict[str, Any], want: dict[str, Any], defaults: dict[str, 
     return all(recorded[k] == v if k in recorded else v == defaults.get(k) for k, v in want.items())
 
 
-def is_main_setting(method: str, hparams: dict[str, Any]) -> bool:
+def is_main_setting(method: str, hparams: dict[str, Any], source_hparams: dict | None = None) -> bool:
     """Whether a run's resolved hyperparameters (its record's ``hparams``) are the main job's
-    setting of ``method``."""
-    return matches(hparams, setting(method), setting(method, main=False))
+    setting of ``method`` and, for a method that starts from the source model, whether that model
+    (its config's ``source_hparams``) is the main job's."""
+    if not matches(hparams, setting(method), setting(method, main=False)):
+        return False
+    return source_hparams is None or source_hparams == main_source_key(method, hparams)
+
+
+def main_source_key(method: str, hparams: dict[str, Any]) -> dict | None:
+    """The canonical ``source_hparams`` of a main-job run of ``method`` (None: starts from scratch)."""
+    from dalab.trainer import RunConfig
+
+    cfg = RunConfig(method, "-", "-", hparams={k: hparams[k] for k in ("standardize",) if k in hparams},
+                    source_hparams=source_overrides())
+    return cfg.key()["source_hparams"]
 
 
 def is_default(method: str, overrides: dict[str, Any]) -> bool:
@@ -424,8 +436,8 @@ def main(argv=None) -> int:
               "pick for every method tried but DANN, MCD and SHOT (ADDA's lr is its own Adam's).",
               "- Weight average (`weight_ema` 0.99, the moving average of the weights evaluated and handed over): "
               "each method's setting before it, with and without. Its gains are small (at most a few points) and "
-              "it smooths checkpoint swings, but it lags the live weights, so it does not flatten a method that is "
-              "still rising (compare the plateau and trend of the two rows).",
+              "it lowers the plateau of most methods a little, but it lags the live weights, so it does not "
+              "flatten a method that is still rising (compare the plateau and trend of the two rows).",
               "- A plateau above 2 points means the method still moves at the main budget: still rising when "
               "the trend is as large, swinging between checkpoints when the trend is near 0. At the same compute, "
               "1000 steps of batch 32 do not bring it down; at twice the compute see the reading under the budget "
@@ -487,7 +499,7 @@ def main_job_check(runs_dir: str | Path, any_setting: bool = False) -> list[str]
     for r in load_records(runs_dir):
         c = r["config"]
         if (c["steps"] == MAIN_STEPS and c["eval_every"] == MAIN_STEPS // EVAL_POINTS and c["backbone"] == "lenet_bn"
-                and str(c["budget"]) == "0" and (any_setting or is_main_setting(c["method"], r["hparams"]))):
+                and str(c["budget"]) == "0" and (any_setting or is_main_setting(c["method"], r["hparams"], c.get("source_hparams")))):
             a, d = last_acc(r), drift(r)
             if a is not None:
                 accs.setdefault(c["method"], {}).setdefault((c["source"], c["target"]), []).append(a)
@@ -560,27 +572,33 @@ def curve_name(label: str) -> str:
 
 
 def plot(curves: dict[str, dict[tuple, float | None]], path: Path) -> bool:
-    """4-pair average target accuracy vs step budget, one line per method and backbone."""
+    """4-pair average target accuracy vs step budget: one colour per method, one line style per
+    setting; only settings measured at two budgets or more (a single point is not a curve)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from dalab.plots import _save
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    colours = plt.get_cmap("tab20").colors
+    styles: dict[str, str] = {}
     drawn = False
-    for m, pts in curves.items():
-        for bb in sorted({b for b, _ in pts}):
-            xy = sorted((st, v) for (b, st), v in pts.items() if b == bb and v is not None)
-            if xy:
-                ax.plot(*zip(*xy), marker="o", ls=":" if "batch" in bb or "cosine" in bb else "-." if "defaults" in bb else "-" if bb == "lenet_bn" else "--", label=f"{m} ({bb})")
-                drawn = True
+    for i, (m, pts) in enumerate(curves.items()):
+        for name in sorted({b for b, _ in pts}):
+            xy = sorted((st, v) for (b, st), v in pts.items() if b == name and v is not None)
+            if len(xy) < 2:
+                continue
+            ls = styles.setdefault(name, ("-", "--", ":", "-.")[len(styles) % 4])
+            ax.plot(*zip(*xy), marker="o", ls=ls, color=colours[i % len(colours)], label=f"{m} ({name})")
+            drawn = True
     if not drawn:
         plt.close(fig)
         return False
     ax.set_xlabel("step budget")
     ax.set_ylabel("target test accuracy, 4 tuning pairs (%)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
     return True
