@@ -139,7 +139,8 @@ SHARED_HPARAMS: dict[str, HParam] = {
     "backbone_lr_mult": HParam(1.0, ("choice", (0.1, 1.0)),
                                "lr multiplier of the backbone (0.1 for pretrained backbones)",
                                low=0.0, high=10.0),
-    "weight_ema": HParam(0.0, ("choice", (0.0, 0.99)),
+    # not drawn in random trials (space None): a search recorded before the option keeps its trials
+    "weight_ema": HParam(0.0, None,
                          "evaluate and hand over an exponential moving average of the weights and BatchNorm "
                          "statistics with this decay (Polyak averaging, dalab.optim.WeightAverage); 0 = off",
                          low=0.0, high=0.9999, keyed_at_default=False),
