@@ -374,14 +374,10 @@ def main(argv=None) -> int:
     pairs = [tuple(p) for p in BENCHMARKS[BENCHMARK]]
     records = Records(args.runs_dir)
 
-    def grid(method, backbone, steps, overrides, main=True):
-        """``main``: a method that starts from the source model starts from the main job's (its
-        source_only overrides), as in the main job; else from source_only at its defaults. A cell
-        without the weight average has none in its source model either."""
-        src = source_overrides() if main else {}
-        if "weight_ema" in overrides and method != "source_only":
-            src = {**src, "weight_ema": overrides["weight_ema"]}
-        return {p: [get_run(records, method, *p, s, steps, backbone, overrides, args.cached_only, args.device, src)
+    def grid(method, backbone, steps, overrides, source):
+        """``source``: the overrides of the source model a two-phase method starts from (ignored by
+        the others)."""
+        return {p: [get_run(records, method, *p, s, steps, backbone, overrides, args.cached_only, args.device, source)
                     for s in SEEDS] for p in pairs}
 
     pair_names = [f"{s}→{t}" for s, t in pairs]
@@ -396,7 +392,7 @@ def main(argv=None) -> int:
              f"**Rule that chose each default:** {RULE}.", ""]
 
     # 1. tuning grid
-    base = summarize(grid("source_only", "lenet_bn", MAIN_STEPS, candidate("source_only")))
+    base = summarize(grid("source_only", "lenet_bn", MAIN_STEPS, candidate("source_only"), source_overrides()))
     lines += [f"## Tuning grid (lenet_bn, {MAIN_STEPS} steps)", "",
               "Source only at its default for reference: "
               + ", ".join(f"{s}→{t} {cell(base['cells'][(s, t)])}" for s, t in pairs)
@@ -405,7 +401,8 @@ def main(argv=None) -> int:
               "|---|---|" + "---|" * (len(pairs) + 3)]
     picks = []
     for method, cands in CANDIDATES.items():
-        grids = [(label, ov, grid(method, "lenet_bn", MAIN_STEPS, ov)) for label, ov in cands]
+        # candidates differ in the method's own setting; a two-phase method starts from the main job's source model
+        grids = [(label, ov, grid(method, "lenet_bn", MAIN_STEPS, ov, source_overrides())) for label, ov in cands]
         best = rule_pick([(label, g) for label, _, g in grids])
         sums = [(label, ov, summarize(g)) for label, ov, g in grids]
         for label, ov, s in sums:
@@ -462,7 +459,9 @@ def main(argv=None) -> int:
                 if m not in ms:
                     row.append("")
                     continue
-                s = summarize(grid(m, bb, st, {**candidate(m, main=not own), **over}, main=not own))
+                # a cell's shared overrides (budget aside) hold for its source model too; own defaults: the source model's
+                source = {} if own else {**source_overrides(), **over}
+                s = summarize(grid(m, bb, st, {**candidate(m, main=not own), **over}, source))
                 curves.setdefault(m, {})[(curve_name(label), st)] = s["avg"]
                 cells.setdefault(label, {})[m] = s
                 few = min(len(a) for a in s["cells"].values())
@@ -485,12 +484,11 @@ def main(argv=None) -> int:
 ADVERSARIAL = ("dann", "cdan", "mdd")   # the issue's adversarial family (ADDA and MCD shown beside it)
 
 
-def main_job_check(runs_dir: str | Path, any_setting: bool = False) -> list[str]:
+def main_job_check(runs_dir: str | Path) -> list[str]:
     """The main job's own runs (benchmarks/digits.yaml: default pairs, lenet_bn, no target labels,
     the main job's settings) against the issue's criteria: per method the 4-pair average of the
     `last` rule, its gain over source-only, the pairs it wins, the mean per-cell seed std and the
-    plateau. Reported only: these runs chose nothing. ``any_setting``: every run of the grid,
-    whatever its overrides (an older main job's folder, one setting per method)."""
+    plateau. Reported only: these runs chose nothing."""
     from dalab import display
     from dalab.tables import load_records
 
@@ -499,7 +497,7 @@ def main_job_check(runs_dir: str | Path, any_setting: bool = False) -> list[str]
     for r in load_records(runs_dir):
         c = r["config"]
         if (c["steps"] == MAIN_STEPS and c["eval_every"] == MAIN_STEPS // EVAL_POINTS and c["backbone"] == "lenet_bn"
-                and str(c["budget"]) == "0" and (any_setting or is_main_setting(c["method"], r["hparams"], c.get("source_hparams")))):
+                and str(c["budget"]) == "0" and is_main_setting(c["method"], r["hparams"], c.get("source_hparams"))):
             a, d = last_acc(r), drift(r)
             if a is not None:
                 accs.setdefault(c["method"], {}).setdefault((c["source"], c["target"]), []).append(a)
