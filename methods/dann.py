@@ -43,15 +43,15 @@ class DANN(Method):
 
     The main job (benchmarks/digits.yaml) runs DANN with ``bn_mode=split, disc_bn_stats=joint,
     trade_off=0.3``: the rule's pick among 14 discriminator / BatchNorm / trade-off candidates on the
-    tuning pairs (2 seeds; results/protocol.md): 63.1 vs 60.8 for the defaults, source-only 57.0. What
+    tuning pairs (2 seeds; numbers in results/protocol.md), and the weight average (``weight_ema``) on top. What
     the grid shows: a discriminator that sees the domains' mean shift (joint BatchNorm call, or no
     BatchNorm) at trade-off 1 collapses syndigits->ucidigits (19-45%); the per-domain call is stable
     but weak (the discriminator cannot see first-moment differences); the strong discriminator at
     trade-off 0.3 keeps the colour-shift gain without the collapse. The defaults above stay as they
     were chosen for the BN-free paper LeNet and other backbones, where the new setting was not measured.
-    Reported, chose nothing (results/dann_vs_source_only.md, mnist5k->ucidigits, 2000 steps, 3 seeds):
-    on lenet_bn the defaults collapse with the 4x budget (41.3 +- 12.9, source-only 68.3 +- 4.1); the
-    main job's setting does not (69.4 +- 1.8) but only ties source-only there.
+    Reported, chose nothing (results/dann_vs_source_only.md, mnist5k->ucidigits, 2000 steps, 3 seeds,
+    where the numbers are): on lenet_bn the defaults collapse with the 4x budget; the main job's
+    setting does not, and stays within source-only's seed spread there.
     """
 
     family = "adversarial"
