@@ -57,7 +57,8 @@ class BenchSpec:
     out: str = "results/bench"
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> "BenchSpec":
+    def from_yaml(cls, path: str | os.PathLike, _extends_depth: int = 0) -> "BenchSpec":
+        """A spec file; ``extends: other.yaml`` (relative to this file) starts from that spec's fields."""
         import yaml
 
         p = Path(path)
@@ -71,6 +72,15 @@ class BenchSpec:
             raise DalabError(f"malformed YAML in {p}{where}: {getattr(e, 'problem', e)}; fix the syntax") from None
         if not isinstance(raw, dict):
             raise DalabError(f"benchmark spec {p} must be a mapping of fields ({', '.join(f.name for f in fields(cls))})")
+        if "extends" in raw:  # another spec's fields, overridden by this one's (one home for shared choices)
+            base = raw.pop("extends")
+            if not isinstance(base, str) or not base:
+                raise DalabError(f"{p}: field 'extends' must name another spec file, relative to {p.parent}")
+            if _extends_depth >= 4:
+                raise DalabError(f"{p}: 'extends' nests more than 4 specs deep; a spec may extend a spec that "
+                                 f"extends no further")
+            parent = cls.from_yaml(p.parent / base, _extends_depth + 1)
+            raw = {**{f.name: getattr(parent, f.name) for f in fields(cls)}, **raw}
         return cls.from_dict(raw, str(p))
 
     @classmethod

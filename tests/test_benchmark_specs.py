@@ -126,3 +126,27 @@ def test_cost_probe_times_a_run_on_this_device(tmp_path, capsys):
     assert m and 0 < float(m.group(1)) < 5
     # 2 evaluations per run over mnist5k val (750) + ucidigits val/test/train (1797)
     assert "(20,376 images)" in out
+
+
+def test_extends_starts_from_the_parent_spec(tmp_path):
+    """``extends:`` takes every field of another spec (path relative to the child) and lets the
+    child override some; the long-budget spec shares the main job's settings this way."""
+    (tmp_path / "base.yaml").write_text("name: base\nsteps: 500\nseeds: [0, 1]\nhparams: {dann: {trade_off: 0.3}}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text("extends: ../base.yaml\nname: child\nsteps: 2000\n")
+    spec = BenchSpec.from_yaml(tmp_path / "sub" / "child.yaml")
+    assert (spec.name, spec.steps, spec.seeds, spec.hparams) == ("child", 2000, [0, 1], {"dann": {"trade_off": 0.3}})
+    main_job, long = BenchSpec.from_yaml(SPECS / "digits.yaml"), BenchSpec.from_yaml(SPECS / "digits_long.yaml")
+    assert long.hparams == main_job.hparams and long.pairs == main_job.pairs and long.backbone == main_job.backbone
+    assert long.steps == 4 * main_job.steps and long.runs_dir != main_job.runs_dir
+
+
+@pytest.mark.parametrize("text, msg", [("extends: missing.yaml\n", "not found"),
+                                       ("extends: [a]\n", "must name another spec file"),
+                                       ("extends: self.yaml\n", "nests more than 4")])
+def test_extends_errors(tmp_path, text, msg):
+    from dalab.utils import DalabError
+
+    (tmp_path / "self.yaml").write_text(text)
+    with pytest.raises(DalabError, match=msg):
+        BenchSpec.from_yaml(tmp_path / "self.yaml")
