@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import sys
 from typing import Sequence
 
@@ -348,7 +349,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.fn(args)
     except DalabError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
+    except OSError as e:  # a full or read-only disk met outside the atomic writers: one line too
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        fix = ("choose a writable folder" if e.errno == errno.EROFS else
+               "free some space there (or write to another disk)")
+        print(f"error: cannot write {e.filename or 'a file'}: {e.strerror}; {fix} and rerun the same command",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:  # Ctrl-C, or a stop signal (dalab.runs.Interrupted): checkpoint kept
         print(INTERRUPTED, file=sys.stderr)
         return getattr(e, "exit_code", 130)

@@ -18,6 +18,8 @@ Guarantees (tested in tests/test_robustness.py):
   host, when it is empty or unparsable for more than :data:`CLAIM_EMPTY_STALE_S` (its writer died
   between create and write), or when nobody refreshed it for :data:`CLAIM_TTL_S` (a holder
   refreshes its claims every :data:`CLAIM_HEARTBEAT_S` from a background thread);
+- a full disk is one line (:class:`dalab.utils.NoSpace`) naming the folder, and leaves no
+  half-written file and no empty claim behind;
 - SIGINT, SIGTERM and SIGUSR1 (Slurm's warning before the time limit) only *request* a stop: the
   trainer finishes the current step, writes a checkpoint and raises :class:`Interrupted`.
 """
@@ -32,12 +34,13 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from dalab.utils import no_space, temp_file
 
 RECORD_VERSION = 2  # 2: strict JSON (non-finite numbers stored as null, listed in "nonfinite")
 CLAIM_EMPTY_STALE_S = 5.0
@@ -107,15 +110,15 @@ def run_dir(runs_dir: str | os.PathLike, run_id: str) -> Path:
 # --------------------------------------------------------------------------- files
 
 def _tmp_path(path: Path) -> Path:
-    """A temporary name next to ``path`` that no other process or thread uses."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+    """A temporary name next to ``path`` that no other process or thread uses (created with the
+    permissions the umask gives new files)."""
+    return temp_file(path, prefix=f".{path.name}.{os.getpid()}.")
 
 
 def atomic_save(path: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` then rename onto ``path``: readers see the old file or the new one. A failure
-    (full disk, a signal) leaves the old file untouched and no temporary behind."""
+    (full disk, a signal) leaves the old file untouched and no temporary behind; a full disk is
+    raised as one line (:class:`dalab.utils.NoSpace`), whatever torch made of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(path)
     try:
@@ -123,8 +126,11 @@ def atomic_save(path: Path, write: Callable[[Path], None]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = no_space(e, path.parent)  # before the half-written file is removed: the disk is full now
         tmp.unlink(missing_ok=True)
+        if full is not None:
+            raise full from None
         raise
 
 
@@ -391,10 +397,17 @@ def try_claim(runs_dir: str | os.PathLike, run_id: str) -> bool:
                     return False
                 path.unlink(missing_ok=True)
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException as e:  # e.g. a full disk: no empty claim is left behind
+            full = no_space(e, rd)
+            path.unlink(missing_ok=True)
+            if full is not None:
+                raise full from None
+            raise
         with _HELD_LOCK:
             _HELD.add(path)
         _start_heartbeat()

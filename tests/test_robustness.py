@@ -493,3 +493,103 @@ def test_no_import_circle_and_each_module_imports_alone():
     procs = [subprocess.Popen([sys.executable, "-c", f"import {m}"], stderr=subprocess.PIPE, text=True) for m in MODULES]
     for m, p in zip(MODULES, procs):
         assert p.wait(timeout=300) == 0, f"import {m} alone fails: {p.stderr.read()[-500:]}"
+
+
+# --------------------------------------------------------------------------- issue 30: the second fault battery
+
+
+def _mount_tmpfs(where: Path, size: str, read_only: bool = False) -> None:
+    """A small tmpfs at ``where`` (a full or read-only disk for real); skipped where mounting is not allowed."""
+    where.mkdir(parents=True, exist_ok=True)
+    opts = f"size={size}" + (",ro" if read_only else "")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()[:80]})")
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs(name, size, read_only)`` mounts a small tmpfs under tmp_path; unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def mount(name: str, size: str = "1m", read_only: bool = False) -> Path:
+        where = tmp_path / name
+        _mount_tmpfs(where, size, read_only)
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def _fill(folder: Path, leave: int = 0) -> None:
+    """Fill the disk of ``folder`` until ``leave`` bytes are free."""
+    st = os.statvfs(folder)
+    free = st.f_bavail * st.f_frsize
+    with open(folder / "filler", "wb") as f:
+        try:
+            f.write(b"\0" * max(free - leave, 0))
+            f.flush()
+        except OSError:
+            pass
+
+
+SHORT = ["run", "--method", "source_only", "--source", "toy_a", "--target", "toy_b", "--seed", "0", "--quiet",
+         "--steps", "40", "--eval-every", "40", "--checkpoint-every", "1", "--no-tensorboard", "--precision", "fp32"]
+
+
+def test_full_disk_is_one_line_naming_the_folder_and_leaves_no_claim(tmp_path, tmpfs):  # 30.2
+    disk = tmpfs("full", "2m")
+    (disk / "runs").mkdir()
+    _fill(disk)  # 0 bytes free: the bench crashed writing its claim and left a 0-byte one
+    b = dalab("bench", spec_file(tmp_path, runs_dir=str(disk / "runs")), "--no-tensorboard")
+    out, err = b.communicate(timeout=300)
+    assert b.returncode != 0 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("error: ") and "No space left on device" in err and str(disk / "runs") in err
+    assert not list((disk / "runs").glob("*.claim")) and not list((disk / "runs").glob("*/"))
+    # a run whose checkpoint no longer fits (torch.save: "unexpected pos ..."): one line, no temporary
+    (disk / "filler").unlink()
+    _fill(disk, leave=300_000)  # the data and claim fit, a ~1 MB checkpoint does not
+    r = dalab(*SHORT, "--runs-dir", disk / "runs")
+    out, err = r.communicate(timeout=300)
+    assert r.returncode == 1 and err.count("\n") == 1 and "No space left on device" in err, err
+    assert "Traceback" not in err and "unexpected pos" not in err
+    assert not list((disk / "runs").rglob("*.tmp")) and not list((disk / "runs").glob("*.claim"))
+
+
+def test_torch_full_disk_error_becomes_the_one_line_error(tmp_path, monkeypatch):  # 30.2, without a tmpfs
+    import torch
+
+    from dalab.utils import NoSpace
+    d = tmp_path / "run"
+    d.mkdir()
+
+    def disk_full(obj, f, *a, **k):
+        Path(f).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    class Full:
+        f_bavail, f_frsize = 0, 4096
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    monkeypatch.setattr(os, "statvfs", lambda p: Full())
+    with pytest.raises(NoSpace, match=f"cannot write in {d}: No space left on device"):
+        runs.save_checkpoint(d, {"step": 2})
+    assert list(d.iterdir()) == []
+
+
+def test_files_written_atomically_honour_the_umask(tmp_path):  # 30, observation
+    from dalab.utils import atomic_write_text
+    old = os.umask(0o027)
+    try:
+        cfg = RunConfig("source_only", "toy_a", "toy_b", steps=2, eval_every=2, precision="fp32")
+        train(cfg, tmp_path, device="cpu", progress=False, tensorboard=False)  # source_only: also model.pt
+        run = tmp_path / cfg.run_id()
+        runs.save_checkpoint(run, {"step": 1})
+        atomic_write_text(tmp_path / "table.md", "x")
+        for f in ("record.json", "model.pt", "done", "checkpoint.pt"):
+            assert oct((run / f).stat().st_mode & 0o777) == oct(0o640), f
+        assert oct((tmp_path / "table.md").stat().st_mode & 0o777) == oct(0o640)
+    finally:
+        os.umask(old)
