@@ -108,6 +108,7 @@ INTERRUPTED = "interrupted; rerun the same command to resume"
 def cmd_run(args) -> int:
     from dalab import runs
     from dalab.trainer import RunConfig, train, validate
+    from dalab.utils import check_writable
 
     if args.download:
         import os
@@ -117,6 +118,7 @@ def cmd_run(args) -> int:
                     backbone=args.backbone, pretrained=args.pretrained, precision=args.precision,
                     hparams=parse_sets(args.set), source_hparams=parse_sets(args.source_set))
     validate(cfg)  # bad input: one line, nothing written, before the claim
+    check_writable(args.runs_dir, "--runs-dir")
     opts = run_options(args, progress=not args.quiet, resume=True)  # a rerun continues from its checkpoint
     rid = cfg.run_id()
     from dalab import distributed
@@ -150,13 +152,14 @@ def cmd_run(args) -> int:
 def cmd_bench(args) -> int:
     from pathlib import Path
 
-    from dalab.bench import BenchSpec, check_writable, expand, grid_report, launch, run_state
+    from dalab.bench import BenchSpec, expand, grid_report, launch, run_state
     from dalab.tables import load_records, write_tables
 
     from dalab.distributed import launched
     if launched():
         raise DalabError("dalab bench runs whole grids, not one run over several processes: under torchrun "
                          "use `dalab run ...`; spread a grid with --jobs N or --launcher slurm")
+    from dalab.utils import check_writable
     spec = BenchSpec.from_yaml(args.spec)
     if args.runs_dir:
         spec.runs_dir = args.runs_dir
@@ -168,7 +171,7 @@ def cmd_bench(args) -> int:
         print(msg)
     opts = run_options(args, progress=False, resume=True)
     rd = Path(spec.runs_dir)
-    if not args.dry_run:  # both folders are checked before the first run, not after the grid
+    if not args.dry_run:  # both folders are checked (creating neither) before the first run
         check_writable(spec.runs_dir, "runs_dir (--runs-dir)")
         check_writable(spec.out, "out (--out)")
     states = [run_state(rd, cfg.run_id()) for cfg, _ in grid]

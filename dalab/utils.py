@@ -113,6 +113,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def check_writable(folder: str | os.PathLike, what: str) -> None:
+    """A one-line error unless ``folder`` is a writable folder or can be made one, checked without
+    creating anything: a path through a file, or a folder (or its nearest existing parent) on a
+    read-only filesystem or without write permission, fails before any run starts."""
+    p = Path(folder)
+    if p.exists() and not p.is_dir():
+        raise DalabError(f"{what} {p} is a file, not a folder; point {what} at a folder")
+    probe = p
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise DalabError(f"{what} {p} lies under the file {probe}; point {what} at a folder")
+    try:  # a test file where the first missing folder would be created (removed at once)
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".dalab-write-test."):
+            pass
+    except OSError as e:
+        raise DalabError(f"{what} {p} is not writable ({e.strerror or e}"
+                         f"{'' if probe == p else f' at {probe}'}); choose another folder") from None
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 

@@ -593,3 +593,30 @@ def test_files_written_atomically_honour_the_umask(tmp_path):  # 30, observation
         assert oct((tmp_path / "table.md").stat().st_mode & 0o777) == oct(0o640)
     finally:
         os.umask(old)
+
+
+TINY = ["run", "--method", "source_only", "--source", "toy_a", "--target", "toy_b", "--seed", "0", "--quiet",
+        "--steps", "4", "--eval-every", "2", "--no-tensorboard", "--precision", "fp32"]
+
+
+def test_unwritable_runs_dir_of_dalab_run_is_a_one_line_error(tmp_path, capsys, tmpfs):  # 30.3
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for bad, needle in ((blocker, "is a file, not a folder"), (blocker / "runs", "lies under the file")):
+        assert main([*TINY, "--runs-dir", str(bad)]) == 2
+        one_line_error(capsys, f"--runs-dir {bad} {needle}")
+    ro = tmpfs("ro", read_only=True)
+    assert main([*TINY, "--runs-dir", str(ro / "runs")]) == 2
+    one_line_error(capsys, f"--runs-dir {ro / 'runs'} is not writable (Read-only file system")
+
+
+def test_bench_with_a_read_only_out_creates_no_runs_folder(tmp_path, capsys, tmpfs):  # 30.4
+    blocker = tmp_path / "a_file"  # out under a file
+    blocker.write_text("x")
+    assert main(["bench", str(spec_file(tmp_path, out=str(blocker / "tables")))]) == 2
+    one_line_error(capsys, "out (--out)")
+    assert not (tmp_path / "runs").exists()
+    ro = tmpfs("ro", read_only=True)  # the exact case: out on a read-only filesystem
+    assert main(["bench", str(spec_file(tmp_path, out=str(ro / "tables")))]) == 2
+    one_line_error(capsys, f"out (--out) {ro / 'tables'} is not writable (Read-only file system")
+    assert not (tmp_path / "runs").exists()
