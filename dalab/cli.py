@@ -123,18 +123,31 @@ def cmd_run(args) -> int:
     rid = cfg.run_id()
     from dalab import distributed
     ddp = distributed.init_from_env(args.device)  # under torchrun: this process is one rank of the run
+    main = not ddp or ddp.is_main
     try:
         # rank 0 (or the only process) holds the run's claim; other ranks follow it
-        with runs.claimed(args.runs_dir, rid) if not ddp or ddp.is_main else contextlib.nullcontext(True) as mine:
+        with runs.claimed(args.runs_dir, rid) if main else contextlib.nullcontext(True) as mine:
             if not mine:
                 o = runs.claim_owner(args.runs_dir, rid) or {}
                 raise DalabError(f"run {rid} is being trained right now by pid {o.get('pid', '?')} on "
                                  f"{o.get('host', '?')}; wait for it to finish (its record will be in "
                                  f"{args.runs_dir}/{rid}/) or stop that process")
-            rec = train(cfg, args.runs_dir, opts)
+            finished = runs.is_done(args.runs_dir, rid) if main else None
+            finished = ddp.broadcast(finished) if ddp else finished  # rank 0 decides for all
+            if finished and not args.force:  # a finished run is never retrained or touched by a rerun
+                rec = runs.read_record(runs.run_dir(args.runs_dir, rid))
+                if main:
+                    print(f"{rid} is already finished: nothing retrained (--force trains it again; this "
+                          f"result stays until the new one has finished)")
+            else:
+                if finished and main:
+                    runs.set_aside(args.runs_dir, rid)  # read in its place until the new attempt finishes
+                rec = train(cfg, args.runs_dir, opts)
+                if main:
+                    runs.drop_previous(args.runs_dir, rid)
     finally:
         distributed.shutdown()
-    if ddp and not ddp.is_main:
+    if not main:
         return 0 if rec["status"] == "done" else 1  # rank 0 prints
     f = rec["final"]
     if rec["status"] != "done":
@@ -287,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.add_argument("--resume", action="store_true",
                     help="(always on) a rerun of a killed run continues from its checkpoint.pt")
+    pr.add_argument("--force", action="store_true",
+                    help="retrain a finished run (its result is kept as <run-id>.previous until the new one finishes)")
     pr.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="bf16 autocast of forward passes; auto = bf16 on GPUs and CPUs that have it natively")
     add_run_options(pr)

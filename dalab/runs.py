@@ -20,6 +20,8 @@ Guarantees (tested in tests/test_robustness.py):
   refreshes its claims every :data:`CLAIM_HEARTBEAT_S` from a background thread);
 - a full disk is one line (:class:`dalab.utils.NoSpace`) naming the folder, and leaves no
   half-written file and no empty claim behind;
+- a finished run is never destroyed by a rerun: ``dalab run --force`` moves it to
+  ``<run_id>.previous/``, which stands in for it until the new attempt has finished;
 - SIGINT, SIGTERM and SIGUSR1 (Slurm's warning before the time limit) only *request* a stop: the
   trainer finishes the current step, writes a checkpoint and raises :class:`Interrupted`.
 """
@@ -271,15 +273,44 @@ def mark_done(rdir: Path, status: str) -> None:
 
 def is_done(runs_dir: str | os.PathLike, run_id: str) -> bool:
     d = run_dir(runs_dir, run_id)
-    return (d / "done").is_file() and read_record(d) is not None
+    if not (d / "done").is_file():
+        return False
+    return read_record(d) is not None
+
+
+PREVIOUS = ".previous"  # suffix of a finished run's folder while ``dalab run --force`` retrains it
+
+
+def set_aside(runs_dir: str | os.PathLike, run_id: str) -> Path:
+    """Move a finished run's folder to ``<run_id>.previous`` (replacing an older one) before it is
+    retrained: until the new attempt finishes, :func:`load_records` reads this one instead."""
+    d = run_dir(runs_dir, run_id)
+    prev = d.with_name(d.name + PREVIOUS)
+    if prev.exists():
+        import shutil
+        shutil.rmtree(prev)
+    os.replace(d, prev)
+    return prev
+
+
+def drop_previous(runs_dir: str | os.PathLike, run_id: str) -> None:
+    """Remove the set-aside result of a run once its new attempt has finished."""
+    import shutil
+
+    prev = run_dir(runs_dir, run_id + PREVIOUS)
+    if prev.is_dir() and (run_dir(runs_dir, run_id) / "done").is_file():
+        shutil.rmtree(prev, ignore_errors=True)
 
 
 def load_records(runs_dir: str | os.PathLike, report: bool = True) -> list[dict]:
     """Every finished run's record under ``runs_dir``. Folders with a ``done`` marker whose record
-    cannot be read are left out and, with ``report``, counted in one warning line."""
+    cannot be read are left out and, with ``report``, counted in one warning line. A run being
+    retrained with ``--force`` is represented by its previous result until the new one is done."""
     root = Path(runs_dir)
     out, unreadable = [], []
     for d in sorted(root.iterdir()) if root.is_dir() else []:
+        if d.name.endswith(PREVIOUS) and is_done(root, d.name[:-len(PREVIOUS)]):
+            continue  # the new attempt finished (and the old folder is about to go)
         if d.is_dir() and (d / "done").is_file():
             rec = read_record(d)
             (out.append(rec) if rec is not None else unreadable.append(d.name))

@@ -620,3 +620,28 @@ def test_bench_with_a_read_only_out_creates_no_runs_folder(tmp_path, capsys, tmp
     assert main(["bench", str(spec_file(tmp_path, out=str(ro / "tables")))]) == 2
     one_line_error(capsys, f"out (--out) {ro / 'tables'} is not writable (Read-only file system")
     assert not (tmp_path / "runs").exists()
+
+
+def test_rerunning_a_finished_run_keeps_it_and_force_replaces_it_only_once_finished(tmp_path, capsys):  # 30.1
+    rd = tmp_path / "runs"
+    assert main([*SHORT, "--runs-dir", str(rd)]) == 0
+    (run,) = [d for d in rd.iterdir() if d.is_dir()]
+    before = (run / "record.json").read_bytes()
+    capsys.readouterr()
+    assert main([*SHORT, "--runs-dir", str(rd)]) == 0  # the same command again: nothing retrained or deleted
+    out = capsys.readouterr().out
+    assert f"{run.name} is already finished: nothing retrained" in out and "tgt_test" in out
+    assert (run / "record.json").read_bytes() == before and (run / "done").is_file()
+    # --force, killed -9 after its first checkpoint: the finished result still stands in every table
+    p = dalab(*SHORT, "--force", "--runs-dir", rd)
+    wait_for(lambda: (run / "checkpoint.pt").exists() or p.poll() is not None, what="the forced run's checkpoint")
+    p.kill()
+    p.wait()
+    assert not (run / "done").exists() and (rd / f"{run.name}.previous" / "record.json").read_bytes() == before
+    assert [r["run_id"] for r in load_records(rd)] == [run.name]
+    assert main(["table", str(rd), "--out", str(tmp_path / "t")]) == 0
+    assert run.name in (tmp_path / "t" / "runs.csv").read_text()
+    # the same command finishes the new attempt (from its checkpoint); only then is the old one gone
+    assert main([*SHORT, "--runs-dir", str(rd)]) == 0
+    assert runs.is_done(rd, run.name) and not (rd / f"{run.name}.previous").exists()
+    assert runs.read_record(run)["train"]["resumed_from"] is not None
