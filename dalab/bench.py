@@ -16,6 +16,7 @@ a small model concurrently on it; without GPUs they split the CPU cores), ``subm
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import sys
@@ -47,9 +48,11 @@ class BenchSpec:
     split_seed: int = 0
     precision: str = "auto"                              # auto | fp32 | bf16 (see dalab.trainer)
     hparams: dict[str, dict[str, Any]] = field(default_factory=dict)  # {method or "all": {name: value}}
-    # data options swept as separate rows: [{hparam: value, ...}, ...] applied on top of hparams;
-    # [{}] = defaults only. E.g. [{}, {mixup: source}, {vat: 1.0}]
-    variants: list[dict[str, Any]] = field(default_factory=lambda: [{}])
+    # settings run as separate table rows, applied on top of hparams. A list applies to every method
+    # that has the keys: [{}] = the spec's settings only; e.g. [{}, {mixup: source}, {vat: 1.0}]. A
+    # mapping adds rows per method ("all" = every method) beside its main setting:
+    # {dann: [{trade_off: 0.1, name: "DANN, λ = 0.1"}]}; `name` (optional) names the row in the tables.
+    variants: list[dict[str, Any]] | dict[str, list[dict[str, Any]]] = field(default_factory=lambda: [{}])
     trials: int = 1                                      # 1 = defaults only; n > 1 adds n-1 random draws
     search_seed: int = 0
     selection: list[str] = field(default_factory=lambda: list(RULES))
@@ -113,8 +116,14 @@ class BenchSpec:
         for r in self.selection:
             if r not in RULES:
                 bad("selection", f"has unknown rule {r!r}; allowed: {', '.join(RULES)}")
-        if not isinstance(self.variants, list) or not self.variants or not all(isinstance(v, dict) for v in self.variants):
-            bad("variants", f"must be a non-empty list of {{hparam: value}} mappings ([{{}}] = defaults), got {self.variants!r}")
+        lists = self.variants.values() if isinstance(self.variants, dict) else [self.variants]
+        if not isinstance(self.variants, (list, dict)) or not self.variants or not all(
+                isinstance(vs, list) and vs and all(isinstance(v, dict) for v in vs) for vs in lists):
+            bad("variants", "must be a non-empty list of {hparam: value} mappings ([{}] = defaults), or map a "
+                            f"method (or 'all') to such a list, got {self.variants!r}")
+        for v in (v for vs in lists for v in vs):
+            if "name" in v and (not isinstance(v["name"], str) or not v["name"].strip()):
+                bad("variants", f"has a name that is not a non-empty string: {v['name']!r}")
         if not isinstance(self.hparams, dict) or not all(isinstance(v, dict) for v in self.hparams.values()):
             bad("hparams", "must map a method name (or 'all') to {hparam: value}")
         if isinstance(self.pairs, list) and not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in self.pairs):
@@ -177,19 +186,38 @@ def trial_hparams(method: str, trial: int, spec: BenchSpec) -> dict[str, Any]:
     return out
 
 
+def variants_for(spec: BenchSpec, method: str) -> list[dict[str, Any]]:
+    """The settings ``method`` runs as rows: the spec's list, or (mapping form) its main setting
+    plus the variants listed for it and for ``all``. A variant's ``name`` stays in it (the row's
+    name, see :func:`expand`); :func:`variant_hparams` drops it."""
+    if isinstance(spec.variants, list):
+        return spec.variants
+    return [{}] + spec.variants.get("all", []) + spec.variants.get(method, [])
+
+
+def variant_hparams(variant: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in variant.items() if k != "name"}
+
+
 def _check_variants(spec: BenchSpec, methods: list[str]) -> None:
-    """Every variant's hyperparameter must exist for some method of the grid and its value must be
-    valid, or the spec is rejected before anything runs (a typo is never skipped silently)."""
+    """Every variant's hyperparameter must exist for some method of the grid (the mapping form:
+    for the method it is listed under) and its value must be valid, or the spec is rejected before
+    anything runs (a typo is never skipped silently)."""
+    from dalab.datasets.base import closest
     from dalab.methods import SHARED_HPARAMS, get_method
 
-    for variant in spec.variants:
-        for k, v in variant.items():
-            tables = [{**SHARED_HPARAMS, **get_method(m).hparams} for m in methods]
+    listed = spec.variants.items() if isinstance(spec.variants, dict) else [("all", spec.variants)]
+    for owner_name, variants in listed:
+        if owner_name != "all":
+            get_method(owner_name)
+            if owner_name not in methods:
+                raise DalabError(f"field 'variants': method {owner_name!r} is not in the grid's methods "
+                                 f"({', '.join(methods)}); add it to 'methods' or remove its variants")
+        tables = [{**SHARED_HPARAMS, **get_method(m).hparams} for m in (methods if owner_name == "all" else [owner_name])]
+        for k, v in (kv for variant in variants for kv in variant_hparams(variant).items()):
             owner = next((t[k] for t in tables if k in t), None)
             if owner is None:
-                from dalab.datasets.base import closest
-                known = set().union(*tables)
-                raise DalabError(f"field 'variants': unknown hyperparameter {k!r}{closest(str(k), known)} "
+                raise DalabError(f"field 'variants': unknown hyperparameter {k!r}{closest(str(k), set().union(*tables))} "
                                  f"(no method of the grid has it)")
             try:
                 owner.parse(k, v)
@@ -202,12 +230,15 @@ def source_hparams(spec: BenchSpec) -> dict[str, Any]:
     return {**spec.hparams.get("all", {}), **spec.hparams.get("source_only", {})}
 
 
-def expand(spec: BenchSpec, skipped: list[str] | None = None):
+def expand(spec: BenchSpec, skipped: list[str] | None = None, groups: dict | None = None):
     """The grid as a list of (RunConfig, trial), validated, in a stable order (source_only first
     so source-pretrained models exist before the methods that start from them). A variant a method
     cannot take (``mixup: cross`` for ``source_only``, which sees no target data; a hyperparameter
     the method does not have) is left out for that method and the reason appended to ``skipped``;
-    any other invalid value is an error, before anything runs."""
+    any other invalid value is an error, before anything runs. ``groups`` receives, per run id,
+    what the spec says about its table row (:class:`dalab.tables.RowGroup`): the declared search
+    (``trials`` > 1) whose trials one row pools, and the variant's ``name``."""
+    from dalab.tables import RowGroup
     from dalab.datasets.base import parse_budget
     from dalab.methods import SHARED_HPARAMS, get_method
     from dalab.methods.base import budget_kind
@@ -234,12 +265,15 @@ def expand(spec: BenchSpec, skipped: list[str] | None = None):
         budgets = [b for b in spec.budgets if budget_kind(parse_budget(b)) in cls.label_budgets]
         for src, tgt in pairs:
             for b in budgets:
-                for variant in spec.variants:
-                    if any(k not in table for k in variant):
-                        skip(variant, method, f"it has no hyperparameter {', '.join(k for k in variant if k not in table)}")
+                for variant in variants_for(spec, method):
+                    over = variant_hparams(variant)
+                    if any(k not in table for k in over):
+                        skip(variant, method, f"it has no hyperparameter {', '.join(k for k in over if k not in table)}")
                         continue
+                    group = RowGroup(search=(f"{spec.name} {json.dumps(over, sort_keys=True)}" if spec.trials > 1
+                                             else None), name=variant.get("name"))
                     for t in range(spec.trials):
-                        hp = {**trial_hparams(method, t, spec), **variant}
+                        hp = {**trial_hparams(method, t, spec), **over}
                         for seed in spec.seeds:
                             cfg = RunConfig(method, src, tgt, seed=seed, budget=b, steps=spec.steps,
                                             eval_every=spec.eval_every, backbone=spec.backbone,
@@ -253,6 +287,8 @@ def expand(spec: BenchSpec, skipped: list[str] | None = None):
                                 skip(variant, method, e)
                                 continue
                             out.append((cfg, t))
+                            if groups is not None and group != RowGroup():
+                                groups[cfg.run_id()] = group
     return out
 
 

@@ -119,6 +119,7 @@ def cmd_run(args) -> int:
                     hparams=parse_sets(args.set), source_hparams=parse_sets(args.source_set))
     validate(cfg)  # bad input: one line, nothing written, before the claim
     check_writable(args.runs_dir, "--runs-dir")
+    cfg = cfg.for_device(args.device)  # the id names the precision this device computes in
     opts = run_options(args, progress=not args.quiet, resume=True)  # a rerun continues from its checkpoint
     rid = cfg.run_id()
     from dalab import distributed
@@ -179,9 +180,11 @@ def cmd_bench(args) -> int:
     if args.out:
         spec.out = args.out
     skipped: list[str] = []
-    grid = expand(spec, skipped)  # validates every run before anything is trained or written
+    groups: dict = {}  # the spec's searches (pooled rows) and row names, for the tables
+    grid = expand(spec, skipped, groups)  # validates every run before anything is trained or written
     for msg in skipped:
         print(msg)
+    grid = [(cfg.for_device(args.device), t) for cfg, t in grid]  # ids name the precision computed
     opts = run_options(args, progress=False, resume=True)
     rd = Path(spec.runs_dir)
     if not args.dry_run:  # both folders are checked (creating neither) before the first run
@@ -219,7 +222,7 @@ def cmd_bench(args) -> int:
         atomic_write_json(Path(spec.out) / "timing.json", {**split, "command": args.command or f"dalab bench {args.spec}"})
     pairs = list(dict.fromkeys(f"{c.source}→{c.target}" for c, _ in grid))
     command = args.command or f"dalab bench {args.spec}"
-    for path in write_tables(records, spec.out, spec.selection, command, pairs):
+    for path in write_tables(records, spec.out, spec.selection, command, pairs, groups=groups):
         print(f"wrote {path}")
     missing, reasons = grid_report(rd, grid)
     if missing:  # never exit 0 while the tables miss runs of this grid
@@ -236,6 +239,7 @@ def _table_command(args, out: str) -> str:
     for opt in ("methods", "pairs", "budgets"):
         if getattr(args, opt):
             cmd += f" --{opt} {getattr(args, opt)}"
+    cmd += f" --spec {args.spec}" if args.spec else ""
     return cmd + (f" --baseline {args.baseline}" if args.baseline != "source_only" else "")
 
 
@@ -247,9 +251,13 @@ def cmd_table(args) -> int:
     records = load_records(args.runs_dir)
     if not records:
         raise DalabError(f"no finished runs under {args.runs_dir}; run `dalab bench SPEC` or `dalab run` first")
+    groups: dict = {}  # --spec: pool the trials of the searches it declares, name its rows
+    if args.spec:
+        from dalab.bench import BenchSpec, expand
+        expand(BenchSpec.from_yaml(args.spec), [], groups)
     if args.explain:
         print(explain(records, args.explain[0], args.explain[1], get_rule(args.rule).name, parse_method(args.baseline),
-                      args.budgets.split(",") if args.budgets else None))
+                      args.budgets.split(",") if args.budgets else None, groups))
         return 0
     split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None  # noqa: E731
     rules = [get_rule(r).name for r in split(args.rules)]
@@ -262,10 +270,10 @@ def cmd_table(args) -> int:
         out = args.out or "results/tables"
         command = args.command or _table_command(args, out)
         for path in write_tables(records, out, rules, command, pairs, baseline=baseline, methods=methods,
-                                 budgets=budgets):
+                                 budgets=budgets, groups=groups):
             print(f"wrote {path}", file=sys.stderr if args.format else sys.stdout)
     if args.format:
-        tables = [build_table(records, r, pairs, baseline, methods, budgets) for r in rules]
+        tables = [build_table(records, r, pairs, baseline, methods, budgets, groups) for r in rules]
         if args.format == "csv":
             sys.stdout.write(to_csv(tables))
         else:
@@ -352,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--explain", nargs=2, metavar=("METHOD", "PAIR"), default=None,
                     help="print the runs behind one cell (ids, seeds, chosen step, accuracy, command)")
     pt.add_argument("--rule", default="last", help="selection rule for --explain (default last)")
+    pt.add_argument("--spec", default=None, help="a bench spec: its searches (trials:) are pooled into one row "
+                                                 "each and its variants' names name rows; without it every "
+                                                 "setting is its own row")
     pt.add_argument("--command", default=None, help=argparse.SUPPRESS)
     pt.set_defaults(fn=cmd_table)
     return p

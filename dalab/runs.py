@@ -201,6 +201,40 @@ def load_model(rdir: Path) -> dict | None:
 
 RECORD_KEYS = ("run_id", "status", "config", "method", "evals", "train")
 FINISHED = ("done", "diverged")
+EVAL_SPLITS = ("src_val", "tgt_val", "tgt_test")
+_NUMBER = (int, float, type(None))  # non-finite numbers come back as floats, a missing score as None
+
+
+def _damage(rec: dict) -> str | None:
+    """What makes a parsed record unusable (a field of the wrong shape), or None. The fields the
+    tables and selection rules read are checked, so a damaged record is reported as unreadable
+    instead of crashing them."""
+    c, m, t = rec["config"], rec["method"], rec["train"]
+    if not isinstance(c, dict):
+        return "config is not an object"
+    for k, typ in (("method", str), ("source", str), ("target", str), ("seed", int), ("steps", int),
+                   ("budget", (str, int))):
+        if not isinstance(c.get(k), typ):
+            return f"config.{k} is missing or of the wrong type"
+    if not isinstance(m, dict) or not all(isinstance(m.get(k), str) for k in ("name", "family", "budget")):
+        return "method is not an object with name, family and budget"
+    if not isinstance(t, dict):
+        return "train is not an object"
+    if not isinstance(rec.get("hparams", {}), dict):
+        return "hparams is not an object"
+    if not isinstance(rec["evals"], list):
+        return "evals is not a list"
+    points = rec["evals"] + ([rec["final"]] if rec.get("final") is not None else [])
+    for i, ev in enumerate(points):
+        if not isinstance(ev, dict) or not isinstance(ev.get("step"), int):
+            return f"evaluation point {i} has no step"
+        for split in EVAL_SPLITS:
+            if not isinstance(ev.get(split), dict) or not isinstance(ev[split].get("acc"), _NUMBER):
+                return f"evaluation point {i} has no {split} accuracy"
+        unsup = ev.get("tgt_train_unsup", {})
+        if not isinstance(unsup, dict) or not all(isinstance(v, _NUMBER) for v in unsup.values()):
+            return f"evaluation point {i} has malformed label-free scores"
+    return None
 
 
 def _strict(obj: Any, path: str, bad: dict[str, str]) -> Any:
@@ -256,6 +290,9 @@ def parse_record(text: str) -> dict:
     if rec["status"] not in FINISHED:
         raise ValueError(f"status {rec['status']!r}")
     _restore(rec, rec.get("nonfinite") or {})
+    damage = _damage(rec)
+    if damage:
+        raise ValueError(damage)
     return rec
 
 
@@ -263,7 +300,7 @@ def read_record(rdir: Path) -> dict | None:
     """The finished run's record, or None when it is missing or unreadable."""
     try:
         return parse_record((rdir / "record.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
         return None
 
 

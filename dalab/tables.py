@@ -22,6 +22,7 @@ import math
 import shlex
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -86,22 +87,46 @@ def setting(rec: dict) -> str:
     return s + (", " + ", ".join(opts) if opts else "")
 
 
-def row_key(rec: dict) -> tuple[str, str, str, str]:
-    return rec["method"]["family"], rec["method"]["budget"], rec["method"]["name"], setting(rec)
+def method_setting(rec: dict) -> dict[str, Any]:
+    """The method's resolved hyperparameters and those of the source model it starts from (None
+    when it starts from scratch): runs that differ here are different rows, never one cell."""
+    c = rec["config"]
+    return {"hparams": c.get("hparams") or {}, "source_hparams": c.get("source_hparams")}
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """What a benchmark spec says about a run's row (``dalab.bench.row_groups``): ``search`` names
+    the declared search (``trials:``) whose runs are pooled into one row, each cell taking the trial
+    the selection rule prefers; ``name`` is the row's name given in the spec."""
+
+    search: str | None = None
+    name: str | None = None
+
+
+def row_key(rec: dict, groups: dict[str, RowGroup] | None = None) -> tuple[str, str, str, str, str]:
+    """(family, budget, method, data setting, method setting): one table row each. Runs of one
+    declared search share the last element, so only they are pooled."""
+    g = (groups or {}).get(rec["run_id"], RowGroup())
+    ident = f"search {g.search}" if g.search is not None else json.dumps(method_setting(rec), sort_keys=True)
+    return rec["method"]["family"], rec["method"]["budget"], rec["method"]["name"], setting(rec), ident
 
 
 def _trial_key(rec: dict) -> str:
-    return json.dumps(rec["config"]["hparams"], sort_keys=True)
+    return json.dumps(method_setting(rec), sort_keys=True)
 
 
-def aggregate(records: Iterable[dict], rule: str) -> dict[tuple, dict[str, dict]]:
+def aggregate(records: Iterable[dict], rule: str,
+              groups: dict[str, RowGroup] | None = None) -> dict[tuple, dict[str, dict]]:
     """{row_key: {pair: cell}} under ``rule``; a cell is {"accs", "seeds", "runs" (run_id, seed,
-    step, acc, record per run of the chosen trial), "n_failed", "hparams", "n_trials"}."""
-    groups: dict[tuple, dict[str, dict[str, list[dict]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    step, acc, record per run of the chosen trial), "n_failed", "hparams", "n_trials", "trials"}.
+    A row holds one setting; only the runs of a search declared in ``groups`` hold several
+    (trials), and each cell takes the trial the rule prefers."""
+    by_row: dict[tuple, dict[str, dict[str, list[dict]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in records:
-        groups[row_key(r)][pair_name(r)][_trial_key(r)].append(r)
+        by_row[row_key(r, groups)][pair_name(r)][_trial_key(r)].append(r)
     out: dict[tuple, dict[str, dict]] = {}
-    for rk, by_pair in groups.items():
+    for rk, by_pair in by_row.items():
         out[rk] = {}
         for pair, trials in by_pair.items():
             def trial_score(recs):
@@ -118,7 +143,8 @@ def aggregate(records: Iterable[dict], rule: str) -> dict[tuple, dict[str, dict]
                              "record": r})
             ok = [x for x in runs if x["acc"] is not None]
             out[rk][pair] = {"accs": [x["acc"] for x in ok], "seeds": [x["seed"] for x in ok], "runs": runs,
-                             "n_failed": len(runs) - len(ok), "hparams": json.loads(best), "n_trials": len(trials)}
+                             "n_failed": len(runs) - len(ok), "hparams": json.loads(best)["hparams"],
+                             "setting": json.loads(best), "n_trials": len(trials), "trials": sorted(trials)}
     return out
 
 
@@ -132,7 +158,8 @@ def _pair_order(keys) -> list[str]:
 
 
 def _empty_cell() -> dict:
-    return {"accs": [], "seeds": [], "runs": [], "n_failed": 0, "hparams": {}, "n_trials": 0}
+    return {"accs": [], "seeds": [], "runs": [], "n_failed": 0, "hparams": {}, "setting": {}, "n_trials": 0,
+            "trials": []}
 
 
 def _fmt(accs: list[float]) -> str:
@@ -151,28 +178,63 @@ def _csv_list(items: str | Iterable[str] | None) -> list[str] | None:
     return [i.strip() for i in items if i.strip()]
 
 
+def _short(v: Any) -> str:
+    return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
+
+
+def setting_labels(rows: list[dict]) -> None:
+    """Name each row of a method that appears with several settings: what differs between them
+    (``trade_off=0.1``; ``source lr=0.01`` for the source model a method starts from), a search's
+    ``best of N trials by RULE``, or the name a spec gave. One row per method keeps the plain name."""
+    by_method: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_method[(r["budget"], r["method"], r["setting"])].append(r)
+    for same in by_method.values():
+        plain = [r for r in same if r["search"] is None]
+        flat = [{**r["method_setting"]["hparams"],
+                 **{f"source {k}": v for k, v in (r["method_setting"]["source_hparams"] or {}).items()}} for r in plain]
+        differ = sorted(k for k in set().union(*flat) if len({_short(f.get(k, "—")) for f in flat}) > 1) if flat else []
+        for r, f in zip(plain, flat):
+            r["label"] = ", ".join(f"{k}={_short(f.get(k, '—'))}" for k in differ)
+        for r in same:
+            if r["search"] is not None:
+                r["label"] = f"best of {r['n_trials']} trials by {r['rule']}"
+            if r["name"]:
+                r["display"] = r["name"]
+            elif r["label"]:
+                r["display"] = f"{r['display']} ({r['label']})"
+
+
 def build_table(records: list[dict], rule: str, pairs: list[str] | None = None, baseline: str = BASELINE,
-                methods: Iterable[str] | None = None, budgets: Iterable[str] | None = None) -> dict[str, Any]:
+                methods: Iterable[str] | None = None, budgets: Iterable[str] | None = None,
+                groups: dict[str, RowGroup] | None = None) -> dict[str, Any]:
     """Rows grouped by label budget then family, columns = pairs + average + Δ + average rank.
-    Best and second-best are marked within each label-budget group (rows that see the same target
-    labels compete with each other). ``methods``/``budgets`` keep only those rows; the baseline
-    (same setting, its lowest budget) still defines Δ and the significance marks."""
+    One row per method and setting (``setting_labels`` names what differs); only the runs of a
+    search a spec declares (``groups``) are pooled into one row. Best and second-best are marked
+    within each label-budget group (rows that see the same target labels compete with each other).
+    ``methods``/``budgets`` keep only those rows; the baseline (same data setting, its lowest
+    budget) still defines Δ and the significance marks."""
     from dalab.stats import friedman, paired_test
 
-    agg = aggregate(records, rule)
+    agg = aggregate(records, rule, groups)
     pairs = pairs or _pair_order({p for v in agg.values() for p in v})
     budget_order = lambda b: (b != "0", b == "all", int(b) if b.isdigit() else 0)  # noqa: E731
     # within a budget: the baseline first, then by family; within a method the plainest setting first
     rows = sorted(agg, key=lambda rk: (budget_order(rk[1]), rk[2] != baseline, rk[0] != "baseline", rk[0], rk[2],
-                                       len(rk[3]), rk[3]))
+                                       len(rk[3]), rk[3], rk[4]))
     table = []
     for rk in rows:
         cells = {p: agg[rk].get(p, _empty_cell()) for p in pairs}
         means = {p: statistics.mean(c["accs"]) if c["accs"] else None for p, c in cells.items()}
         complete = all(m is not None for m in means.values())
         avg = statistics.mean(means.values()) if complete and means else None
+        first = next(x["record"] for c in agg[rk].values() for x in c["runs"])
+        group = (groups or {}).get(first["run_id"], RowGroup())
         table.append({"family": rk[0], "budget": rk[1], "method": rk[2], "setting": rk[3], "cells": cells,
-                      "means": means, "avg": avg, "display": display.method(rk[2])})
+                      "means": means, "avg": avg, "display": display.method(rk[2]), "rule": rule,
+                      "search": group.search, "name": group.name, "method_setting": method_setting(first),
+                      "n_trials": max(len(c["trials"]) for c in agg[rk].values()), "label": ""})
+    setting_labels(table)
     # the baseline row of each setting (its lowest label budget)
     base_rows = {}
     for r in table:
@@ -222,7 +284,8 @@ def build_table(records: list[dict], rule: str, pairs: list[str] | None = None, 
     unsup = [r for r in table if r["budget"] == "0" and r["avg"] is not None]
     fr = friedman({r["display"]: [r["means"][p] for p in pairs] for r in unsup}) if len(pairs) >= 2 else None
     return {"rule": rule, "pairs": pairs, "rows": table, "n": nmax, "settings": settings, "baseline": baseline,
-            "baseline_display": display.method(baseline), "has_baseline": bool(base_rows), "friedman": fr}
+            "baseline_display": next(iter(base_rows.values()))["display"] if len(base_rows) == 1 else display.method(baseline),
+            "has_baseline": bool(base_rows), "friedman": fr}
 
 
 def _cell_text(c: dict, nmax: int) -> str:
@@ -298,7 +361,7 @@ def to_csv(tables: list[dict]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["rule", "method", "display", "family", "budget", "setting", "pair", "pair_display", "mean", "std", "n",
-                "n_failed", "accs", "seeds", "delta", "p_value", "sig", "run_ids"])
+                "n_failed", "accs", "seeds", "delta", "p_value", "sig", "run_ids", "hparams", "n_trials"])
     for t in tables:
         for r in t["rows"]:
             for p in t["pairs"]:
@@ -310,7 +373,9 @@ def to_csv(tables: list[dict]) -> str:
                             ";".join(f"{x:.2f}" for x in a), ";".join(str(s) for s in c["seeds"]),
                             f"{c['delta']:+.2f}" if c.get("delta") is not None else "",
                             f"{c['p']:.4g}" if c.get("p") is not None else "", c.get("sig", ""),
-                            ";".join(x["run_id"] for x in c["runs"])])
+                            ";".join(x["run_id"] for x in c["runs"]),
+                            # the setting behind the cell; a search's cell: the trial the rule took, and how many
+                            json.dumps(c["setting"], sort_keys=True) if c["runs"] else "", c["n_trials"]])
     return buf.getvalue()
 
 
@@ -357,12 +422,14 @@ def runs_csv(records: list[dict], rules: Iterable[str]) -> str:
 
 def write_tables(records: list[dict], out_dir: str | Path, rules: Iterable[str], command: str = "",
                  pairs: list[str] | None = None, plots: bool = True, baseline: str = BASELINE,
-                 methods: Iterable[str] | None = None, budgets: Iterable[str] | None = None) -> list[Path]:
+                 methods: Iterable[str] | None = None, budgets: Iterable[str] | None = None,
+                 groups: dict[str, RowGroup] | None = None) -> list[Path]:
     """Write table.md, table.tex, table.csv, runs.csv (and accuracy.png, cd_<rule>.png/.pdf, and
-    budget_curve.png/.pdf when the records hold three or more label budgets) for ``records``."""
+    budget_curve.png/.pdf when the records hold three or more label budgets) for ``records``;
+    ``groups``: the spec's searches and row names (:func:`build_table`)."""
     out = Path(out_dir)
     rules = list(rules)
-    tables = [build_table(records, r, pairs, baseline, methods, budgets) for r in rules]
+    tables = [build_table(records, r, pairs, baseline, methods, budgets, groups) for r in rules]
     cd_files = {t["rule"]: (f"cd_{t['rule']}.png / .pdf" if plots and t["friedman"] else "") for t in tables}
     header = f"<!-- generated by: {command} -->\n" if command else ""
     md = header + "".join(to_markdown(t, cd_file=cd_files[t["rule"]]) + "\n" for t in tables)
@@ -410,7 +477,7 @@ def parse_method(text: str) -> str:
 
 
 def explain(records: list[dict], method: str, pair: str, rule: str = "last", baseline: str = BASELINE,
-            budgets: Iterable[str] | None = None) -> str:
+            budgets: Iterable[str] | None = None, groups: dict[str, RowGroup] | None = None) -> str:
     """The runs behind one table cell: for each matching row (label budget, setting) the chosen
     trial, and per run its id, seed, status, the checkpoint step the rule picked, its target-test
     accuracy there, and the ``dalab run`` command that reproduces it."""
@@ -419,7 +486,7 @@ def explain(records: list[dict], method: str, pair: str, rule: str = "last", bas
 
     r_ = get_rule(rule)
     name, key = parse_method(method), parse_pair(pair)
-    t = build_table(records, rule, baseline=baseline, budgets=budgets)
+    t = build_table(records, rule, baseline=baseline, budgets=budgets, groups=groups)
     rows = [r for r in t["rows"] if r["method"] == name and r["cells"].get(key, {}).get("runs")]
     if not rows:
         have = sorted({(r["method"]["name"], pair_name(r)) for r in records})
@@ -430,8 +497,11 @@ def explain(records: list[dict], method: str, pair: str, rule: str = "last", bas
         c = r["cells"][key]
         out.append(f"{r['display']} ({name}) on {display.pair_key(key)} ({key}), {display.budget(r['budget'])}; "
                    f"selection rule `{rule}`: {r_.text}")
-        out.append(f"  setting: {r['setting']}; trial hparams {json.dumps(c['hparams'], sort_keys=True)} "
-                   f"(best of {c['n_trials']} by the rule)")
+        out.append(f"  setting: {r['setting']}; hparams {json.dumps(c['hparams'], sort_keys=True)}"
+                   + (f"; source model {json.dumps(c['setting']['source_hparams'], sort_keys=True)}"
+                      if c["setting"].get("source_hparams") else "")
+                   + (f" (the trial the rule picked among {c['n_trials']} of search {r['search']!r})"
+                      if r["search"] is not None else ""))
         line = f"  cell: {_fmt(c['accs'])} over {len(c['accs'])} seeds"
         if c.get("delta") is not None:
             line += (f"; vs {t['baseline_display']}: {c['delta']:+.1f}, paired t-test p = "

@@ -160,3 +160,37 @@ def test_submitit_local_executor_path(tmp_path):
     res = launch(s, expand(s), launcher="submitit-local", jobs=2, submitit_dir=str(tmp_path / "sub"))
     assert sorted(st for _, st in res) == ["done", "done"]
     assert all(run_state(Path(s.runs_dir), c.run_id()) == "done" for c, _ in expand(s))
+
+
+def test_per_method_variants_are_named_rows_and_searches_are_pooled_only_when_declared(tmp_path, capsys):
+    """Issue 27: a mapping of variants adds rows for one method beside its main setting, named by
+    the spec; a declared search (trials) is one row 'best of N trials by RULE', while `dalab table`
+    on the same folder without the spec shows every trial as its own row."""
+    from dalab.tables import build_table, load_records
+
+    groups: dict = {}
+    s = spec(tmp_path, seeds=[0], variants={"dann": [{"trade_off": 0.1, "name": "DANN small"}]})
+    grid = expand(s, [], groups)
+    assert [(c.method, c.hparams) for c, _ in grid] == [("source_only", {}), ("dann", {}), ("dann", {"trade_off": 0.1})]
+    assert [g.name for g in groups.values()] == ["DANN small"]
+    with pytest.raises(DalabError, match="not in the grid's methods"):
+        expand(spec(tmp_path, methods=["dann"], variants={"source_only": [{"lr": 0.1}]}))
+    with pytest.raises(DalabError, match="unknown hyperparameter 'trade_of'"):
+        expand(spec(tmp_path, variants={"dann": [{"trade_of": 0.1}]}))
+    with pytest.raises(DalabError, match="name that is not a non-empty string"):
+        spec(tmp_path, variants={"dann": [{"name": ""}]})
+    launch(s, grid)
+    t = build_table(load_records(s.runs_dir), "last", groups=groups)
+    assert sorted(r["display"] for r in t["rows"]) == ["DANN (trade_off=1.0)", "DANN small", "Source only"]
+
+    searched = spec(tmp_path, methods=["dann"], seeds=[0], trials=2)
+    groups = {}
+    grid = expand(searched, [], groups)
+    launch(searched, grid)
+    recs = [r for r in load_records(searched.runs_dir) if r["run_id"] in groups]
+    pooled = build_table(recs, "src_val", groups=groups)["rows"]
+    assert [r["display"] for r in pooled] == ["DANN (best of 2 trials by src_val)"]
+    assert len(build_table(recs, "src_val")["rows"]) == 2  # without the spec: one row per trial
+    p = write_spec(tmp_path, methods=["dann"], seeds=[0], trials=2)
+    assert main(["table", searched.runs_dir, "--spec", str(p), "--format", "md", "--rules", "src_val"]) == 0
+    assert "DANN (best of 2 trials by src_val)" in capsys.readouterr().out

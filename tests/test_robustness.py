@@ -645,3 +645,17 @@ def test_rerunning_a_finished_run_keeps_it_and_force_replaces_it_only_once_finis
     assert main([*SHORT, "--runs-dir", str(rd)]) == 0
     assert runs.is_done(rd, run.name) and not (rd / f"{run.name}.previous").exists()
     assert runs.read_record(run)["train"]["resumed_from"] is not None
+
+
+def test_a_damaged_record_is_reported_and_the_table_still_renders(tmp_path, capsys):  # 30.11
+    p = spec_file(tmp_path, seeds=[0, 1, 2])
+    assert main(["bench", str(p), "--no-tensorboard"]) == 0
+    rd = tmp_path / "runs"
+    damaged = sorted(rd.glob("*/record.json"))[:2]
+    for path, damage in zip(damaged, ({"config": {}}, {"evals": "oops"})):
+        path.write_text(json.dumps({**json.loads(path.read_text()), **damage}))
+    capsys.readouterr()
+    assert main(["table", str(rd), "--out", str(tmp_path / "t")]) == 0
+    assert "2 finished run(s) under" in capsys.readouterr().err
+    assert (tmp_path / "t" / "table.md").is_file() and len(runs.load_records(rd, report=False)) == 1
+    assert all(run_state(rd, path.parent.name) == "partial" for path in damaged)  # redone by the next bench

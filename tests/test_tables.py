@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dalab.tables import build_table, load_records, runs_csv, select, to_csv, to_latex, to_markdown, write_tables
+from dalab.tables import RowGroup, build_table, load_records, runs_csv, select, to_csv, to_latex, to_markdown, write_tables
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -51,13 +51,62 @@ def test_ties_go_to_the_later_checkpoint_and_diverged_runs_have_no_checkpoint():
     assert all(select(d, rule) is None for rule in ("last", "src_val", "oracle", "im", "entropy", "snd"))
 
 
-def test_trial_selection_uses_the_rule_not_the_test_set():
-    # trial A: better source val, worse test; trial B: the reverse. src_val must pick A.
+def _trial_pair():
+    # trial A: better source val, worse test; trial B: the reverse
     a = [rec("m", "f", "0", ("a", "b"), s, [ev(1, 0.99, 0.1, 0.10)], hparams={"lr": 0.1}) for s in (0, 1)]
     b = [rec("m", "f", "0", ("a", "b"), s, [ev(1, 0.50, 0.9, 0.90)], hparams={"lr": 0.01}) for s in (0, 1)]
-    cell = build_table(a + b, "src_val")["rows"][0]["cells"]["a→b"]
+    for r in b:
+        r["run_id"] += "_b"
+    return a, b
+
+
+def test_trial_selection_uses_the_rule_not_the_test_set():
+    # a declared search (a spec's trials:) pools its trials; src_val must pick A
+    a, b = _trial_pair()
+    search = {r["run_id"]: RowGroup(search="m lr") for r in a + b}
+    t = build_table(a + b, "src_val", groups=search)
+    (row,) = t["rows"]
+    cell = row["cells"]["a→b"]
     assert cell["accs"] == [10.0, 10.0] and cell["hparams"] == {"lr": 0.1} and cell["n_trials"] == 2
-    assert build_table(a + b, "oracle")["rows"][0]["cells"]["a→b"]["accs"] == [90.0, 90.0]
+    assert row["display"] == "m (best of 2 trials by src_val)"
+    assert build_table(a + b, "oracle", groups=search)["rows"][0]["cells"]["a→b"]["accs"] == [90.0, 90.0]
+    assert "m (best of 2 trials by src_val)" in to_markdown(t) and '{""hparams"": {""lr"": 0.1}' in to_csv([t])
+
+
+def test_settings_are_rows_and_adding_one_never_changes_another():
+    """Issue 27's scenario: DANN at trade-off 1.0 in a runs folder, then DANN at 0.1 added to the
+    same folder. Without a declared search they are two rows, each with its own numbers, named by
+    what differs; the first row's numbers are the same before and after."""
+    one = [rec("dann", "adversarial", "0", p, s, [ev(1, 0.9, 0.5, 0.60 + 0.01 * s + 0.1 * i)],
+               hparams={"lr": 0.01, "trade_off": 1.0}) for i, p in enumerate(PAIRS) for s in (0, 1)]
+    other = [dict(r, run_id=r["run_id"] + "_01", config={**r["config"], "hparams": {"lr": 0.01, "trade_off": 0.1}},
+                  evals=[ev(1, 0.95, 0.5, r["evals"][0]["tgt_test"]["acc"] + (0.05 if i % 2 else -0.05))])
+             for i, r in enumerate(one)]
+    for rule in ("last", "src_val", "oracle"):
+        before = build_table(one, rule)["rows"]
+        after = build_table(one + other, rule)["rows"]
+        assert len(before) == 1 and len(after) == 2
+        (same,) = [r for r in after if r["method_setting"]["hparams"]["trade_off"] == 1.0]
+        assert {p: c["accs"] for p, c in same["cells"].items()} == {p: c["accs"] for p, c in before[0]["cells"].items()}
+        assert same["avg"] == before[0]["avg"]
+        assert sorted(r["display"] for r in after) == ["DANN (trade_off=0.1)", "DANN (trade_off=1.0)"]
+        assert before[0]["display"] == "DANN"  # alone, the row keeps the method's name
+    csv_text = to_csv([build_table(one + other, "last")])
+    assert csv_text.count('""trade_off"": 0.1') == len(PAIRS) and csv_text.count('""trade_off"": 1.0') == len(PAIRS)
+
+
+def test_a_different_source_model_is_a_different_row():
+    recs = [rec("adda", "adversarial", "0", PAIRS[0], s, [ev(1, 0.9, 0.5, 0.7)]) for s in (0, 1)]
+    for r, lr in zip(recs, (0.01, 0.03)):
+        r["config"]["source_hparams"] = {"lr": lr}
+    assert sorted(r["display"] for r in build_table(recs, "last")["rows"]) == ["ADDA (source lr=0.01)",
+                                                                               "ADDA (source lr=0.03)"]
+
+
+def test_a_spec_name_names_the_row():
+    a, b = _trial_pair()
+    t = build_table(a + b, "last", groups={r["run_id"]: RowGroup(name="m, small lr") for r in b})
+    assert sorted(r["display"] for r in t["rows"]) == ["m (lr=0.1)", "m, small lr"]
 
 
 PAIRS = (("mnist5k", "ucidigits"), ("ucidigits", "mnist5k"))
