@@ -15,9 +15,11 @@ Guarantees (tested in tests/test_robustness.py):
 - an unreadable checkpoint or weight file is moved aside (kept, renamed ``*.corrupt-<time>``) with a
   warning, and the run restarts from scratch instead of failing forever;
 - a claim is an exclusively created file; it is stale (taken over) when its process died on this
-  host, when it is empty or unparsable for more than :data:`CLAIM_EMPTY_STALE_S` (its writer died
-  between create and write), or when nobody refreshed it for :data:`CLAIM_TTL_S` (a holder
-  refreshes its claims every :data:`CLAIM_HEARTBEAT_S` from a background thread);
+  host, when its pid now names another process (started after the claim's holder: a reboot or a
+  container restart reuses pids), when it is empty or unparsable for more than
+  :data:`CLAIM_EMPTY_STALE_S` (its writer died between create and write), or when nobody refreshed
+  it for :data:`CLAIM_TTL_S`, on any host (a holder refreshes its claims every
+  :data:`CLAIM_HEARTBEAT_S` from a background thread);
 - a full disk is one line (:class:`dalab.utils.NoSpace`) naming the folder, and leaves no
   half-written file and no empty claim behind;
 - a finished run is never destroyed by a rerun: ``dalab run --force`` moves it to
@@ -414,6 +416,19 @@ def claim_owner(runs_dir: str | os.PathLike, run_id: str) -> dict | None:
         return {}
 
 
+def _process_identity(pid: int) -> str | None:
+    """``<boot id>:<start time>`` of a live process on this host (Linux /proc), or None: two
+    processes with the same pid -- after a reboot or a container restart -- differ in it."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"  # field 22, starttime (after the comm)
+    except (OSError, IndexError):
+        return None
+
+
 def _stale(path: Path, owner: dict | None) -> bool:
     try:
         age = time.time() - path.stat().st_mtime
@@ -421,12 +436,18 @@ def _stale(path: Path, owner: dict | None) -> bool:
         return False
     if not owner or "pid" not in owner:
         return age > CLAIM_EMPTY_STALE_S  # its writer died between create and write
+    if age > CLAIM_TTL_S:  # any host: a live holder refreshes it every CLAIM_HEARTBEAT_S
+        return True
     if owner.get("host") == socket.gethostname():
         try:
-            return not _pid_alive(int(owner["pid"]))
+            pid = int(owner["pid"])
         except (TypeError, ValueError):
             return True
-    return age > CLAIM_TTL_S  # another host: alive as long as its holder refreshes it
+        if not _pid_alive(pid):
+            return True
+        # alive, but is it the holder? a reboot or container restart hands its pid to another process
+        return "proc" in owner and _process_identity(pid) not in (None, owner["proc"])
+    return False
 
 
 @contextlib.contextmanager
@@ -453,7 +474,8 @@ def try_claim(runs_dir: str | os.PathLike, run_id: str) -> bool:
         rd.mkdir(parents=True, exist_ok=True)
         _CREATED.add(rd)
     path = claim_path(rd, run_id)
-    me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()})
+    me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
+                     "proc": _process_identity(os.getpid())})
     for attempt in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)

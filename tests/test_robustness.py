@@ -659,3 +659,25 @@ def test_a_damaged_record_is_reported_and_the_table_still_renders(tmp_path, caps
     assert "2 finished run(s) under" in capsys.readouterr().err
     assert (tmp_path / "t" / "table.md").is_file() and len(runs.load_records(rd, report=False)) == 1
     assert all(run_state(rd, path.parent.name) == "partial" for path in damaged)  # redone by the next bench
+
+
+def test_a_stale_claim_whose_pid_was_reused_is_taken_over(tmp_path, capsys):  # 30.12
+    import socket
+    rd = tmp_path / "runs"
+    rd.mkdir()
+    cfg = RunConfig("source_only", "toy_a", "toy_b", seed=0, steps=4, eval_every=2, precision="fp32")
+    claim = runs.claim_path(rd, cfg.run_id())
+    live = os.getppid()  # a live process on this host that is not the holder
+    claim.write_text(json.dumps({"pid": live, "host": socket.gethostname(), "time": time.time() - 7200}))
+    old = time.time() - 7200
+    os.utime(claim, (old, old))  # two hours without a heartbeat
+    assert run_state(rd, cfg.run_id()) != "claimed"
+    assert main([*TINY, "--runs-dir", str(rd)]) == 0 and runs.is_done(rd, cfg.run_id())
+    # a fresh claim naming a live pid that is another process than the one that wrote it: stale at once
+    claim.write_text(json.dumps({"pid": live, "host": socket.gethostname(), "time": time.time(),
+                                 "proc": "another-boot:12345"}))
+    assert runs.try_claim(rd, cfg.run_id())
+    runs.release_claim(rd, cfg.run_id())
+    claim.write_text(json.dumps({"pid": live, "host": socket.gethostname(), "time": time.time(),
+                                 "proc": runs._process_identity(live)}))
+    assert not runs.try_claim(rd, cfg.run_id())  # its holder, alive and heartbeating: kept
