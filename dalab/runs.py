@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from dalab.utils import no_space, temp_file
+from dalab.utils import no_space, resolve_precision, temp_file
 
 RECORD_VERSION = 2  # 2: strict JSON (non-finite numbers stored as null, listed in "nonfinite")
 CLAIM_EMPTY_STALE_S = 5.0
@@ -53,6 +53,20 @@ CLAIM_HEARTBEAT_S = 60.0
 
 
 # --------------------------------------------------------------------------- identity
+
+# How a run's canonical config (hence its id) names the precision the run computes in. Ids once
+# hashed the *requested* precision; every committed run that computed bf16 had requested ``auto``
+# (on a bf16 machine), so bf16 keeps that spelling and those ids stay valid. fp32 is ``fp32``
+# whether it was asked for or ``auto`` resolved to it (old ``--precision bf16`` ids are redone once).
+KEYED_PRECISION = {"fp32": "fp32", "bf16": "auto"}
+
+
+def precision_key(precision: str, device: str = "auto") -> str:
+    """The canonical config's ``precision``: what ``precision`` resolves to on ``device`` (as
+    ``--device`` takes it), spelled as in :data:`KEYED_PRECISION`."""
+    p = resolve_precision(precision, device)
+    return KEYED_PRECISION.get(p, p)
+
 
 @dataclass
 class RunConfig:
@@ -85,9 +99,19 @@ class RunConfig:
             return None
         return {**self.source_hparams, "standardize": hp["standardize"]}
 
+    def for_device(self, device: str) -> "RunConfig":
+        """This config with its precision resolved for ``device`` (``--device``): what the run will
+        compute in there, which the id names. An unresolved ``auto`` is resolved for the default
+        device (CUDA when present, else the CPU) when the id is computed."""
+        from dataclasses import replace
+
+        return replace(self, precision=resolve_precision(self.precision, device))
+
     def key(self) -> dict[str, Any]:
         """The canonical configuration: hyperparameters resolved (typed, every default filled in),
-        so ``--set lr=0.01``, a spec's ``lr: 1e-2`` and not stating the default give one key."""
+        so ``--set lr=0.01``, a spec's ``lr: 1e-2`` and not stating the default give one key; the
+        precision resolved (:func:`precision_key`), so ``auto`` on an fp32-only machine is the run
+        ``fp32`` is, and a bf16 run is never taken for an fp32 one."""
         from dalab.methods import METHODS, get_method, resolve_hparams
         from dalab.methods.base import keyed_hparams
 
@@ -95,6 +119,7 @@ class RunConfig:
         hp = resolve_hparams(cls, self.hparams)
         d = asdict(self)
         d["budget"] = str(d["budget"])
+        d["precision"] = precision_key(self.precision)
         d["hparams"] = keyed_hparams(cls, hp)
         src = self.source_run_hparams(hp)
         d["source_hparams"] = (keyed_hparams(METHODS["source_only"], resolve_hparams(METHODS["source_only"], src))
@@ -103,8 +128,13 @@ class RunConfig:
 
     def run_id(self) -> str:
         """Deterministic, readable id: a hash of the canonical config behind the main fields."""
-        h = hashlib.sha1(json.dumps(self.key(), sort_keys=True).encode()).hexdigest()[:8]
-        return f"{self.method}__{self.source}-{self.target}__b{self.budget}__s{self.seed}__{h}"
+        return key_id(self.key())
+
+
+def key_id(key: dict[str, Any]) -> str:
+    """The run id of a canonical config (:meth:`RunConfig.key`, what a record stores as ``config``)."""
+    h = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{key['method']}__{key['source']}-{key['target']}__b{key['budget']}__s{key['seed']}__{h}"
 
 
 def run_dir(runs_dir: str | os.PathLike, run_id: str) -> Path:
@@ -310,11 +340,20 @@ def mark_done(rdir: Path, status: str) -> None:
     atomic_save(rdir / "done", lambda tmp: tmp.write_text(status + "\n"))
 
 
+def computed_as_keyed(rec: dict) -> bool:
+    """Whether the precision a record says its run computed in is the one its config (hence its
+    id) names. A record with ``auto`` ids from before ids named the resolved precision may have
+    computed in fp32: it is not the bf16 run that id now stands for."""
+    keyed, computed = rec["config"].get("precision"), rec["train"].get("precision")
+    return keyed is None or computed is None or KEYED_PRECISION.get(computed, computed) == keyed
+
+
 def is_done(runs_dir: str | os.PathLike, run_id: str) -> bool:
     d = run_dir(runs_dir, run_id)
     if not (d / "done").is_file():
         return False
-    return read_record(d) is not None
+    rec = read_record(d)
+    return rec is not None and computed_as_keyed(rec)
 
 
 PREVIOUS = ".previous"  # suffix of a finished run's folder while ``dalab run --force`` retrains it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import platform
@@ -179,6 +180,40 @@ def package_versions(names: tuple[str, ...] = ("torch", "torchvision", "numpy", 
         except metadata.PackageNotFoundError:
             out[n] = None
     return out
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.cache
+def _cuda_has_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_bf16_supported()
+
+
+def resolve_precision(precision: str, device: str = "auto") -> str:
+    """The precision a run computes in: ``auto`` -> ``bf16`` on a CUDA GPU with bf16 support or a
+    CPU with native bf16, else ``fp32``; ``device`` as ``--device`` takes it (auto = CUDA when
+    present). Explicit ``fp32``/``bf16`` are returned as they are."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = str(device).split(":")[0]
+    if kind == "cuda":
+        return "bf16" if torch.cuda.is_available() and _cuda_has_bf16() else "fp32"
+    return "bf16" if kind == "cpu" and cpu_has_bf16() else "fp32"
 
 
 def cache_dir() -> Path:

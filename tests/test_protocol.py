@@ -6,15 +6,17 @@ from __future__ import annotations
 import pytest
 
 from dalab.benchmarks import protocol as pr
+from dalab.runs import precision_key
 
 
 def rec(accs, steps=500, hparams=None, method="dann", seed=0):
-    """A finished record with one evaluation point per entry of ``accs`` (evenly spaced)."""
+    """A finished record with one evaluation point per entry of ``accs`` (evenly spaced), of a run in
+    the precision ``auto`` computes in on this machine."""
     every = steps // len(accs)
     evals = [{"step": every * (i + 1), "tgt_test": {"acc": a}} for i, a in enumerate(accs)]
     return {"config": {"method": method, "source": "a", "target": "b", "seed": seed, "budget": "0",
                        "steps": steps, "eval_every": every, "backbone": "lenet_bn", "split_seed": 0,
-                       "precision": "auto", "pretrained": None, "hparams": hparams or {}},
+                       "precision": precision_key("auto"), "pretrained": None, "hparams": hparams or {}},
             "hparams": {"bn_mode": "joint", **(hparams or {})}, "evals": evals, "final": evals[-1], "status": "done"}
 
 

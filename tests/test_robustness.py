@@ -681,3 +681,43 @@ def test_a_stale_claim_whose_pid_was_reused_is_taken_over(tmp_path, capsys):  # 
     claim.write_text(json.dumps({"pid": live, "host": socket.gethostname(), "time": time.time(),
                                  "proc": runs._process_identity(live)}))
     assert not runs.try_claim(rd, cfg.run_id())  # its holder, alive and heartbeating: kept
+
+
+def test_run_ids_name_the_computed_precision_and_committed_ids_stay_valid(tmp_path, monkeypatch):  # 30.13
+    import csv
+    import dataclasses
+
+    import torch
+
+    import dalab.utils as utils
+    repo = Path(__file__).resolve().parent.parent
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # every committed record's id recomputes from its stored config, and it counts as done
+    records = sorted(repo.glob("results/*/runs/*/record.json"))
+    assert records
+    for path in records:
+        rec = runs.read_record(path.parent)
+        assert runs.key_id(rec["config"]) == rec["run_id"] == path.parent.name
+        assert runs.is_done(path.parent.parent, rec["run_id"])
+    # the main job's committed ids (precision auto, computed in bf16 on a bf16 CPU) are what a bf16 CPU gives
+    spec = BenchSpec.from_yaml(repo / "benchmarks" / "digits.yaml")
+    committed = {r["run_id"] for r in csv.DictReader(open(repo / "results" / "digits" / "runs.csv"))}
+    monkeypatch.setattr(utils, "cpu_has_bf16", lambda: True)
+    assert {c.run_id() for c, _ in expand(spec)} == committed
+    assert {c.run_id() for c, _ in expand(dataclasses.replace(spec, precision="bf16"))} == committed
+    # on an fp32-only CPU, auto is the fp32 run (no redo), and none of the bf16 runs counts as done
+    monkeypatch.setattr(utils, "cpu_has_bf16", lambda: False)
+    auto = [c.run_id() for c, _ in expand(spec)]
+    assert auto == [c.run_id() for c, _ in expand(dataclasses.replace(spec, precision="fp32"))]
+    assert not set(auto) & committed
+    # a record under an old auto id that computed fp32 is not the bf16 run that id stands for now
+    cfg = RunConfig("source_only", "toy_a", "toy_b", steps=2, eval_every=2, precision="fp32")
+    rec = train(cfg, tmp_path, device="cpu", progress=False, tensorboard=False)
+    assert runs.is_done(tmp_path, cfg.run_id())
+    rec["config"]["precision"] = "auto"
+    old_id = runs.key_id(rec["config"])
+    (tmp_path / cfg.run_id()).rename(tmp_path / old_id)
+    runs.write_record(tmp_path / old_id, {**rec, "run_id": old_id})
+    assert not runs.is_done(tmp_path, old_id)
+    monkeypatch.setattr(utils, "cpu_has_bf16", lambda: True)
+    assert RunConfig("source_only", "toy_a", "toy_b", steps=2, eval_every=2).run_id() == old_id
