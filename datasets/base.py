@@ -14,6 +14,8 @@ Image-file datasets (Office-31 etc.) return :class:`~dalab.datasets.images.Image
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -81,9 +83,27 @@ def closest(name: str, choices) -> str:
 
 def get_domain(name: str) -> DomainSpec:
     if name not in DOMAINS:
-        raise DalabError(f"unknown domain {name!r}{closest(name, DOMAINS)}; "
-                         f"known domains: {', '.join(sorted(DOMAINS))} (see `dalab list`)")
+        shown = sorted(n for n, d in DOMAINS.items() if not d.hidden)  # test-only domains stay out of sight
+        raise DalabError(f"unknown domain {name!r}{closest(name, shown)}; "
+                         f"known domains: {', '.join(shown)} (see `dalab list`)")
     return DOMAINS[name]
+
+
+def fingerprint(data) -> str:
+    """A content hash of a built domain (``sha256:<16 hex>``): images (or, for image folders, the
+    file paths), labels, classes and any fixed split. Two builds with the same fingerprint hold
+    the same data; the cache checks it, and a run's data can be identified by it."""
+    h = hashlib.sha256()
+    h.update(json.dumps(list(data.classes)).encode())
+    images = getattr(data, "images", None)
+    if isinstance(images, Tensor):
+        h.update(json.dumps([str(images.dtype), list(images.shape)]).encode())
+        h.update(images.contiguous().numpy().tobytes())
+    else:  # files on disk: their list (contents are the user's folder)
+        h.update(json.dumps(list(getattr(data, "paths", []))).encode())
+    for t in (data.labels, data.split):
+        h.update(b"-" if t is None else t.contiguous().numpy().astype(np.int64).tobytes())
+    return "sha256:" + h.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- splits and budgets
@@ -228,6 +248,7 @@ class DomainSplits:
     val: TensorSplit
     test: TensorSplit
     origin: str = ""  # where the data came from (a path for disk datasets), for error messages
+    fingerprint: str = ""  # content hash of the built domain (:func:`fingerprint`), for the run record
 
     @property
     def num_classes(self) -> int:
@@ -255,6 +276,7 @@ def check_same_classes(source: DomainSplits, target: DomainSplits) -> None:
 
 
 _BUILT: dict[str, DomainData] = {}
+_FINGERPRINTS: dict[str, str] = {}
 
 
 def load_domain(name: str, split_seed: int = 0, device: torch.device | str = "cpu",
@@ -267,8 +289,10 @@ def load_domain(name: str, split_seed: int = 0, device: torch.device | str = "cp
         import inspect
         takes_root = "root" in inspect.signature(spec.builder).parameters
         _BUILT[key] = spec.builder(root=root) if takes_root else spec.builder()
+        _FINGERPRINTS[key] = fingerprint(_BUILT[key])
     data = _BUILT[key]
     y = data.labels.numpy()
     assign = data.split.numpy() if data.split is not None else stratified_split(y, split_seed)
     parts = {s: data.take(np.flatnonzero(assign == i), device) for i, s in enumerate(SPLITS)}
-    return DomainSplits(name, list(data.classes), **parts, origin=str(data.info.get("root", "")))
+    return DomainSplits(name, list(data.classes), **parts, origin=str(data.info.get("root", "")),
+                        fingerprint=_FINGERPRINTS[key])

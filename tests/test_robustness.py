@@ -721,3 +721,29 @@ def test_run_ids_name_the_computed_precision_and_committed_ids_stay_valid(tmp_pa
     assert not runs.is_done(tmp_path, old_id)
     monkeypatch.setattr(utils, "cpu_has_bf16", lambda: True)
     assert RunConfig("source_only", "toy_a", "toy_b", steps=2, eval_every=2).run_id() == old_id
+
+
+def test_a_cache_file_of_another_domain_is_rebuilt_not_used(tmp_path):  # 30, observation
+    from dalab.datasets.cache import cache_path
+    cache = tmp_path / "cache"
+    env = {**ENV, "DALAB_CACHE": str(cache)}
+    build = "from dalab.datasets import DOMAINS; [DOMAINS[n].builder() for n in ('mnist5k', 'ucidigits')]"
+    subprocess.run([sys.executable, "-c", build], env=env, check=True)
+    (cache / cache_path("mnist5k", "v1").name).replace(cache / cache_path("ucidigits", "v1").name)
+    r = subprocess.run([sys.executable, "-m", "dalab.cli", "run", "--method", "source_only", "--source", "mnist5k",
+                        "--target", "ucidigits", "--steps", "1", "--eval-every", "1", "--quiet", "--no-tensorboard",
+                        "--precision", "fp32", "--runs-dir", str(tmp_path / "runs")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "rebuilding ucidigits: cannot use cache" in r.stderr and "holds domain 'mnist5k'" in r.stderr
+    (rec,) = load_records(tmp_path / "runs")
+    assert [rec["data"]["target"][k] for k in ("train", "val", "test")] == [1259, 269, 269]
+    from dalab.datasets.base import load_domain
+    assert load_domain("ucidigits").fingerprint.startswith("sha256:")  # for the record (see dalab.trainer)
+
+
+def test_unknown_domain_message_lists_no_test_only_domain(tmp_path, capsys):  # 30, observation
+    assert main(["run", "--method", "source_only", "--source", "mnist5k", "--target", "ucidigit",
+                 "--runs-dir", str(tmp_path / "runs")]) == 2
+    err = one_line_error(capsys, "unknown domain 'ucidigit' (did you mean 'ucidigits'?)")
+    assert "toy_a" not in err and "toy_b" not in err and "mnistm5k" in err
