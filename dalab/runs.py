@@ -216,6 +216,30 @@ def load_checkpoint(rdir: Path, map_location) -> dict | None:
     return load_torch(rdir / "checkpoint.pt", map_location, weights_only=False, required=CHECKPOINT_KEYS)
 
 
+def checkpoint_step(rdir: Path) -> int | None:
+    """The step of the run's checkpoint (read lazily: tensors are memory-mapped), or None when
+    there is none or it cannot be read (the trainer then moves it aside and starts over)."""
+    import torch
+
+    path = rdir / "checkpoint.pt"
+    if not path.is_file():
+        return None
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["step"])
+    except Exception:  # noqa: BLE001 -- unreadable means the same as none here
+        return None
+
+
+def tensorboard_purge_step(rdir: Path, resume: bool) -> int | None:
+    """``purge_step`` for the run's SummaryWriter: when ``tb/`` already holds a killed attempt's
+    events, TensorBoard hides those at or after the step this attempt starts from (the step after
+    its checkpoint, or 1 without one), so no step is shown twice. None when there are none."""
+    tb = rdir / "tb"
+    if not tb.is_dir() or not any(tb.iterdir()):
+        return None
+    return ((checkpoint_step(rdir) if resume else None) or 0) + 1
+
+
 def remove_checkpoint(rdir: Path) -> None:
     (rdir / "checkpoint.pt").unlink(missing_ok=True)
 

@@ -418,7 +418,7 @@ def _train(cfg: RunConfig, runs_dir: Path, run_dir: Path, o: RunOptions) -> dict
     writer = None
     if o.tensorboard and main:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(run_dir / "tb"))
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=runs.tensorboard_purge_step(run_dir, o.resume))
 
     evals: list[dict[str, Any]] = []
     last_losses: dict[str, float] = {}

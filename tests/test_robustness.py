@@ -747,3 +747,17 @@ def test_unknown_domain_message_lists_no_test_only_domain(tmp_path, capsys):  # 
                  "--runs-dir", str(tmp_path / "runs")]) == 2
     err = one_line_error(capsys, "unknown domain 'ucidigit' (did you mean 'ucidigits'?)")
     assert "toy_a" not in err and "toy_b" not in err and "mnistm5k" in err
+
+
+def test_a_resumed_run_shows_each_step_once_in_tensorboard(tmp_path):  # 30, observation
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = RunConfig("source_only", "toy_a", "toy_b", steps=30, eval_every=10, precision="fp32")
+    kw = dict(device="cpu", progress=False, tensorboard=True, log_every=1, checkpoint_every=10)
+    from dalab.methods.source_only import SourceOnly
+    with killed_at_step(SourceOnly, 25, RuntimeError), pytest.raises(RuntimeError):
+        train(cfg, tmp_path, **kw)  # its events of steps 11-24 are on disk, its checkpoint is at step 20
+    train(cfg, tmp_path, resume=True, **kw)
+    acc = EventAccumulator(str(tmp_path / cfg.run_id() / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 31))
+    assert [e.step for e in acc.Scalars("tgt_test/acc")] == [10, 20, 30]
