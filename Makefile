@@ -7,6 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dalab-installed
 RUNS ?= results/runs
+MAIN_RUNS ?= results/digits/runs
 JOBS ?= 2
 
 .PHONY: setup test bench bench-long dann-vs-source protocol augment-bench budget-curve results-index speed clean-runs
@@ -29,7 +30,7 @@ test: setup
 # The main job: every method x the 4 offline digits pairs x 3 seeds -> results/digits/ (resumable).
 bench: setup
 	$(VENV)/bin/dalab bench benchmarks/digits.yaml --jobs $(JOBS) --command "make bench"
-	$(PY) -m dalab.benchmarks.tsne --runs-dir $(RUNS) --out results/digits/tsne.png
+	$(PY) -m dalab.benchmarks.tsne --runs-dir $(MAIN_RUNS) --out results/digits/tsne.png
 	$(PY) -m dalab.results_index --out results/README.md
 
 # The long-budget table: the still-moving methods at 4x the steps -> results/digits_long/ (resumable; its
@@ -43,7 +44,7 @@ dann-vs-source: setup
 
 # Issue-13 study: defaults and budget chosen on the tuning pairs (digits-extra) -> results/protocol.md (+ .png)
 protocol: setup
-	$(PY) -m dalab.benchmarks.protocol --runs-dir $(RUNS) --main-runs-dir $(RUNS) --out results/protocol.md
+	$(PY) -m dalab.benchmarks.protocol --runs-dir $(RUNS) --main-runs-dir $(MAIN_RUNS) --out results/protocol.md
 
 # Issue-8 check: source-only and DANN with/without each data option, mnist5k -> ucidigits, 3 seeds
 augment-bench: setup
