@@ -83,3 +83,34 @@ def select(record: dict, rule: str) -> dict | None:
     if not finite:
         return None
     return max(reversed(finite), key=lambda e: selection_score(e, rule))
+
+
+# A run "at chance" finished (did not diverge) but never learned its source task: its final
+# source-validation accuracy is at most chance (1 / number of classes) plus this margin. Such a run
+# is kept in the tables (its numbers are real) but marked, and the bench summary names it.
+CHANCE_MARGIN = 0.05
+CHANCE_MARK = "°"  # in table cells: "°N" = N runs of the cell at chance (LaTeX: $^\circ$)
+
+
+def at_chance(record: dict, margin: float = CHANCE_MARGIN) -> bool:
+    """Whether a finished run's source-validation accuracy at its final point is at most
+    1 / num_classes + ``margin`` (a network that never learned the source: e.g. the BatchNorm-free
+    ``lenet`` at a short budget). False for diverged runs (marked † instead) and for records that
+    do not say how many classes there are."""
+    if record.get("status") != "done":
+        return False
+    k = ((record.get("data") or {}).get("source") or {}).get("classes")
+    final = record.get("final") or ((record.get("evals") or [None])[-1])
+    if not k or not final or "src_val" not in final:
+        return False
+    return final["src_val"]["acc"] <= 1.0 / k + margin
+
+
+def n_at_chance(records) -> int:
+    """How many of ``records`` are :func:`at_chance`."""
+    return sum(at_chance(r) for r in records)
+
+
+CHANCE_NOTE = (f"{CHANCE_MARK}N: N runs of the cell ended with source-validation accuracy at chance "
+               f"(≤ 1/classes + {CHANCE_MARGIN * 100:.0f} points; kept in the mean): the network never "
+               f"learned the source task.")

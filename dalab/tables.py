@@ -28,7 +28,7 @@ from typing import Any, Iterable
 
 from dalab import display
 from dalab.render import Cell, Table
-from dalab.selection import RULES, select, selection_score
+from dalab.selection import CHANCE_MARK, CHANCE_NOTE, RULES, n_at_chance, select, selection_score
 from dalab.utils import atomic_write_text
 
 __all__ = ["RULE_TEXT", "aggregate", "build_table", "explain", "load_records", "pair_name", "run_command",
@@ -296,6 +296,8 @@ def _cell_text(c: dict, nmax: int) -> str:
         s += f" (n={len(c['accs'])})"
     if c.get("n_failed"):
         s += f" †{c['n_failed']}"
+    if n := n_at_chance(x["record"] for x in c["runs"] if x["acc"] is not None):
+        s += f" {CHANCE_MARK}{n}"
     return s
 
 
@@ -333,6 +335,8 @@ def to_table(t: dict, cd_file: str = "") -> Table:
     failures = {m: text for m in dict.fromkeys(r["method"] for r in t["rows"]) if (text := display.failure(m))}
     for name, text in sorted(failures.items(), key=lambda kv: display.method(kv[0])):
         tab.notes.append(f"‡ {display.method(name)}: {text}")
+    if n_at_chance(x["record"] for r in t["rows"] for c in r["cells"].values() for x in c["runs"] if x["acc"] is not None):
+        tab.notes.append(CHANCE_NOTE)
     for r in t["rows"]:
         if r["budget"] != budget:
             budget = r["budget"]
