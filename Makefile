@@ -10,7 +10,7 @@ RUNS ?= results/runs
 MAIN_RUNS ?= results/digits/runs
 JOBS ?= 2
 
-.PHONY: setup test bench bench-long dann-vs-source protocol augment-bench budget-curve results-index speed clean-runs
+.PHONY: setup test bench bench-long dann-vs-source protocol augment-bench budget-curve results-index speed clean-runs docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ augment-bench: setup
 budget-curve: setup
 	$(VENV)/bin/dalab bench benchmarks/label_budget.yaml --jobs $(JOBS) --command "make budget-curve"
 	$(PY) -m dalab.results_index --out results/README.md
+
+# docs/spec.md: every key of a benchmark spec, its type, default and meaning, from dalab.bench.BenchSpec
+docs: setup
+	$(PY) -m dalab.benchmarks.spec_reference --write
 
 # results/README.md: every table and figure under results/, what it shows, the command that regenerates it
 results-index: setup

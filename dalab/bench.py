@@ -28,43 +28,99 @@ from typing import Any
 
 from dalab import runs
 from dalab.runs import RunConfig, RunOptions, release_claim, run_state, try_claim  # noqa: F401 -- re-exported
+from dalab.progress import clear_line
 from dalab.selection import RULE_NAMES as RULES  # the one registry of selection rules
 from dalab.utils import DalabError
 
 
+def _key(default: Any = dataclasses.MISSING, *, type: str, help: str, factory: Any = None,
+         shown: str | None = None) -> Any:
+    """A spec key: its default, the type and meaning that docs/spec.md and the error messages read
+    (``help``: one line; ``shown``: how the default is written when it is computed)."""
+    meta = {"type": type, "help": help, "shown": shown}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# eval_every default: this many evaluation points per run (the main job's: 500 steps, every 125), so
+# the selection rules have checkpoints to choose from and one point sits halfway (the plateau measure)
+DEFAULT_EVAL_POINTS = 4
+
+
 @dataclass
 class BenchSpec:
-    """A benchmark grid. Every field can be given in the YAML spec."""
+    """A benchmark grid. Every field can be given in the YAML spec; docs/spec.md lists them, with
+    their types, defaults and meaning, generated from this definition
+    (``python -m dalab.benchmarks.spec_reference --write``)."""
 
-    name: str = "bench"
-    methods: list[str] | str = "all"                    # names, or "all" (every registered method)
-    pairs: list[list[str]] | str = "default"             # [[source, target], ...], "default" or a benchmark name
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    budgets: list[str] = field(default_factory=lambda: ["0"])  # each method runs the ones it supports
-    steps: int = 2000
-    eval_every: int = 250
-    backbone: str = "lenet"
-    pretrained: str | None = None
-    split_seed: int = 0
-    precision: str = "auto"                              # auto | fp32 | bf16 (see dalab.trainer)
-    hparams: dict[str, dict[str, Any]] = field(default_factory=dict)  # {method or "all": {name: value}}
-    # settings run as separate table rows, applied on top of hparams. A list applies to every method
-    # that has the keys: [{}] = the spec's settings only; e.g. [{}, {mixup: source}, {vat: 1.0}]. A
-    # mapping adds rows per method ("all" = every method) beside its main setting:
-    # {dann: [{trade_off: 0.1, name: "DANN, λ = 0.1"}]}; `name` (optional) names the row in the tables.
-    variants: list[dict[str, Any]] | dict[str, list[dict[str, Any]]] = field(default_factory=lambda: [{}])
-    trials: int = 1                                      # 1 = defaults only; n > 1 adds n-1 random draws
-    search_seed: int = 0
-    selection: list[str] = field(default_factory=lambda: list(RULES))
-    runs_dir: str = "results/runs"
-    out: str = "results/bench"
+    name: str = _key("bench", type="string",
+                     help="the grid's name: printed by `dalab bench`, and part of a declared search's identity")
+    methods: list[str] | str = _key(
+        "all", type="list of method names, or `all`",
+        help="methods to run (`dalab list`); `all` = every registered method, source_only first")
+    pairs: list[list[str]] | str = _key(
+        "default", type="`default`, a benchmark name, or a list of [source, target]",
+        help="domain pairs: `default` = the offline digits pairs; a benchmark name from `dalab list` "
+             "(e.g. digits-extra, office31)")
+    seeds: list[int] = _key(type="list of integers >= 0", factory=lambda: [0, 1, 2],
+                            help="training seeds; every setting runs once per seed (the tables' mean ± std)")
+    budgets: list[str] = _key(type="list of 0, k (labels per class) or `all`", factory=lambda: ["0"],
+                              help="target-label budgets; each method runs the ones it supports (0 = unsupervised)")
+    steps: int = _key(2000, type="integer >= 1", help="training steps of every run")
+    eval_every: int | None = _key(
+        None, type="integer >= 1, or null", shown=f"steps / {DEFAULT_EVAL_POINTS} (rounded down)",
+        help=f"evaluate (and checkpoint) every N steps; the default gives {DEFAULT_EVAL_POINTS} evaluation "
+             "points, one of them halfway")
+    backbone: str = _key("lenet_bn", type="`lenet`, `lenet_bn`, `resnet18`, `resnet50`, ...",
+                         help="network (dalab.methods.nets.BACKBONES); lenet_bn is the main job's (the "
+                              "BatchNorm-free lenet can stay at chance at short budgets)")
+    pretrained: str | None = _key(None, type="path or null",
+                                  help="local ImageNet weight file for ResNet backbones (never downloaded)")
+    split_seed: int = _key(0, type="integer >= 0", help="seed of the train/val/test splits (fixed across run seeds)")
+    precision: str = _key("auto", type="`auto`, `fp32` or `bf16`",
+                          help="bf16 autocast of forward passes; auto = bf16 where the device has it natively")
+    hparams: dict[str, dict[str, Any]] = _key(
+        type="mapping: method name or `all` -> {hparam: value}", factory=dict,
+        help="hyperparameter overrides (`dalab list METHOD` lists a method's); `all` applies to every "
+             "method that has the key, a method's own entry wins")
+    variants: list[dict[str, Any]] | dict[str, list[dict[str, Any]]] = _key(
+        type="list of {hparam: value}, or mapping: method or `all` -> such a list", factory=lambda: [{}],
+        help="settings run as separate table rows, on top of hparams; a list applies to every method that "
+             "has the keys ([{}] = the spec's settings only); a mapping adds rows per method beside its main "
+             "setting, each with an optional `name:` for its row")
+    trials: int = _key(1, type="integer >= 1",
+                       help="random search: trial 0 is the defaults, trials 1..n-1 seeded draws from each "
+                            "hyperparameter's search space; the selection rule picks per pair, one table row")
+    search_seed: int = _key(0, type="integer", help="seed of the random search's draws")
+    selection: list[str] = _key(type="list of rule names", factory=lambda: list(RULES),
+                                help="selection rules, one table each: " + ", ".join(RULES))
+    runs_dir: str = _key("results/runs", type="folder",
+                         help="where run folders go (shared between grids: a finished run is never re-run)")
+    out: str = _key("results/bench", type="folder", help="where the tables and figures go")
+
+    def __post_init__(self) -> None:
+        if self.eval_every is None and isinstance(self.steps, int) and not isinstance(self.steps, bool) \
+                and self.steps >= 1:
+            self.eval_every = max(1, self.steps // DEFAULT_EVAL_POINTS)
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike, _extends_depth: int = 0) -> "BenchSpec":
-        """A spec file; ``extends: other.yaml`` (relative to this file) starts from that spec's fields."""
+    def help(cls, name: str) -> str:
+        """The one-line meaning of a spec key."""
+        return next(f.metadata["help"] for f in fields(cls) if f.name == name)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "BenchSpec":
+        """A spec file; ``extends: other.yaml`` (relative to this file) starts from that spec's keys."""
+        p = Path(path)
+        return cls.from_dict(cls._read(p), str(p))
+
+    @classmethod
+    def _read(cls, p: Path, depth: int = 0) -> dict:
+        """The keys a spec file gives, over those of the spec it extends: keys either file leaves
+        out keep their default -- a computed one (eval_every) is computed from the merged keys."""
         import yaml
 
-        p = Path(path)
         if not p.is_file():
             raise DalabError(f"benchmark spec {p} not found; pass a YAML file such as benchmarks/digits.yaml")
         try:
@@ -79,12 +135,13 @@ class BenchSpec:
             base = raw.pop("extends")
             if not isinstance(base, str) or not base:
                 raise DalabError(f"{p}: field 'extends' must name another spec file, relative to {p.parent}")
-            if _extends_depth >= 4:
+            if depth >= 4:
                 raise DalabError(f"{p}: 'extends' nests more than 4 specs deep; a spec may extend a spec that "
                                  f"extends no further")
-            parent = cls.from_yaml(p.parent / base, _extends_depth + 1)
-            raw = {**{f.name: getattr(parent, f.name) for f in fields(cls)}, **raw}
-        return cls.from_dict(raw, str(p))
+            parent = cls._read(p.parent / base, depth + 1)
+            cls.from_dict(dict(parent), str(p.parent / base))  # the parent is a valid spec on its own
+            raw = {**parent, **raw}
+        return raw
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "spec") -> "BenchSpec":
@@ -94,14 +151,14 @@ class BenchSpec:
         for k in raw:
             if k not in known:
                 raise DalabError(f"unknown field {k!r} in {where}{closest(str(k), known)}; "
-                                 f"allowed: {', '.join(sorted(known))}")
+                                 f"allowed: {', '.join(sorted(known))}, extends (see docs/spec.md)")
         spec = cls(**raw)
         spec.validate(where)
         return spec
 
     def validate(self, where: str = "spec") -> None:
         def bad(name, msg):
-            raise DalabError(f"{where}: field {name!r} {msg}")
+            raise DalabError(f"{where}: field {name!r} {msg} ({name}: {self.help(name)}; see docs/spec.md)")
 
         for name in ("steps", "eval_every", "trials"):
             v = getattr(self, name)
@@ -394,7 +451,7 @@ def work(cfg_dicts: list[dict], runs_dir: str, opts: RunOptions | None = None, t
                                 checkpoint_every=opts.checkpoint_every or cfg.eval_every)
                     runs.clear_failure(rd, rid)
                     acc = rec["final"]["tgt_test"]["acc"] * 100 if rec["final"] else float("nan")
-                    print(f"{worker}{rec['status']:<8} {rid}  tgt_test {acc:5.1f}  "
+                    print(f"{clear_line()}{worker}{rec['status']:<8} {rid}  tgt_test {acc:5.1f}  "
                           f"({time.perf_counter() - t0:.0f} s, {rec['train']['steps_per_s']:.0f} steps/s)", flush=True)
                     results[rid] = rec["status"]
                 except (DalabError, KeyboardInterrupt):
@@ -402,7 +459,7 @@ def work(cfg_dicts: list[dict], runs_dir: str, opts: RunOptions | None = None, t
                 except Exception as e:  # one broken run must not kill the grid
                     msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                     runs.write_failure(rd, rid, msg)
-                    print(f"{worker}FAILED   {rid}: {msg}", file=sys.stderr, flush=True)
+                    print(f"{clear_line(sys.stderr)}{worker}FAILED   {rid}: {msg}", file=sys.stderr, flush=True)
                     results[rid] = f"failed: {msg}"
                 finally:
                     runs.release_claim(rd, rid)
@@ -410,7 +467,8 @@ def work(cfg_dicts: list[dict], runs_dir: str, opts: RunOptions | None = None, t
                 if not wait:
                     break
                 if not told:
-                    print(f"{worker}waiting for {len(pending)} run(s) claimed by other processes", flush=True)
+                    print(f"{clear_line()}{worker}waiting for {len(pending)} run(s) claimed by other processes",
+                          flush=True)
                     told = True
                 time.sleep(0.5)
     return list(results.items())
@@ -467,7 +525,7 @@ def local_placement(jobs: int, device: str = "auto") -> list[tuple[str, int]]:
         where[dev] += 1
     names = {f"cuda:{i}": torch.cuda.get_device_name(i) for i in range(ngpu)}
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    print(f"{jobs} workers, {placement[0][1]} CPU threads each: " + ", ".join(
+    print(f"{clear_line()}{jobs} workers, {placement[0][1]} CPU threads each: " + ", ".join(
         f"{n} on {dev}" + (f" ({names[dev]})" if dev in names else "") for dev, n in where.items())
         + (f"; CUDA_VISIBLE_DEVICES={visible}" if ngpu and visible is not None else ""), flush=True)
     return placement
@@ -568,21 +626,37 @@ def submit(todo: list[dict], runs_dir: str, opts: RunOptions, launcher: str, job
 
 
 def launch(spec: BenchSpec, grid, launcher: str = "local", jobs: int = 1, opts: RunOptions | None = None,
-           submitit_dir: str | None = None, slurm: dict | None = None) -> list[tuple[str, str]]:
-    """Run every not-done run of ``grid``; returns [(run_id, state)]."""
+           submitit_dir: str | None = None, slurm: dict | None = None,
+           progress: bool = False) -> list[tuple[str, str]]:
+    """Run every not-done run of ``grid``; returns [(run_id, state)]. ``progress``: keep an
+    overall line (runs done / total, failed, ETA) on stdout while the grid runs (:mod:`dalab.progress`)."""
     opts = opts or RunOptions()
-    todo = [dataclasses.asdict(cfg) for cfg, _ in grid if not runs.is_done(spec.runs_dir, cfg.run_id())]
+    if launcher not in ("local", "submitit-local", "slurm"):
+        raise DalabError(f"unknown launcher {launcher!r}; use local, submitit-local or slurm")
+    done = {cfg.run_id() for cfg, _ in grid if runs.is_done(spec.runs_dir, cfg.run_id())}
+    todo_cfgs = [cfg for cfg, _ in grid if cfg.run_id() not in done]
+    todo = [dataclasses.asdict(cfg) for cfg in todo_cfgs]
     if not todo:
         return []
     since = time.time()
-    if launcher == "local" and jobs <= 1:
-        return work(todo, spec.runs_dir, opts, None, "", since)
-    if launcher == "local":
-        return _local_pool(todo, spec.runs_dir, opts, jobs, since)
-    if launcher in ("submitit-local", "slurm"):
+    bar = None
+    if progress:
+        from dalab.progress import GridProgress
+
+        bar = GridProgress(spec.runs_dir, todo_cfgs, len(grid), sorted(done), max(1, jobs), since)
+        # the probe times steps on this machine: only where the runs train here (never a Slurm login node)
+        bar.start(probe=launcher == "local", probe_in_thread=jobs > 1, device=opts.device,
+                  threads=max(1, available_cores() // jobs) if jobs > 1 else None)
+    try:
+        if launcher == "local" and jobs <= 1:
+            return work(todo, spec.runs_dir, opts, None, "", since)
+        if launcher == "local":
+            return _local_pool(todo, spec.runs_dir, opts, jobs, since)
         folder = submitit_dir or str(Path(spec.runs_dir) / "_submitit")
         return _merge([j.result() for j in submit(todo, spec.runs_dir, opts, launcher, jobs, folder, slurm, since)])
-    raise DalabError(f"unknown launcher {launcher!r}; use local, submitit-local or slurm")
+    finally:
+        if bar is not None:
+            bar.stop()
 
 
 def _merge(parts) -> list[tuple[str, str]]:

@@ -203,13 +203,22 @@ def cmd_bench(args) -> int:
         return 0
     import time
     t0 = time.perf_counter()
-    results = launch(spec, grid, launcher=args.launcher, jobs=args.jobs, opts=opts)
+    results = launch(spec, grid, launcher=args.launcher, jobs=args.jobs, opts=opts, progress=True)
     wall = time.perf_counter() - t0
     failed = [r for r in results if r[1].startswith("failed")]
-    print(f"grid finished in {wall:.0f} s: {len(results)} runs attempted, "
-          f"{sum(r[1] == 'diverged' for r in results)} diverged, {len(failed)} failed")
     ids = {cfg.run_id() for cfg, _ in grid}
     records = [r for r in load_records(rd) if r["run_id"] in ids]
+    from dalab.selection import CHANCE_MARK, at_chance
+    chance = [r["run_id"] for r in records if at_chance(r)]
+    attempted = {rid for rid, _ in results}
+    print(f"grid finished in {wall:.0f} s: {len(results)} runs attempted, "
+          f"{sum(r[1] == 'diverged' for r in results)} diverged, {len(failed)} failed, "
+          f"{sum(rid in attempted for rid in chance)} at chance")
+    if chance:  # finished, but never learned the source task: kept in the tables, marked
+        print(f"warning: {len(chance)} run(s) of this grid ended with source-validation accuracy at chance "
+              f"(marked {CHANCE_MARK} in the tables): {', '.join(chance[:3])}{' ...' if len(chance) > 3 else ''}; "
+              f"the network never learned the source task (too few steps, the lr, or the BatchNorm-free lenet: "
+              f"try backbone: lenet_bn)")
     trained = {rid for rid, st in results if st in ("done", "diverged")}
     if trained:
         from dalab.bench import format_time_split, time_split
