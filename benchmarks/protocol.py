@@ -28,6 +28,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from dalab.convergence import PLATEAU_POINTS, drift, mean_drift
 from dalab.utils import write_report
 
 SEEDS = (0, 1, 2)
@@ -215,28 +216,10 @@ def last_acc(rec: dict) -> float | None:
     return rec["final"]["tgt_test"]["acc"] * 100 if rec and rec.get("final") else None
 
 
-def drift(rec: dict) -> float | None:
-    """Target-test acc at the last checkpoint - at the checkpoint halfway through (points, signed)."""
-    if not rec or not rec.get("final"):
-        return None
-    half = rec["config"]["steps"] // 2
-    mid = next((e for e in rec["evals"] if e["step"] == half), None)
-    return None if mid is None else (rec["final"]["tgt_test"]["acc"] - mid["tgt_test"]["acc"]) * 100
-
-
 def plateau(rec: dict) -> float | None:
-    """|:func:`drift`|: how far a run still moves in its second half. Averaged over runs it mixes two
-    things the signed mean (the trend) separates: a trend close to the plateau = still rising (or
-    falling) at the budget; a trend near 0 with a large plateau = checkpoint-to-checkpoint swings."""
+    """|drift| (:func:`dalab.convergence.drift`): how far a run still moves in its second half."""
     d = drift(rec)
     return None if d is None else abs(d)
-
-
-def mean_drift(drifts: list[float] | None) -> tuple[float | None, float | None]:
-    """(plateau, trend) of a list of signed drifts: mean of |d|, mean of d."""
-    if not drifts:
-        return None, None
-    return statistics.mean(abs(d) for d in drifts), statistics.mean(drifts)
 
 
 def summarize(recs_by_pair: dict[tuple, list[dict | None]]) -> dict[str, Any]:
@@ -552,8 +535,8 @@ def budget_reading(cells: dict[str, dict[str, dict]]) -> list[str]:
         done = {m: s for m, s in cells.get(label, {}).items() if s["plateau"] is not None and s["avg"] is not None}
         if not done:
             continue
-        flat = [m for m, s in done.items() if s["plateau"] <= 2]
-        moving = [f"{m} {s['plateau']:.1f} ({s['trend']:+.1f})" for m, s in done.items() if s["plateau"] > 2]
+        flat = [m for m, s in done.items() if s["plateau"] <= PLATEAU_POINTS]
+        moving = [f"{m} {s['plateau']:.1f} ({s['trend']:+.1f})" for m, s in done.items() if s["plateau"] > PLATEAU_POINTS]
         gain = [f"{m} {s['avg'] - cells[ref][m]['avg']:+.1f}" for m, s in done.items()
                 if cells.get(ref, {}).get(m, {}).get("avg") is not None]
         out += [f"**{label}**: plateau at most 2 points for {', '.join(flat) or 'none'}; still moving: "

@@ -118,7 +118,7 @@ def describe(path: Path, results: Path, root: Path) -> tuple[str, str]:
         info = _pdf_info(path)
         what, cmd = info.get("Title", ""), info.get("Creator", "")
     cmd = "" if cmd.startswith("Matplotlib") else cmd  # matplotlib's default, not a command
-    name = re.sub(r"^cd_\w+(\.\w+)$", r"cd_RULE\1", path.name)
+    name = re.sub(r"^(cd|table)_\w+(\.(?:png|pdf|tex))$", r"\1_RULE\2", path.name)
     in_table_folder = bool(folder_cmd) and name in OUTPUTS
     cmd = cmd or (folder_cmd if in_table_folder else "")
     if not what and in_table_folder:

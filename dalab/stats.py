@@ -20,6 +20,11 @@ from typing import Sequence
 
 ALPHA = 0.05
 CELL_TEST = f"two-sided paired t-test over seeds, runs paired by seed, scipy.stats.ttest_rel, p < {ALPHA}"
+CELL_TEST_SHORT = f"paired t-test over seeds, p < {ALPHA}"   # the table note's wording
+# Below these a test is not printed at all (a one-line note says why): with 2 seeds the paired test
+# has 1 degree of freedom, and a Friedman test over fewer than 4 blocks can hardly reject anything.
+MIN_SEEDS = 3
+MIN_BLOCKS = 4
 
 
 def paired_test(values: dict[int, float], baseline: dict[int, float], alpha: float = ALPHA) -> tuple[float | None, str]:
@@ -43,7 +48,8 @@ def paired_test(values: dict[int, float], baseline: dict[int, float], alpha: flo
 
 def friedman(scores: dict[str, Sequence[float]], alpha: float = ALPHA) -> dict | None:
     """Friedman test + Nemenyi post-hoc over blocks. ``scores`` maps a method to its score in each
-    block (same block order for all; higher is better). None with fewer than 3 methods or 2 blocks.
+    block (same block order for all; higher is better). None with fewer than 3 methods or
+    :data:`MIN_BLOCKS` blocks.
     Returns {"statistic", "p", "n_blocks", "n_methods", "ranks" (mean rank per method, 1 = best),
     "nemenyi" (DataFrame of pairwise p-values), "alpha"}."""
     import numpy as np
@@ -54,7 +60,7 @@ def friedman(scores: dict[str, Sequence[float]], alpha: float = ALPHA) -> dict |
     if len(names) < 3:
         return None
     n_blocks = len(scores[names[0]])
-    if n_blocks < 2 or any(len(v) != n_blocks for v in scores.values()):
+    if n_blocks < MIN_BLOCKS or any(len(v) != n_blocks for v in scores.values()):
         return None
     data = pd.DataFrame({m: list(map(float, scores[m])) for m in names})   # rows: blocks, columns: methods
     with warnings.catch_warnings():

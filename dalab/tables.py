@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import math
+import re
 import shlex
 import statistics
 from collections import defaultdict
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from dalab import display
+from dalab import convergence, display
 from dalab.render import Cell, Table
 from dalab.selection import CHANCE_MARK, CHANCE_NOTE, RULES, n_at_chance, select, selection_score
 from dalab.utils import atomic_write_text
@@ -36,14 +37,14 @@ __all__ = ["RULE_TEXT", "aggregate", "build_table", "explain", "load_records", "
 
 RULE_TEXT = {name: r.text for name, r in RULES.items()}
 BASELINE = "source_only"
-TEX_PREAMBLE_NOTE = "% needs \\usepackage{booktabs,graphicx} in the preamble\n"
+TEX_PREAMBLE_NOTE = "% needs \\usepackage{booktabs,graphicx} in the preamble; \\input{} this file where the table goes\n"
 
 # What each file of a table folder shows (written by write_tables, or by dalab bench next to them);
 # read by dalab.results_index for results/README.md.
 OUTPUTS = {
     "table.md": "one table per selection rule: target test accuracy mean ± std over seeds per method and pair, "
                 "average, Δ vs source-only, paired t-test marks, average rank, Friedman test",
-    "table.tex": "the same tables in LaTeX (booktabs)",
+    "table_RULE.tex": "one selection rule's table in LaTeX (booktabs), one file per table to \\input in a paper",
     "table.csv": "long form of the tables: per rule, method and pair the mean, std, seeds, Δ vs source-only, "
                  "p-value and the run ids behind the cell",
     "runs.csv": "one row per run: run id, config, status, speed, checkpoint and accuracy chosen by each rule, "
@@ -73,7 +74,8 @@ def setting(rec: dict) -> str:
     """What must never be pooled into one cell besides the method: backbone, pretrained weights,
     step budget and data split (hyperparameters differing within a setting are trials)."""
     c = rec["config"]
-    s = f"{c.get('backbone', '?')}, {c.get('steps', '?')} steps"
+    steps = c.get("steps", "?")
+    s = f"{c.get('backbone', '?')}, {steps} step{'' if steps == 1 else 's'}"
     if c.get("pretrained"):
         s += f", pretrained {c['pretrained']}"
     if c.get("split_seed", 0):
@@ -142,7 +144,8 @@ def aggregate(records: Iterable[dict], rule: str,
                              "step": p["step"] if p else None, "acc": p["tgt_test"]["acc"] * 100 if p else None,
                              "record": r})
             ok = [x for x in runs if x["acc"] is not None]
-            out[rk][pair] = {"accs": [x["acc"] for x in ok], "seeds": [x["seed"] for x in ok], "runs": runs,
+            conv = convergence.of_runs([x["record"] for x in ok])
+            out[rk][pair] = {"convergence": conv, "accs": [x["acc"] for x in ok], "seeds": [x["seed"] for x in ok], "runs": runs,
                              "n_failed": len(runs) - len(ok), "hparams": json.loads(best)["hparams"],
                              "setting": json.loads(best), "n_trials": len(trials), "trials": sorted(trials)}
     return out
@@ -158,7 +161,7 @@ def _pair_order(keys) -> list[str]:
 
 
 def _empty_cell() -> dict:
-    return {"accs": [], "seeds": [], "runs": [], "n_failed": 0, "hparams": {}, "setting": {}, "n_trials": 0,
+    return {"convergence": convergence.Convergence(None, None), "accs": [], "seeds": [], "runs": [], "n_failed": 0, "hparams": {}, "setting": {}, "n_trials": 0,
             "trials": []}
 
 
@@ -214,7 +217,7 @@ def build_table(records: list[dict], rule: str, pairs: list[str] | None = None, 
     within each label-budget group (rows that see the same target labels compete with each other).
     ``methods``/``budgets`` keep only those rows; the baseline (same data setting, its lowest
     budget) still defines Δ and the significance marks."""
-    from dalab.stats import friedman, paired_test
+    from dalab.stats import MIN_SEEDS, friedman, paired_test
 
     agg = aggregate(records, rule, groups)
     pairs = pairs or _pair_order({p for v in agg.values() for p in v})
@@ -252,6 +255,8 @@ def build_table(records: list[dict], rule: str, pairs: list[str] | None = None, 
             c["delta"] = r["means"][p] - b["means"][p]
             c["p"], c["sig"] = paired_test(dict(zip(c["seeds"], c["accs"])),
                                            dict(zip(b["cells"][p]["seeds"], b["cells"][p]["accs"])))
+            if len(c["accs"]) < MIN_SEEDS:  # the p-value stays in table.csv; no mark on too few seeds
+                c["sig"] = ""
         r["delta"] = (r["avg"] - b["avg"]) if b is not None and b is not r and r["avg"] is not None \
             and b["avg"] is not None else None
     keep_m, keep_b = _csv_list(methods), _csv_list(budgets)
@@ -292,6 +297,8 @@ def _cell_text(c: dict, nmax: int) -> str:
     s = _fmt(c["accs"])
     if c.get("sig"):
         s += f" {c['sig']}"
+    if c["convergence"].mark:
+        s += f" {c['convergence'].mark}"
     if c["accs"] and len(c["accs"]) < nmax:
         s += f" (n={len(c['accs'])})"
     if c.get("n_failed"):
@@ -301,42 +308,74 @@ def _cell_text(c: dict, nmax: int) -> str:
     return s
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def friedman_note(t: dict, cd_file: str = "") -> str:
+    from dalab.stats import MIN_BLOCKS
+
     fr = t.get("friedman")
     if not fr:
-        return ("Friedman test across pairs: not run (needs ≥ 3 methods without target labels with results on "
-                "≥ 2 pairs).")
+        return (f"No Friedman test across pairs: it needs ≥ {MIN_BLOCKS} pairs and ≥ 3 methods without target "
+                f"labels with results on every pair.")
     verdict = "the methods' ranks differ" if fr["p"] < fr["alpha"] else "no rank difference detected"
-    return (f"Friedman test across the {fr['n_blocks']} pairs (blocks), {fr['n_methods']} methods without target "
+    return (f"Friedman test across {_plural(fr['n_blocks'], 'pair')}, {fr['n_methods']} methods without target "
             f"labels: χ² = {fr['statistic']:.2f}, p = {fr['p']:.3g} ({verdict} at α = {fr['alpha']}); Nemenyi "
             f"post-hoc" + (f": critical-difference diagram {cd_file}" if cd_file else "") + ".")
 
 
-def to_table(t: dict, cd_file: str = "") -> Table:
-    """The rule's table as display text (rendered by dalab.render)."""
-    from dalab.stats import CELL_TEST
-
+def caption(t: dict) -> str:
+    """The short caption of a rule's table: metric, seeds, setting, selection rule."""
     rule = RULES[t["rule"]]
-    base = t["baseline_display"]
-    n = t["n"]
     settings = t.get("settings", [])
-    caption = (f"Target test accuracy (%), mean ± std over {n} seeds"
-               + (f" ({settings[0]})" if len(settings) == 1 else "") + ". ")
+    return (f"Target test accuracy (%), mean ± std over {_plural(t['n'], 'seed')}"
+            + (f" ({settings[0]})" if len(settings) == 1 else "")
+            + f"; checkpoint: {rule.label}" + ("" if rule.needs_target_labels else " (no target labels)") + ".")
+
+
+def table_notes(t: dict, cd_file: str = "") -> list[str]:
+    """What the marks mean and the tests say: one short line each, only for what the table shows."""
+    from dalab.stats import CELL_TEST_SHORT, MIN_SEEDS
+
+    rows, base, n = t["rows"], t["baseline_display"], t["n"]
+    cells = [c for r in rows for c in r["cells"].values()]
+    notes = []
     if t.get("has_baseline"):
-        caption += (f"Δ: gain of the average over {base} under the same rule (per pair in table.csv). ↑/↓: the cell "
-                    f"differs from {base} on that pair ({CELL_TEST}); with {n} seeds ({max(n - 1, 0)} degrees of "
-                    f"freedom) the test has little power: an unmarked cell is no evidence of equality. ")
-    caption += ("Best per label-budget group in bold, second underlined (italic in Markdown). "
-                "† = runs that diverged or have no checkpoint under this rule.")
-    tab = Table(["Method", "Family"] + [display.pair_key(p) for p in t["pairs"]] + ["Avg", "Δ", "Rank"],
-                title=f"Selection rule: `{rule.name}` — {rule.text}", caption=caption,
-                notes=[friedman_note(t, cd_file)], label=f"tab:{rule.name}")
-    budget = None
-    failures = {m: text for m in dict.fromkeys(r["method"] for r in t["rows"]) if (text := display.failure(m))}
+        notes.append(f"Δ: gain of the average over {base} under the same rule.")
+        if n >= MIN_SEEDS:
+            notes.append(f"↑/↓: differs from {base} on that pair ({CELL_TEST_SHORT}; with {_plural(n, 'seed')} an "
+                         f"unmarked cell is no evidence of equality).")
+        else:
+            notes.append(f"No significance marks: the paired test needs ≥ {MIN_SEEDS} seeds per cell "
+                         f"(here {n}).")
+    if any(c["convergence"].mark for c in cells):
+        notes.append(convergence.RULE_TEXT + ".")
+    if any(c.get("n_failed") for c in cells):
+        notes.append("†: runs that diverged or have no checkpoint under this rule.")
+    if n_at_chance(x["record"] for c in cells for x in c["runs"] if x["acc"] is not None):
+        notes.append(CHANCE_NOTE)
+    if any(c["accs"] and len(c["accs"]) < n for c in cells):
+        notes.append("(n=k): cells with fewer seeds.")
+    notes.append(friedman_note(t, cd_file))
+    failures = {m: text for m in dict.fromkeys(r["method"] for r in rows) if (text := display.failure(m))}
     for name, text in sorted(failures.items(), key=lambda kv: display.method(kv[0])):
-        tab.notes.append(f"‡ {display.method(name)}: {text}")
-    if n_at_chance(x["record"] for r in t["rows"] for c in r["cells"].values() for x in c["runs"] if x["acc"] is not None):
-        tab.notes.append(CHANCE_NOTE)
+        notes.append(f"‡ {display.method(name)}: {text}")
+    return notes
+
+
+def to_table(t: dict, cd_file: str = "", caption_text: str | None = None, label: str = "") -> Table:
+    """The rule's table as display text (rendered by dalab.render). ``caption_text`` replaces the
+    generated short caption (``{rule}`` in it becomes the rule's name); ``label`` is the LaTeX
+    label (default ``tab:<rule>``)."""
+    rule = RULES[t["rule"]]
+    n = t["n"]
+    cap = caption_text.replace("{rule}", rule.name) if caption_text else caption(t)
+    tab = Table(["Method", "Family"] + [display.pair_key(p) for p in t["pairs"]] + ["Avg", "Δ", "Rank"],
+                title=f"Selection rule: `{rule.name}` — {rule.text}", caption=cap, notes=table_notes(t, cd_file),
+                label=label or f"tab:{rule.name}", marks_note="per label-budget group")
+    budget = None
+    failures = {m for m in dict.fromkeys(r["method"] for r in t["rows"]) if display.failure(m)}
     for r in t["rows"]:
         if r["budget"] != budget:
             budget = r["budget"]
@@ -351,12 +390,12 @@ def to_table(t: dict, cd_file: str = "") -> Table:
     return tab
 
 
-def to_markdown(t: dict, command: str = "", cd_file: str = "") -> str:
-    return to_table(t, cd_file).markdown(command)
+def to_markdown(t: dict, command: str = "", cd_file: str = "", caption_text: str | None = None) -> str:
+    return to_table(t, cd_file, caption_text).markdown(command)
 
 
-def to_latex(t: dict, command: str = "", cd_file: str = "") -> str:
-    return to_table(t, cd_file).latex(command)
+def to_latex(t: dict, command: str = "", cd_file: str = "", caption_text: str | None = None, label: str = "") -> str:
+    return to_table(t, cd_file, caption_text, label).latex(command)
 
 
 def to_csv(tables: list[dict]) -> str:
@@ -365,7 +404,8 @@ def to_csv(tables: list[dict]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["rule", "method", "display", "family", "budget", "setting", "pair", "pair_display", "mean", "std", "n",
-                "n_failed", "accs", "seeds", "delta", "p_value", "sig", "run_ids", "hparams", "n_trials"])
+                "n_failed", "accs", "seeds", "delta", "p_value", "sig", "run_ids", "hparams", "n_trials",
+                "plateau", "trend", "convergence"])
     for t in tables:
         for r in t["rows"]:
             for p in t["pairs"]:
@@ -379,14 +419,19 @@ def to_csv(tables: list[dict]) -> str:
                             f"{c['p']:.4g}" if c.get("p") is not None else "", c.get("sig", ""),
                             ";".join(x["run_id"] for x in c["runs"]),
                             # the setting behind the cell; a search's cell: the trial the rule took, and how many
-                            json.dumps(c["setting"], sort_keys=True) if c["runs"] else "", c["n_trials"]])
+                            json.dumps(c["setting"], sort_keys=True) if c["runs"] else "", c["n_trials"],
+                            # dalab.convergence: |last - halfway| and its sign over the cell's runs
+                            *(f"{v:.2f}" if v is not None else "" for v in (c["convergence"].plateau,
+                                                                             c["convergence"].trend)),
+                            c["convergence"].state])
     return buf.getvalue()
 
 
-def run_command(rec: dict) -> str:
-    """The ``dalab run`` command that reproduces a run: the same config, hence the same run id --
-    except with hyperparameter overrides, which ``dalab run --set`` passes as strings (``"0.5"``
-    where a spec has ``0.5``): the same training, under another id."""
+def run_command(rec: dict, runs_dir: str | Path | None = None) -> str:
+    """The ``dalab run`` command that reproduces a run, hence its run id: its config, with the
+    hyperparameters that differ from the method's defaults as ``--set`` and those of the source
+    model a two-phase method starts from as ``--source-set``, writing into ``runs_dir`` (given: the
+    folder the record was read from, so the source model found there is reused)."""
     c = rec["config"]
     parts = ["dalab", "run", "--method", c["method"], "--source", c["source"], "--target", c["target"],
              "--seed", str(c["seed"]), "--budget", str(c["budget"]), "--steps", str(c["steps"]),
@@ -395,8 +440,18 @@ def run_command(rec: dict) -> str:
         parts += ["--pretrained", c["pretrained"]]
     if c.get("precision", "auto") != "auto":
         parts += ["--precision", c["precision"]]
-    for k, v in sorted((c.get("hparams") or {}).items()):
-        parts += ["--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
+    if runs_dir is not None:
+        parts += ["--runs-dir", str(runs_dir)]
+    hp, src = dict(c.get("hparams") or {}), dict(c.get("source_hparams") or {})
+    from dalab.methods import METHODS, resolve_hparams
+    if c["method"] in METHODS:  # records store every resolved value: only what differs from the defaults
+        base = resolve_hparams(METHODS[c["method"]], {})
+        hp = {k: v for k, v in hp.items() if k not in base or base[k] != v}
+        base = resolve_hparams(METHODS["source_only"], {})
+        src = {k: v for k, v in src.items() if k != "standardize" and (k not in base or base[k] != v)}
+    for opt, values in (("--set", hp), ("--source-set", src)):
+        for k, v in sorted(values.items()):
+            parts += [opt, f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
     cmd = " ".join(shlex.quote(p) for p in parts)
     if c.get("split_seed", 0):
         cmd += f"  # split_seed {c['split_seed']}: set it in a bench spec (dalab run has no option for it)"
@@ -424,25 +479,41 @@ def runs_csv(records: list[dict], rules: Iterable[str]) -> str:
     return buf.getvalue()
 
 
+def tex_label(out_dir: str | Path, rule: str) -> str:
+    """The default LaTeX label of a rule's table: ``tab:<folder>-<rule>``, so two folders' tables of
+    one rule never clash in a paper."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(out_dir).resolve().name).strip("-") or "dalab"
+    return f"tab:{slug}-{rule}"
+
+
 def write_tables(records: list[dict], out_dir: str | Path, rules: Iterable[str], command: str = "",
                  pairs: list[str] | None = None, plots: bool = True, baseline: str = BASELINE,
                  methods: Iterable[str] | None = None, budgets: Iterable[str] | None = None,
-                 groups: dict[str, RowGroup] | None = None) -> list[Path]:
-    """Write table.md, table.tex, table.csv, runs.csv (and accuracy.png, cd_<rule>.png/.pdf, and
-    budget_curve.png/.pdf when the records hold three or more label budgets) for ``records``;
-    ``groups``: the spec's searches and row names (:func:`build_table`)."""
+                 groups: dict[str, RowGroup] | None = None, caption_text: str | None = None,
+                 label: str | None = None) -> list[Path]:
+    """Write table.md (every rule), table_<rule>.tex (one LaTeX table per file), table.csv, runs.csv
+    (and accuracy.png, cd_<rule>.png/.pdf, and budget_curve.png/.pdf when the records hold three or
+    more label budgets) for ``records``; ``groups``: the spec's searches and row names
+    (:func:`build_table`); ``caption_text`` replaces the short caption (``{rule}`` = the rule's
+    name); ``label`` the LaTeX label prefix (``{label}-<rule>``; default :func:`tex_label`)."""
     out = Path(out_dir)
     rules = list(rules)
     tables = [build_table(records, r, pairs, baseline, methods, budgets, groups) for r in rules]
     cd_files = {t["rule"]: (f"cd_{t['rule']}.png / .pdf" if plots and t["friedman"] else "") for t in tables}
     header = f"<!-- generated by: {command} -->\n" if command else ""
-    md = header + "".join(to_markdown(t, cd_file=cd_files[t["rule"]]) + "\n" for t in tables)
-    written = [out / "table.md", out / "table.tex", out / "table.csv", out / "runs.csv"]
+    md = header + "".join(to_markdown(t, cd_file=cd_files[t["rule"]], caption_text=caption_text) + "\n"
+                          for t in tables)
+    written = [out / "table.md", out / "table.csv", out / "runs.csv"]
     atomic_write_text(written[0], md)
-    atomic_write_text(written[1], (f"% generated by: {command}\n" if command else "") + TEX_PREAMBLE_NOTE
-                      + "\n".join(to_latex(t, cd_file=cd_files[t["rule"]]) for t in tables))
-    atomic_write_text(written[2], to_csv(tables))
-    atomic_write_text(written[3], runs_csv(records, rules))
+    atomic_write_text(written[1], to_csv(tables))
+    atomic_write_text(written[2], runs_csv(records, rules))
+    for t in tables:
+        path = out / f"table_{t['rule']}.tex"
+        atomic_write_text(path, (f"% generated by: {command}\n" if command else "") + TEX_PREAMBLE_NOTE
+                          + to_latex(t, cd_file=cd_files[t["rule"]], caption_text=caption_text,
+                                     label=f"{label}-{t['rule']}" if label else tex_label(out, t["rule"])))
+        written.append(path)
+    (out / "table.tex").unlink(missing_ok=True)  # the one-file-for-every-rule LaTeX of earlier versions
     if plots and records:
         from dalab import plots as P
         written.append(P.accuracy_bars(tables[0], out / "accuracy.png", command=command))
@@ -481,10 +552,11 @@ def parse_method(text: str) -> str:
 
 
 def explain(records: list[dict], method: str, pair: str, rule: str = "last", baseline: str = BASELINE,
-            budgets: Iterable[str] | None = None, groups: dict[str, RowGroup] | None = None) -> str:
+            budgets: Iterable[str] | None = None, groups: dict[str, RowGroup] | None = None,
+            runs_dir: str | Path | None = None) -> str:
     """The runs behind one table cell: for each matching row (label budget, setting) the chosen
     trial, and per run its id, seed, status, the checkpoint step the rule picked, its target-test
-    accuracy there, and the ``dalab run`` command that reproduces it."""
+    accuracy there, and the ``dalab run`` command that reproduces it (in ``runs_dir``)."""
     from dalab.selection import get_rule
     from dalab.utils import DalabError
 
@@ -518,6 +590,6 @@ def explain(records: list[dict], method: str, pair: str, rule: str = "last", bas
             acc = f"{x['acc']:.2f}" if x["acc"] is not None else "—"
             step = str(x["step"]) if x["step"] is not None else "—"
             out.append(f"  {x['run_id']:<48} {x['seed']:>4} {x['status'] or '?':<8} {step:>6} {acc:>12}")
-            out.append(f"    reproduce: {run_command(x['record'])}")
+            out.append(f"    reproduce: {run_command(x['record'], runs_dir)}")
         out.append("")
     return "\n".join(out)

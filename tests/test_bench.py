@@ -88,7 +88,7 @@ def test_bench_runs_skips_finished_and_writes_tables(tmp_path, capsys):
     assert main(["bench", str(p)]) == 0
     out = capsys.readouterr().out
     assert out.count("done     ") == 4
-    for f in ("table.md", "table.tex", "table.csv", "runs.csv", "accuracy.png", "timing.json"):
+    for f in ("table.md", "table_last.tex", "table_oracle.tex", "table.csv", "runs.csv", "accuracy.png", "timing.json"):
         assert (tmp_path / "out" / f).is_file()
     assert "grid efficiency" in out
     t = json.loads((tmp_path / "out" / "timing.json").read_text())
