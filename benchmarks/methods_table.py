@@ -57,6 +57,13 @@ def data_options_markdown() -> str:
     return "\n".join(rows)
 
 
+def space_text(h) -> str:
+    """A hyperparameter's search space in words: ``log [0.001, 0.1]``, ``sgd, adam``, ``not searched``."""
+    return (", ".join(map(str, h.space[1])) if h.space and h.space[0] == "choice"
+            else f"{h.space[0]} [{h.space[1]:g}, {h.space[2]:g}]" if h.space
+            else "not searched (" + ", ".join(map(str, h.choices)) + ")" if h.choices else "not searched")
+
+
 def shared_hparams_markdown() -> str:
     """The shared hyperparameters every method has (optimizer, schedule, batch, BatchNorm handling)."""
     from dalab.methods.base import DATA_HPARAMS, SHARED_HPARAMS
@@ -65,10 +72,7 @@ def shared_hparams_markdown() -> str:
     for name, h in SHARED_HPARAMS.items():
         if name in DATA_HPARAMS:
             continue
-        space = (", ".join(map(str, h.space[1])) if h.space and h.space[0] == "choice"
-                 else f"{h.space[0]} [{h.space[1]:g}, {h.space[2]:g}]" if h.space
-                 else "not searched (" + ", ".join(map(str, h.choices)) + ")" if h.choices else "not searched")
-        rows.append(f"| `{name}` | `{h.default}` | {space} | {h.help} |")
+        rows.append(f"| `{name}` | `{h.default}` | {space_text(h)} | {h.help} |")
     return "\n".join(rows)
 
 

@@ -172,7 +172,8 @@ class BenchSpec:
         self.budgets = [str(b) for b in self.budgets]
         for r in self.selection:
             if r not in RULES:
-                bad("selection", f"has unknown rule {r!r}; allowed: {', '.join(RULES)}")
+                from dalab.datasets.base import closest
+                bad("selection", f"has unknown rule {r!r}{closest(str(r), RULES)}; allowed: {', '.join(RULES)}")
         lists = self.variants.values() if isinstance(self.variants, dict) else [self.variants]
         if not isinstance(self.variants, (list, dict)) or not self.variants or not all(
                 isinstance(vs, list) and vs and all(isinstance(v, dict) for v in vs) for vs in lists):

@@ -27,7 +27,60 @@ def parse_sets(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def list_method(name: str) -> str:
+    """``dalab list METHOD``: what the method is and every hyperparameter it takes -- its own, then
+    the shared ones and the data options -- with default, search space and meaning, and what the
+    main job (benchmarks/digits.yaml) sets."""
+    import textwrap
+    from pathlib import Path
+
+    from dalab.benchmarks.methods_table import BUDGET_TEXT, space_text
+    from dalab.methods import SHARED_HPARAMS, get_method
+    from dalab.methods.base import DATA_HPARAMS
+
+    cls = get_method(name)
+    doc = (cls.__doc__ or "").strip().split("\n\n")[0]
+    out = [f"{name}: {cls.display} ({cls.family})" + (f" -- {cls.paper}" if cls.paper else ""),
+           f"  target data: {cls.target_data.value}; label budgets: "
+           f"{', '.join(BUDGET_TEXT[b] for b in cls.label_budgets)}; starts from: "
+           f"{'the source_only run' if cls.init_from_source else 'scratch'}"]
+    out += textwrap.wrap(" ".join(doc.split()), 106, initial_indent="  ", subsequent_indent="  ")
+
+    def table(title: str, items) -> None:
+        out.append(title)
+        out.append(f"    {'name':<18} {'default':<10} {'search space':<28} what it is")
+        for k, h in items:
+            mark = " *" if k in SHARED_HPARAMS and k in cls.hparams else ""
+            head = f"    {k:<18} {str(h.default):<10} {space_text(h):<28} "
+            if len(head) > 63:  # a long search space: the meaning goes under it
+                out.append(head.rstrip())
+                head = " " * 63
+            out.append(textwrap.fill(h.help + mark, 120, initial_indent=head, subsequent_indent=" " * 63))
+
+    own = [(k, h) for k, h in cls.hparams.items()]
+    table(f"hyperparameters of {name} (--set NAME=VALUE, or a spec's hparams: {{{name}: {{NAME: VALUE}}}}):"
+          if own else f"{name} has no hyperparameters of its own", own)
+    if any(k in SHARED_HPARAMS for k in cls.hparams):
+        out.append("    * a shared hyperparameter whose default this method sets (above)")
+    table("shared by every method:", [(k, h) for k, h in SHARED_HPARAMS.items()
+                                      if k not in DATA_HPARAMS and k not in cls.hparams])
+    table("data options (any method):", [(k, h) for k, h in DATA_HPARAMS.items() if k not in cls.hparams])
+    main = Path(__file__).resolve().parent / "benchmarks" / "digits.yaml"
+    if not main.is_file():  # installed layout: dalab/benchmarks/; editable: the repo's benchmarks/
+        import dalab.benchmarks as b
+        main = Path(b.__file__).resolve().parent / "digits.yaml"
+    if main.is_file():
+        from dalab.bench import BenchSpec, trial_hparams
+        sets = trial_hparams(name, 0, BenchSpec.from_yaml(main))
+        out.append("the main job (benchmarks/digits.yaml) sets: "
+                   + (", ".join(f"{k}={v}" for k, v in sorted(sets.items())) if sets else "nothing (the defaults)"))
+    return "\n".join(out)
+
+
 def cmd_list(args) -> int:
+    if args.method:
+        print(list_method(args.method))
+        return 0
     if args.markdown:  # the README's methods table
         from dalab.benchmarks.methods_table import data_options_markdown, markdown
         print(markdown())
@@ -252,6 +305,48 @@ def _table_command(args, out: str) -> str:
     return cmd + (f" --baseline {args.baseline}" if args.baseline != "source_only" else "")
 
 
+def _check_present(option: str, what: str, given: list[str], present: dict[str, str], runs_dir: str) -> None:
+    """Every name given to ``option`` must be among ``present`` (accepted spelling -> name shown):
+    a typo is one error line with a did-you-mean, never empty tables. ``what``: "of", "on" or
+    "with label budget" (no runs WHAT 'name')."""
+    from dalab.datasets.base import closest
+
+    plural = {"of": "methods", "on": "pairs", "with label budget": "label budgets"}[what]
+    for g in given:
+        if g not in present:
+            shown = sorted(set(present.values()))
+            raise DalabError(f"{option}: no runs {what} {g!r} under {runs_dir}{closest(g, present)}; "
+                             f"{plural} there: {', '.join(shown[:20])}{' ...' if len(shown) > 20 else ''}")
+
+
+def check_table_names(records: list[dict], runs_dir: str, methods: list[str] | None = None,
+                      pairs: list[str] | None = None, budgets: list[str] | None = None, groups: dict | None = None,
+                      method_option: str = "--methods", pair_option: str = "--pairs") -> None:
+    """The methods (registry, display or row names), pairs (SOURCE:TARGET) and label budgets a
+    ``dalab table`` filter names must be in the records."""
+    from dalab import display
+    from dalab.tables import pair_name, parse_pair
+
+    if methods:
+        present = {}
+        for r in records:
+            present[r["method"]["name"]] = present[display.method(r["method"]["name"])] = r["method"]["name"]
+        if any(m not in present for m in methods):  # a row's own name ('DANN (trade_off=0.1)', a spec's name)
+            from dalab.tables import build_table
+            for row in build_table(records, "last", groups=groups)["rows"]:
+                present.setdefault(row["display"], row["method"])
+        _check_present(method_option, "of", methods, present, runs_dir)
+    if pairs:
+        keys = {pair_name(r) for r in records}
+        present = {k.replace("→", ":"): k.replace("→", ":") for k in keys}  # spelled SOURCE:TARGET
+        for p in pairs:
+            if parse_pair(p) not in keys:
+                _check_present(pair_option, "on", [p], present, runs_dir)
+    if budgets:
+        present = {str(r["method"]["budget"]): str(r["method"]["budget"]) for r in records}
+        _check_present("--budgets", "with label budget", budgets, present, runs_dir)
+
+
 def cmd_table(args) -> int:
     from dalab.selection import get_rule
     from dalab.tables import (build_table, explain, load_records, parse_method, parse_pair, to_csv, to_latex,
@@ -264,12 +359,18 @@ def cmd_table(args) -> int:
     if args.spec:
         from dalab.bench import BenchSpec, expand
         expand(BenchSpec.from_yaml(args.spec), [], groups)
-    if args.explain:
-        print(explain(records, args.explain[0], args.explain[1], get_rule(args.rule).name, parse_method(args.baseline),
-                      args.budgets.split(",") if args.budgets else None, groups))
-        return 0
     split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None  # noqa: E731
+    check_table_names(records, args.runs_dir, budgets=split(args.budgets), groups=groups)
+    if args.baseline != "source_only":
+        check_table_names(records, args.runs_dir, [args.baseline], method_option="--baseline")
+    if args.explain:
+        check_table_names(records, args.runs_dir, [args.explain[0]], [args.explain[1]], groups=groups,
+                          method_option="--explain METHOD", pair_option="--explain PAIR")
+        print(explain(records, args.explain[0], args.explain[1], get_rule(args.rule).name, parse_method(args.baseline),
+                      args.budgets.split(",") if args.budgets else None, groups, runs_dir=args.runs_dir))
+        return 0
     rules = [get_rule(r).name for r in split(args.rules)]
+    check_table_names(records, args.runs_dir, split(args.methods), split(args.pairs), groups=groups)
     pairs = [parse_pair(p) for p in split(args.pairs)] if args.pairs else None
     methods = [parse_method(m) for m in split(args.methods)] if args.methods else None
     budgets, baseline = split(args.budgets), parse_method(args.baseline)
@@ -295,7 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dalab", description="domain-adaptation lab")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    pl = sub.add_parser("list", help="list methods and domains from the registries")
+    pl = sub.add_parser("list", help="list methods and domains from the registries; `dalab list METHOD`: "
+                                     "one method's hyperparameters")
+    pl.add_argument("method", nargs="?", default=None,
+                    help="print this method's hyperparameters (default, search space, meaning)")
     pl.add_argument("--all", action="store_true", help="include test-only domains")
     pl.add_argument("--markdown", action="store_true", help="print the methods table as Markdown (README)")
     pl.set_defaults(fn=cmd_list)
@@ -388,6 +492,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DalabError as e:
         print(f"error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
+    except BrokenPipeError:  # output piped into e.g. `head`: not an error of ours (before OSError: a subclass)
+        sys.stderr.close()
+        return 0
     except OSError as e:  # a full or read-only disk met outside the atomic writers: one line too
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
@@ -399,9 +506,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C, or a stop signal (dalab.runs.Interrupted): checkpoint kept
         print(INTERRUPTED, file=sys.stderr)
         return getattr(e, "exit_code", 130)
-    except BrokenPipeError:  # output piped into e.g. `head`: not an error of ours
-        sys.stderr.close()
-        return 0
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ def get_rule(name: str) -> Rule:
     from dalab.utils import DalabError
 
     if name not in RULES:
-        raise DalabError(f"unknown selection rule {name!r}; allowed: {', '.join(RULES)}")
+        from dalab.datasets.base import closest
+        raise DalabError(f"unknown selection rule {name!r}{closest(name, RULES)}; allowed: {', '.join(RULES)}")
     return RULES[name]
 
 
