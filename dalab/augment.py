@@ -261,9 +261,15 @@ class VAT:
                 kl = F.kl_div(F.log_softmax(method.predict(x + self.xi * d).float(), 1), logp,
                               log_target=True, reduction="batchmean")
                 d = _unit(torch.autograd.grad(kl, d)[0].detach())
-            kl = F.kl_div(F.log_softmax(method.predict(x + self.eps * d).float(), 1), logp,
-                          log_target=True, reduction="batchmean")
+            kl = _kl_rows(logp, F.log_softmax(method.predict(x + self.eps * d).float(), 1)).mean()
         return self.weight * kl, {"vat_loss": kl}
+
+
+def _kl_rows(logp: Tensor, logq: Tensor) -> Tensor:
+    """KL(p || q) per row, non-negative by construction: each row's sum is >= 0 in exact arithmetic
+    but can round to -1e-8 when q is almost p (seen on another CPU), so it is clamped at 0 (which
+    changes nothing else: the gradient of a positive row is untouched)."""
+    return (logp.exp() * (logp - logq)).sum(1).clamp_min(0.0)
 
 
 def extra_terms(hp: dict, num_classes: int) -> list:
