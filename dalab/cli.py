@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import shlex
 import sys
 from typing import Sequence
 
@@ -302,6 +303,9 @@ def _table_command(args, out: str) -> str:
         if getattr(args, opt):
             cmd += f" --{opt} {getattr(args, opt)}"
     cmd += f" --spec {args.spec}" if args.spec else ""
+    for opt in ("caption", "label"):
+        if getattr(args, opt):
+            cmd += f" --{opt} {shlex.quote(getattr(args, opt))}"
     return cmd + (f" --baseline {args.baseline}" if args.baseline != "source_only" else "")
 
 
@@ -380,15 +384,18 @@ def cmd_table(args) -> int:
         out = args.out or "results/tables"
         command = args.command or _table_command(args, out)
         for path in write_tables(records, out, rules, command, pairs, baseline=baseline, methods=methods,
-                                 budgets=budgets, groups=groups):
+                                 budgets=budgets, groups=groups, caption_text=args.caption, label=args.label):
             print(f"wrote {path}", file=sys.stderr if args.format else sys.stdout)
     if args.format:
         tables = [build_table(records, r, pairs, baseline, methods, budgets, groups) for r in rules]
         if args.format == "csv":
             sys.stdout.write(to_csv(tables))
         else:
-            render = to_markdown if args.format == "md" else to_latex
-            sys.stdout.write("\n".join(render(t) for t in tables))
+            if args.format == "md":
+                sys.stdout.write("\n".join(to_markdown(t, caption_text=args.caption) for t in tables))
+            else:
+                sys.stdout.write("\n".join(to_latex(t, caption_text=args.caption, label=f"{args.label}-{t['rule']}"
+                                                     if args.label else "") for t in tables))
     return 0
 
 
@@ -473,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--explain", nargs=2, metavar=("METHOD", "PAIR"), default=None,
                     help="print the runs behind one cell (ids, seeds, chosen step, accuracy, command)")
     pt.add_argument("--rule", default="last", help="selection rule for --explain (default last)")
+    pt.add_argument("--caption", default=None, help="replace each table's short caption ({rule} = the rule's name)")
+    pt.add_argument("--label", default=None, help="LaTeX label prefix: tables get LABEL-<rule> "
+                                                  "(default tab:<out folder>-<rule>)")
     pt.add_argument("--spec", default=None, help="a bench spec: its searches (trials:) are pooled into one row "
                                                  "each and its variants' names name rows; without it every "
                                                  "setting is its own row")

@@ -456,3 +456,15 @@ def test_a_documented_failure_marks_the_row_and_prints_its_footnote():
     assert f"‡ Entropy min.: {METHODS['entropy_min'].known_failure}" in md
     tex = to_latex(t)
     assert r"Entropy min. $^\ddagger$" in tex and "falls with training" in tex
+
+
+def test_caption_and_label_can_be_replaced(tmp_path, capsys):
+    from dalab.cli import main
+
+    runs = _run_folder(tmp_path / "runs", _four_pair_records())
+    assert main(["table", str(runs), "--format", "tex", "--rules", "last", "--caption", "Digits, rule {rule}.",
+                 "--label", "tab:mine"]) == 0
+    tex_text = capsys.readouterr().out
+    assert r"\caption{Digits, rule last.}" in tex_text and r"\label{tab:mine-last}" in tex_text
+    assert main(["table", str(runs), "--out", str(tmp_path / "t"), "--rules", "last", "--caption", "A {rule} table"]) == 0
+    assert "--caption 'A {rule} table'" in (tmp_path / "t" / "table.md").read_text().splitlines()[0]
