@@ -32,39 +32,65 @@ def _save_both(fig, stem: Path, what: str, command: str) -> list[Path]:
     return [_save(fig, stem.with_suffix(".png"), what, command), _save(fig, stem.with_suffix(".pdf"), what, command)]
 
 
+def budget_colors(budgets) -> dict[str, str]:
+    """One colour per label budget present: no target labels blue, all labels red, each k/class its own."""
+    ks = iter(["tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"] * 4)
+    return {b: "tab:blue" if b == "0" else "tab:red" if b == "all" else next(ks) for b in budgets}
+
+
 def accuracy_bars(table: dict, path: str | Path, command: str = "") -> Path:
-    """One panel per pair: a bar per method row (mean target-test accuracy) with the std over
-    seeds as error bar; the table's selection rule is in the title."""
+    """The figure of :func:`accuracy_figure`, written to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig, what = accuracy_figure(table)
+    out = _save(fig, Path(path), what, command)
+    plt.close(fig)
+    return out
+
+
+def accuracy_figure(table: dict):
+    """(figure, what it shows): one panel per pair, a bar per method row (mean target-test
+    accuracy) with the std over seeds as error bar, coloured by label budget; the panels share the
+    accuracy axis (one label, on the left) and the legend names only the budgets drawn (and the
+    baseline's dashed line when it is drawn); the table's selection rule is in the title."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     from dalab import display
     from dalab.selection import RULES
 
     pairs, rows = table["pairs"], table["rows"]
     labels = [r["display"] + ("" if r["budget"] == "0" else f" [{r['budget']}]") for r in rows]
-    fig, axes = plt.subplots(1, len(pairs), figsize=(max(4.0, 0.32 * len(rows)) * len(pairs), 4.2), squeeze=False)
-    colors = {"0": "tab:blue", "all": "tab:red"}
-    for ax, p in zip(axes[0], pairs):
+    colors = budget_colors(dict.fromkeys(r["budget"] for r in rows))
+    fig, axes = plt.subplots(1, len(pairs), figsize=(max(3.0, 0.32 * len(rows)) * len(pairs) + 0.8, 4.2),
+                             squeeze=False, sharey=True)
+    baseline_drawn = False
+    for i, (ax, p) in enumerate(zip(axes[0], pairs)):
         means = [statistics.mean(r["cells"][p]["accs"]) if r["cells"][p]["accs"] else 0.0 for r in rows]
         sds = [statistics.stdev(r["cells"][p]["accs"]) if len(r["cells"][p]["accs"]) > 1 else 0.0 for r in rows]
-        ax.bar(range(len(rows)), means, yerr=sds, capsize=2,
-               color=[colors.get(r["budget"], "tab:orange") for r in rows])
+        ax.bar(range(len(rows)), means, yerr=sds, capsize=2, color=[colors[r["budget"]] for r in rows])
         base = next((m for r, m in zip(rows, means) if r.get("is_baseline")), None)
         if base:
             ax.axhline(base, color="gray", lw=0.8, ls="--")
+            baseline_drawn = True
         ax.set_xticks(range(len(rows)), labels, rotation=70, ha="right", fontsize=7)
         ax.set_title(display.pair_key(p), fontsize=9)
         ax.set_ylim(0, 100)
-        ax.set_ylabel("target test accuracy (%)")
+        if i == 0:  # shared axis: one label, left of the first panel only
+            ax.set_ylabel("target test accuracy (%)")
+    handles = [Patch(color=c, label=display.budget(b)) for b, c in colors.items()]
+    if baseline_drawn:
+        handles.append(Line2D([], [], color="gray", lw=0.8, ls="--", label=table.get("baseline_display", "Source only")))
     rule = RULES[table["rule"]]
     what = (f"Target test accuracy per pair and method, mean and std over seeds; selection: {rule.label}")
-    fig.suptitle(f"selection: {rule.label} (blue: no target labels, orange: k/class, red: all; dashed: "
-                 f"{table.get('baseline_display', 'source only')})", fontsize=9)
-    out = _save(fig, Path(path), what, command)
-    plt.close(fig)
-    return out
+    fig.suptitle(f"selection: {rule.label}", fontsize=9, y=1.01)
+    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.9), ncol=len(handles), fontsize=8,
+               frameon=False)
+    fig.subplots_adjust(top=0.84, wspace=0.08)
+    return fig, what
 
 
 def cd_diagram(table: dict, stem: str | Path, command: str = "") -> list[Path]:
