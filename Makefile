@@ -10,7 +10,7 @@ RUNS ?= results/runs
 MAIN_RUNS ?= results/digits/runs
 JOBS ?= 2
 
-.PHONY: setup test bench bench-long dann-vs-source protocol augment-bench budget-curve results-index speed clean-runs docs
+.PHONY: setup test tables bench bench-long dann-vs-source protocol augment-bench budget-curve results-index speed clean-runs docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ bench: setup
 	$(VENV)/bin/dalab bench benchmarks/digits.yaml --jobs $(JOBS) --command "make bench"
 	$(PY) -m dalab.benchmarks.tsne --runs-dir $(MAIN_RUNS) --out results/digits/tsne.png
 	$(PY) -m dalab.results_index --out results/README.md
+
+# Every committed table regenerated from the run records committed beside it (no training; seconds)
+tables: setup
+	$(PY) -m dalab.rederive
 
 # The long-budget table: the still-moving methods at 4x the steps -> results/digits_long/ (resumable; its
 # records are committed under results/digits_long/runs, so it can be completed over several sittings)

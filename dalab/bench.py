@@ -350,6 +350,25 @@ def expand(spec: BenchSpec, skipped: list[str] | None = None, groups: dict | Non
     return out
 
 
+def grid_records(spec: BenchSpec, grid) -> list[dict]:
+    """The finished records of ``grid``'s runs under the spec's runs_dir (other runs there are left out)."""
+    from dalab.tables import load_records
+
+    ids = {cfg.run_id() for cfg, _ in grid}
+    return [r for r in load_records(spec.runs_dir) if r["run_id"] in ids]
+
+
+def write_grid_tables(spec: BenchSpec, grid, groups: dict, command: str, records: list[dict] | None = None,
+                      plots: bool = True) -> list[Path]:
+    """The spec's tables from its grid's records: what ``dalab bench`` writes after a grid, and what
+    ``make tables`` (dalab.rederive) writes from committed records alone."""
+    from dalab.tables import write_tables
+
+    pairs = list(dict.fromkeys(f"{c.source}→{c.target}" for c, _ in grid))
+    records = grid_records(spec, grid) if records is None else records
+    return write_tables(records, spec.out, spec.selection, command, pairs, plots=plots, groups=groups)
+
+
 def check_writable(folder: str | os.PathLike, what: str) -> None:
     """A one-line error unless ``folder`` is (or can be made) a writable folder."""
     import tempfile

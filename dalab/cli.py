@@ -220,8 +220,7 @@ def cmd_run(args) -> int:
 def cmd_bench(args) -> int:
     from pathlib import Path
 
-    from dalab.bench import BenchSpec, expand, grid_report, launch, run_state
-    from dalab.tables import load_records, write_tables
+    from dalab.bench import BenchSpec, expand, grid_records, grid_report, launch, run_state, write_grid_tables
 
     from dalab.distributed import launched
     if launched():
@@ -260,8 +259,7 @@ def cmd_bench(args) -> int:
     results = launch(spec, grid, launcher=args.launcher, jobs=args.jobs, opts=opts, progress=True)
     wall = time.perf_counter() - t0
     failed = [r for r in results if r[1].startswith("failed")]
-    ids = {cfg.run_id() for cfg, _ in grid}
-    records = [r for r in load_records(rd) if r["run_id"] in ids]
+    records = grid_records(spec, grid)
     from dalab.selection import CHANCE_MARK, at_chance
     chance = [r["run_id"] for r in records if at_chance(r)]
     attempted = {rid for rid, _ in results}
@@ -283,9 +281,7 @@ def cmd_bench(args) -> int:
         print(format_time_split(split))
         Path(spec.out).mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(spec.out) / "timing.json", {**split, "command": args.command or f"dalab bench {args.spec}"})
-    pairs = list(dict.fromkeys(f"{c.source}→{c.target}" for c, _ in grid))
-    command = args.command or f"dalab bench {args.spec}"
-    for path in write_tables(records, spec.out, spec.selection, command, pairs, groups=groups):
+    for path in write_grid_tables(spec, grid, groups, args.command or f"dalab bench {args.spec}", records):
         print(f"wrote {path}")
     missing, reasons = grid_report(rd, grid)
     if missing:  # never exit 0 while the tables miss runs of this grid
