@@ -665,7 +665,7 @@ def launch(spec: BenchSpec, grid, launcher: str = "local", jobs: int = 1, opts: 
 
         bar = GridProgress(spec.runs_dir, todo_cfgs, len(grid), sorted(done), max(1, jobs), since)
         # the probe times steps on this machine: only where the runs train here (never a Slurm login node)
-        bar.start(probe=launcher == "local", probe_in_thread=jobs > 1, device=opts.device,
+        bar.start(probe=launcher == "local", device=opts.device,
                   threads=max(1, available_cores() // jobs) if jobs > 1 else None)
     try:
         if launcher == "local" and jobs <= 1:

@@ -147,7 +147,7 @@ class GridProgress:
         if not final:
             parts.append(f"{c['running']} running")
         tail = f"elapsed {duration(time.time() - self.t0)}"
-        if not final:
+        if not final and eta != 0.0:  # 0: every run finished, the workers are exiting
             tail += f", ETA {duration(eta)} ({how})" if eta is not None else f", ETA {how}"
         if self.tty:
             width = 24
@@ -197,32 +197,27 @@ class GridProgress:
         finally:
             torch.set_num_threads(old)
 
-    def _loop(self, probe_args: dict | None) -> None:
-        if probe_args is not None:
-            self.probe(**probe_args)
+    def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             self.poll()
             self.show()
 
-    def start(self, probe: bool = True, probe_in_thread: bool = True, device: str = "auto",
-              threads: int | None = None) -> "GridProgress":
-        """Print the first line now, then keep it current from a background thread. The probe runs
-        in that thread when the training runs in other processes (``probe_in_thread``), else here,
-        before returning (a probe beside a training run in this process would share its RNG)."""
+    def start(self, probe: bool = True, device: str = "auto", threads: int | None = None) -> "GridProgress":
+        """Print the first line now; with ``probe``, time a few training steps here first (before
+        the workers start, so it has the machine to itself: an ETA within seconds) and print the
+        line with that ETA; then keep the line current from a background thread."""
         self.show()
-        args = {"device": device, "threads": threads} if probe else None
-        if args is not None and not probe_in_thread:
-            self.probe(**args)
-            args = None
+        if probe:
+            self.probe(device, threads)
             self.show()
-        self._thread = threading.Thread(target=self._loop, args=(args,), name="dalab-progress", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="dalab-progress", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)  # a daemon: a probe still running never holds the exit
+            self._thread.join(timeout=5)
         self.poll()
         self.show(final=True)
 
