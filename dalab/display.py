@@ -55,3 +55,29 @@ def budget(b: str) -> str:
     if b in ("0", "all"):
         return "no target labels" if b == "0" else "all target labels"
     return f"{b} target label{'' if b == '1' else 's'} per class"
+
+
+# --------------------------------------------------------------------------- what a record's row is
+
+def pair_name(rec: dict) -> str:
+    return f"{rec['config']['source']}→{rec['config']['target']}"
+
+
+def setting(rec: dict) -> str:
+    """A row's data setting, named in the tables: backbone, pretrained weights, step budget, data
+    split, precision and data options (the method's own hyperparameters and source model are the
+    row's other key: dalab.tables.method_setting)."""
+    c = rec["config"]
+    steps = c.get("steps", "?")
+    s = f"{c.get('backbone', '?')}, {steps} step{'' if steps == 1 else 's'}"
+    if c.get("pretrained"):
+        s += f", pretrained {c['pretrained']}"
+    if c.get("split_seed", 0):
+        s += f", split {c['split_seed']}"
+    prec = rec.get("train", {}).get("precision")
+    if prec and prec != "fp32":
+        s += f", {prec}"
+    from dalab.methods.base import DATA_HPARAMS
+    hp = rec.get("hparams", {})
+    opts = [f"{k}={hp[k]}" for k in DATA_HPARAMS if k in hp and hp[k] != DATA_HPARAMS[k].default]
+    return s + (", " + ", ".join(opts) if opts else "")

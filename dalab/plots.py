@@ -133,7 +133,7 @@ def budget_curve(records: list[dict], stem: str | Path, rule: str = "last", base
 
     from dalab import display
     from dalab.selection import RULES, select
-    from dalab.tables import pair_name
+    from dalab.display import pair_name
 
     by: dict[str, dict[str, dict[str, list[float]]]] = {}
     for r in records:
@@ -164,7 +164,7 @@ def budget_curve(records: list[dict], stem: str | Path, rule: str = "last", base
         ax.legend(fontsize=7, loc="lower right")
     what = (f"Label-budget curve: target test accuracy vs target labels per class ({', '.join(budgets)}), "
             f"mean and std over seeds, selection {RULES[rule].label}")
-    from dalab.tables import setting
+    from dalab.display import setting
     settings = sorted({setting(r) for r in records})
     fig.suptitle(f"selection: {RULES[rule].label}; mean ± std over {len({r['config']['seed'] for r in records})} seeds"
                  + (f"; {settings[0]}" if len(settings) == 1 else ""), fontsize=9)

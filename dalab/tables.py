@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from dalab import convergence, display
+from dalab.display import pair_name, setting  # noqa: F401 -- record keys, re-exported
 from dalab.render import Cell, Table
 from dalab.selection import CHANCE_MARK, CHANCE_NOTE, RULES, n_at_chance, select, selection_score
 from dalab.utils import atomic_write_text
@@ -64,29 +65,6 @@ def load_records(runs_dir: str | Path) -> list[dict]:
     from dalab.runs import load_records as load
 
     return load(runs_dir)
-
-
-def pair_name(rec: dict) -> str:
-    return f"{rec['config']['source']}→{rec['config']['target']}"
-
-
-def setting(rec: dict) -> str:
-    """What must never be pooled into one cell besides the method: backbone, pretrained weights,
-    step budget and data split (hyperparameters differing within a setting are trials)."""
-    c = rec["config"]
-    steps = c.get("steps", "?")
-    s = f"{c.get('backbone', '?')}, {steps} step{'' if steps == 1 else 's'}"
-    if c.get("pretrained"):
-        s += f", pretrained {c['pretrained']}"
-    if c.get("split_seed", 0):
-        s += f", split {c['split_seed']}"
-    prec = rec.get("train", {}).get("precision")
-    if prec and prec != "fp32":
-        s += f", {prec}"
-    from dalab.methods.base import DATA_HPARAMS
-    hp = rec.get("hparams", {})
-    opts = [f"{k}={hp[k]}" for k in DATA_HPARAMS if k in hp and hp[k] != DATA_HPARAMS[k].default]
-    return s + (", " + ", ".join(opts) if opts else "")
 
 
 def method_setting(rec: dict) -> dict[str, Any]:

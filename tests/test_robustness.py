@@ -463,7 +463,9 @@ def test_preemption_signal_under_submitit_checkpoints_requeues_and_resumes_exact
 
 # --------------------------------------------------------------------------- imports
 
-MODULES = ["dalab.runs", "dalab.trainer", "dalab.pretrain", "dalab.bench", "dalab.cli", "dalab.tables", "dalab.utils"]
+MODULES = ["dalab.runs", "dalab.trainer", "dalab.pretrain", "dalab.bench", "dalab.cli", "dalab.tables", "dalab.utils",
+           "dalab.plots", "dalab.display", "dalab.render", "dalab.stats", "dalab.selection", "dalab.convergence",
+           "dalab.rederive", "dalab.results_index", "dalab.progress", "dalab.cost"]
 
 
 def test_no_import_circle_and_each_module_imports_alone():
