@@ -63,7 +63,8 @@ def probe(cfg, shape: tuple[int, ...], num_classes: int, device: str = "auto", s
     """Seconds per training step of run ``cfg`` (mean of ``steps`` timed steps after ``warmup``) and
     seconds per evaluated image, on synthetic inputs of ``shape`` on ``device``."""
     from dalab.methods.nets import build_classifier
-    from dalab.trainer import EVAL_BATCH, pick_device, resolve_precision, validate
+    from dalab.evaluation import EVAL_BATCH
+    from dalab.trainer import pick_device, resolve_precision, validate
 
     prep = validate(cfg)
     dev = pick_device(device)

@@ -1,10 +1,36 @@
-"""The one training loop every method runs in.
+"""The one training loop every method runs in, as six named stages.
 
-The trainer owns: validation of the run config, data (on-device tensor splits, infinite shuffled
+The trainer owns validation of the run config, data (on-device tensor splits, infinite shuffled
 iterators), the typed :class:`~dalab.methods.base.Batch` (with only the target data the method
 declared and the label budget allows), device, step budget, evaluation on every split every
-``eval_every`` steps, TensorBoard scalars, the progress bar, and the JSON run record. The method
-owns its losses and its optimizer step (``Method.update``).
+``eval_every`` steps (:mod:`dalab.evaluation`), TensorBoard scalars, the progress bar, and the
+JSON run record. The method owns its losses and its optimizer step (``Method.update``).
+
+A run (:func:`train`) is these stages, in this order, each with one job:
+
+1. :func:`validate` -- resolve and check the config (method, domains, backbone, label budget,
+   hyperparameters); nothing is loaded, trained or written before it passes.
+2. :func:`load_task` -> :class:`Task` -- the task's data: both domains' splits on the device, the
+   labeled target subset of the label budget, standardisation and augmentation.
+3. :func:`build_method` -> :class:`Built` -- the network (from the source model when the method
+   starts from one), the method, precision, memory layout, DDP, the weight average.
+4. :func:`build_streams` -> :class:`Streams` -- the infinite training batches the method declared
+   (source, unlabeled target, labeled target), one generator each.
+5. :class:`Loop` -- step, log, evaluate, checkpoint, stop, resume; its :class:`History` is what a
+   checkpoint saves and the record reports, its :class:`Guard` decides when a run ends early
+   (divergence, a stop signal).
+6. :func:`finish` -- the end hook, the final evaluation; :func:`write_results` -- the record and
+   the model.
+
+Where a new setting plugs in:
+
+- **the task's data** (several source domains, a label-set shift, a test-time stream):
+  :func:`load_task` and :class:`Task` (its ``eval_splits`` are what every evaluation point scores);
+- **the sampler** (class-balanced, shuffled or ordered streams): :func:`build_streams` (which
+  iterators exist, and how each split is sampled) and :meth:`Streams.batch` (what one step sees);
+- **the loop's order of predict and update** (test-time adaptation predicts each batch before it
+  updates on it): :meth:`Loop.step`, one training step and everything that follows it;
+- **what an evaluation point measures**: :mod:`dalab.evaluation` (metrics and validator registries).
 
 A run writes ``<runs_dir>/<run_id>/``: ``record.json`` (written atomically), ``tb/`` (TensorBoard
 events) and, last, a ``done`` marker.
@@ -24,14 +50,18 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from dalab import runs
+from dalab.evaluation import evaluate
 from dalab.runs import RECORD_VERSION, Interrupted, RunConfig, RunOptions  # noqa: F401 -- re-exported
 from dalab.utils import DalabError, Unsupported, git_commit, package_versions, seed_everything
+
+if TYPE_CHECKING:
+    from dalab.methods.base import Batch
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -68,6 +98,8 @@ def pick_device(device: str = "auto") -> torch.device:
         raise DalabError(f"bad --device {device!r}; use auto, cpu, cuda or cuda:N") from None
 
 
+# --------------------------------------------------------------------------- 1. resolve and validate
+
 @dataclass
 class Prepared:
     """A validated run: resolved hyperparameters and the method class."""
@@ -80,13 +112,34 @@ class Prepared:
 
 def validate(cfg: RunConfig) -> Prepared:
     """Check a config before any data is built or anything is written; DalabError if it is bad."""
-    from dalab.datasets.base import get_domain, parse_budget
+    from dalab.datasets.base import parse_budget
     from dalab.methods import get_method, resolve_hparams
-    from dalab.methods.base import TargetData, budget_kind
-
-    from dalab.methods.nets import BACKBONE_INPUT
+    from dalab.methods.base import budget_kind
 
     method_cls = get_method(cfg.method)
+    _check_domains_and_backbone(cfg)
+    budget = parse_budget(cfg.budget)
+    if budget_kind(budget) not in method_cls.label_budgets:
+        raise Unsupported(f"method {cfg.method!r} does not support target-label budget {cfg.budget!r} "
+                          f"(it supports {', '.join(method_cls.label_budgets)}; 'k' = labels per class)")
+    if cfg.precision not in PRECISIONS:
+        raise DalabError(f"precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
+    for name, v, lo in (("steps", cfg.steps, 1), ("eval_every", cfg.eval_every, 1), ("seed", cfg.seed, 0)):
+        if not isinstance(v, int) or v < lo:
+            raise DalabError(f"{name}={v!r} must be an integer >= {lo}")
+    hp = resolve_hparams(method_cls, cfg.hparams)
+    src_hp = cfg.source_run_hparams(hp)
+    if src_hp is not None:  # the source model's overrides must be valid too
+        resolve_hparams(get_method("source_only"), src_hp)
+    _check_data_options(cfg, method_cls, hp)
+    return Prepared(cfg, method_cls, hp, budget)
+
+
+def _check_domains_and_backbone(cfg: RunConfig) -> None:
+    """Both domains exist and differ, and the backbone exists and takes their images."""
+    from dalab.datasets.base import get_domain
+    from dalab.methods.nets import BACKBONE_INPUT
+
     domains = [get_domain(cfg.source), get_domain(cfg.target)]
     if cfg.source == cfg.target:
         raise DalabError(f"source and target are the same domain {cfg.source!r}: that is not domain adaptation; "
@@ -101,104 +154,92 @@ def validate(cfg: RunConfig) -> Prepared:
             raise DalabError(f"backbone {cfg.backbone!r} takes {need}x{need} images but domain {d.name!r} gives "
                              f"{d.image_size}x{d.image_size}; use a backbone that fits: {', '.join(fits)} "
                              f"(--backbone, or a spec's backbone:)")
-    budget = parse_budget(cfg.budget)
-    kind = budget_kind(budget)
-    if kind not in method_cls.label_budgets:
-        raise Unsupported(f"method {cfg.method!r} does not support target-label budget {cfg.budget!r} "
-                         f"(it supports {', '.join(method_cls.label_budgets)}; 'k' = labels per class)")
-    if cfg.precision not in PRECISIONS:
-        raise DalabError(f"precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
-    for name, v, lo in (("steps", cfg.steps, 1), ("eval_every", cfg.eval_every, 1), ("seed", cfg.seed, 0)):
-        if not isinstance(v, int) or v < lo:
-            raise DalabError(f"{name}={v!r} must be an integer >= {lo}")
-    hp = resolve_hparams(method_cls, cfg.hparams)
-    src_hp = cfg.source_run_hparams(hp)
-    if src_hp is not None:  # the source model's overrides must be valid too
-        resolve_hparams(get_method("source_only"), src_hp)
+
+
+def _check_data_options(cfg: RunConfig, method_cls: type, hp: dict[str, Any]) -> None:
+    """The run's data options (mixup) fit the data the method sees."""
+    from dalab.methods.base import TargetData
+
     if hp["mixup"] == "cross" and method_cls.target_data not in (TargetData.UNLABELED, TargetData.BOTH):
         raise Unsupported(f"mixup=cross mixes source with unlabeled target inputs, but method {cfg.method!r} "
-                         f"uses no unlabeled target data; use mixup=source, or a method that adapts (e.g. dann)")
+                          f"uses no unlabeled target data; use mixup=source, or a method that adapts (e.g. dann)")
     if not method_cls.uses_source and hp["mixup"] != "none":
         raise Unsupported(f"method {cfg.method!r} is source-free (its adaptation sees no source data), so "
-                         f"mixup={hp['mixup']} cannot apply; use mixup=none")
-    return Prepared(cfg, method_cls, hp, budget)
+                          f"mixup={hp['mixup']} cannot apply; use mixup=none")
 
 
-# --------------------------------------------------------------------------- evaluation
+@dataclass
+class Run:
+    """How and where one validated run executes: its options, device, process role and folder."""
 
-EVAL_BATCH = 256  # cache-friendly on CPU (1024 was 2x slower on LeNet), plenty on a GPU
+    prep: Prepared
+    o: RunOptions
+    runs_dir: Path
+    run_dir: Path
+    dev: torch.device
+    ddp: Any  # a dalab.distributed.Dist under torchrun (one of several ranks), else None
 
+    @property
+    def cfg(self) -> RunConfig:
+        return self.prep.cfg
 
-@torch.inference_mode()
-def predict_split(method, split, batch_size: int = EVAL_BATCH) -> tuple[torch.Tensor, np.ndarray]:
-    """Logits (float32, CPU) and labels of a whole split (in the method's precision); device-side
-    results are moved to the host once, at the end."""
-    logits, labels = [], []
-    for x, y in split.batches(batch_size):
-        logits.append(method.predict(x).float())
-        labels.append(y)
-    return torch.cat(logits).cpu(), torch.cat(labels).cpu().numpy()
+    @property
+    def hp(self) -> dict[str, Any]:
+        return self.prep.hp
 
-
-def classification_metrics(logits: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
-
-    pred = logits.argmax(1).numpy()
-    return {"acc": float(accuracy_score(labels, pred)),
-            "bal_acc": float(balanced_accuracy_score(labels, pred)),
-            "macro_f1": float(f1_score(labels, pred, average="macro", zero_division=0))}
-
-
-# label-free validators (pytorch-adapt), scored on target-train predictions; higher is better.
-UNSUPERVISED_VALIDATORS = ("im", "entropy", "snd")
+    @property
+    def main(self) -> bool:
+        """Rank 0 (or the only process): it alone evaluates and writes."""
+        return self.ddp is None or self.ddp.is_main
 
 
-def snd_score(preds: torch.Tensor, temperature: float = 0.05, chunk: int = 1024) -> float:
-    """Soft neighbourhood density (Saito et al., ICCV 2021) of softmax predictions: the mean over
-    samples of the entropy of softmax(cos(p_i, p_j) / T) over the other samples j. The same
-    numbers as pytorch-adapt's SNDValidator (tested bit-identical), computed with one matrix
-    product per chunk of rows and the self-similarity masked to -inf instead of being cut out
-    row by row -- 3-4x faster; it was a third of an evaluation point on CPU."""
-    from pytorch_metric_learning.utils.common_functions import small_val
+def start_run(cfg: RunConfig, runs_dir: Path, run_dir: Path, o: RunOptions) -> Run:
+    """Stage 1: validate the config, pick the device and this process's role."""
+    from dalab import distributed
 
-    p = torch.nn.functional.normalize(preds.float(), dim=1)
-    eps = small_val(p.dtype)
-    out = []
-    for i in range(0, len(p), chunk):
-        sim = p[i:i + chunk] @ p.T
-        rows = torch.arange(len(sim))
-        sim[rows, rows + i] = float("-inf")
-        q = torch.softmax(sim / temperature, 1)
-        out.append(-(q * torch.log(q + eps)).sum(1))
-    return float(torch.cat(out).mean())
+    prep = validate(cfg)
+    ddp = distributed.context()  # torchrun: one of several ranks of this run (dalab.distributed)
+    dev = ddp.device if ddp else pick_device(o.device)
+    set_determinism(o.deterministic, dev)
+    return Run(prep, o, runs_dir, run_dir, dev, ddp)
 
 
-def unsupervised_scores(logits: torch.Tensor) -> dict[str, float]:
-    """pytorch-adapt's IM (Shi & Sha 2012) and negative entropy, and SND (Saito et al. 2021,
-    :func:`snd_score`) of target-train predictions. No target label is touched."""
-    import warnings
-    with warnings.catch_warnings():  # torchmetrics 0.9 (pytorch-adapt's pin) warns about pkg_resources
-        warnings.simplefilter("ignore")
-        from pytorch_adapt.validators import EntropyValidator, IMValidator
-    split = {"logits": logits, "preds": torch.softmax(logits, 1)}
-    return {"im": float(IMValidator()(target_train=split)),
-            "entropy": float(EntropyValidator()(target_train=split)),
-            "snd": snd_score(split["preds"])}
+# --------------------------------------------------------------------------- 2. the task's data
+
+@dataclass
+class Task:
+    """The task's data: both domains on the device, the labeled target subset of the label budget
+    (indices into target train), and the data options applied (the record's ``data.options``)."""
+
+    src: Any  # dalab.datasets.base.DomainSplits
+    tgt: Any
+    lab_idx: np.ndarray
+    options: dict[str, Any]
+
+    @property
+    def num_classes(self) -> int:
+        return self.src.num_classes
+
+    def eval_splits(self) -> dict[str, Any]:
+        """What every evaluation point scores (:func:`dalab.evaluation.evaluate`)."""
+        return {"src_val": self.src.val, "tgt_val": self.tgt.val, "tgt_test": self.tgt.test,
+                "tgt_train": self.tgt.train}
 
 
-def evaluate(method, data: dict) -> dict[str, Any]:
-    """Metrics on every labeled split, label-free scores on target train."""
-    was_training = method.training
-    method.eval()
-    out: dict[str, Any] = {}
-    for name in ("src_val", "tgt_val", "tgt_test"):
-        out[name] = classification_metrics(*predict_split(method, data[name]))
-    out["tgt_train_unsup"] = unsupervised_scores(predict_split(method, data["tgt_train"])[0])
-    method.train(was_training)
-    return out
+def load_task(run: Run) -> Task:
+    """Stage 2: load both domains (the split is fixed by ``split_seed``), check they share their
+    classes, apply standardisation and resolve augmentation, and pick the label budget's samples."""
+    from dalab.datasets.base import check_same_classes, labeled_indices, load_domain
 
+    cfg, o = run.cfg, run.o
+    src = load_domain(cfg.source, cfg.split_seed, run.dev, root=o.data_root)
+    tgt = load_domain(cfg.target, cfg.split_seed, run.dev, root=o.data_root)
+    check_same_classes(src, tgt)
+    options = set_up_data_options(run.hp, {"source": src, "target": tgt})
+    lab_idx = labeled_indices(tgt.train.labels.cpu().numpy(), cfg.budget, cfg.split_seed)
+    runs.check_stop()  # a stop asked for while the data loaded: nothing to save yet
+    return Task(src, tgt, lab_idx, options)
 
-# --------------------------------------------------------------------------- the loop
 
 def set_up_data_options(hp: dict, domains) -> dict[str, Any]:
     """Apply the run's ``standardize`` to every split of each domain and resolve ``augment``;
@@ -233,6 +274,457 @@ def input_stats(dom) -> tuple[list[float], list[float]]:
     train = dom.train
     return (train.mean, train.std) if hasattr(train, "mean") else standardization("imagenet", None)
 
+
+# --------------------------------------------------------------------------- 3. the method
+
+@dataclass
+class Built:
+    """The method as it trains, and how it was set up (for the record)."""
+
+    method: Any  # a dalab.methods.base.Method
+    average: Any  # a dalab.optim.WeightAverage (weight_ema > 0), else None
+    precision: str
+    channels_last: bool
+    init_from: str | None  # run id of the source model it started from
+    source_key: dict | None  # that source run's configuration
+
+
+def build_method(run: Run, task: Task) -> Built:
+    """Stage 3: the network (loaded from the source model when the method starts from one), the
+    method around it, its precision, memory layout, DDP wrapping and weight average."""
+    from dalab.augment import extra_terms
+    from dalab.methods.nets import build_classifier
+    from dalab.optim import WeightAverage
+
+    cfg, hp, o, dev = run.cfg, run.hp, run.o, run.dev
+    init_state, init_from, source_key = _source_model(run)  # before seeding: a cache hit or miss changes nothing
+    seed_everything(cfg.seed)
+    net = build_classifier(cfg.backbone, task.num_classes, cfg.pretrained)
+    if init_from:
+        net.load_state_dict(init_state)
+    method = run.prep.method_cls(net, task.num_classes, hp, cfg.steps).to(dev)
+    method.train()
+    method.extra_terms = extra_terms(hp, task.num_classes)
+    precision = resolve_precision(cfg.precision, dev)
+    method.precision = precision
+    method.input_stats = {role: input_stats(dom) for role, dom in (("source", task.src), ("target", task.tgt))}
+    if run.ddp:  # SyncBatchNorm, rank 0's weights everywhere, gradient averaging in every optimizer step
+        run.ddp.prepare(method, hp["batch_size"])
+    channels_last = o.channels_last and any(isinstance(m, torch.nn.Conv2d) for m in net.backbone.modules())
+    if channels_last:
+        method.to(memory_format=torch.channels_last)
+        for split in (*task.src.splits(), *task.tgt.splits()):
+            split.memory_format = torch.channels_last
+    if o.compile:
+        net.backbone.compile()
+    # weight_ema > 0: the run evaluates and hands over the average of its weights (after the layout change)
+    average = WeightAverage(method, hp["weight_ema"]) if hp["weight_ema"] > 0 else None
+    return Built(method, average, precision, channels_last, init_from, source_key)
+
+
+def _source_model(run: Run) -> tuple[dict | None, str | None, dict | None]:
+    """(weights, run id, config) of the source model the method starts from, trained first when
+    it is not in the runs dir (dalab.pretrain); all None when the method starts from scratch."""
+    if not run.prep.method_cls.starts_from_source(run.hp):
+        return None, None, None
+    from dalab import distributed
+    from dalab.pretrain import source_config, source_pretrained
+
+    if run.ddp:
+        distributed.require_source_run(run.cfg, run.runs_dir)
+    init_state, init_from = source_pretrained(run.cfg, run.runs_dir, run.o, train_fn=train)
+    runs.check_stop()
+    return init_state, init_from, source_config(run.cfg).key()
+
+
+# --------------------------------------------------------------------------- 4. the data streams
+
+@dataclass
+class Streams:
+    """The training batches of a run: infinite iterators of (inputs, labels), ``None`` where the
+    method (or the label budget) gives it no such data."""
+
+    src: Iterator | None
+    tgt: Iterator | None
+    lab: Iterator | None
+    mixup: Callable | None  # source mixup of (x, y), or None
+    vat_only: bool  # unlabeled target inputs drawn only for VAT (the method declares none)
+
+    def batch(self) -> Batch:
+        """One step's :class:`~dalab.methods.base.Batch`: only the data the method declared."""
+        from dalab.methods.base import Batch
+
+        xs = ys = None
+        if self.src is not None:
+            xs, ys = next(self.src)
+            if self.mixup is not None:
+                xs, ys = self.mixup(xs, ys)
+        batch = Batch(xs, ys)
+        if self.tgt is not None:
+            batch.x_tgt = next(self.tgt)[0]           # labels dropped: unsupervised use
+        if self.lab is not None:
+            batch.x_tgt_lab, batch.y_tgt_lab = next(self.lab)
+        return batch
+
+    def skip(self, steps: int) -> None:
+        """Replay the streams to where they were after ``steps`` steps (indexing only: resume)."""
+        for _ in range(steps):
+            for it in (self.src, self.tgt, self.lab):
+                if it is not None:
+                    next(it)
+
+
+def build_streams(run: Run, task: Task) -> Streams:
+    """Stage 4: one shuffled stream per kind of data the method declared, each with its own
+    generator, so adding a stream never changes another's order."""
+    from dalab.augment import mixup_source
+    from dalab.methods.base import TargetData
+
+    cfg, hp, cls = run.cfg, run.hp, run.prep.method_cls
+    bs = hp["batch_size"]
+    gens = [torch.Generator().manual_seed(cfg.seed * 1000 + i) for i in range(3)]
+    aug_s, aug_t = task.options["source"]["augment"], task.options["target"]["augment"]
+    # several processes (torchrun): every rank draws the same global batch and keeps its slice
+    sample = run.ddp.sampler if run.ddp else (lambda split, *a: split.sampler(*a))
+    # a source-free method's adaptation phase is given no source data at all
+    src = sample(task.src.train, bs, gens[0], aug_s) if cls.uses_source else None
+    unlabeled = cls.target_data in (TargetData.UNLABELED, TargetData.BOTH)
+    # VAT regularises on target inputs: with a method that declares none, the run uses them for it
+    vat_only = hp["vat"] > 0 and not unlabeled
+    tgt = sample(task.tgt.train, bs, gens[1], aug_t) if unlabeled or vat_only else None
+    lab = None
+    if cls.target_data in (TargetData.LABELED, TargetData.BOTH) and len(task.lab_idx):
+        lab = sample(task.tgt.train.subset(task.lab_idx), bs, gens[2], aug_t)
+    mixup = (functools.partial(mixup_source, num_classes=task.num_classes, alpha=hp["mixup_alpha"])
+             if hp["mixup"] == "source" else None)
+    return Streams(src, tgt, lab, mixup, vat_only)
+
+
+# --------------------------------------------------------------------------- 5. the loop
+
+class Outputs:
+    """What rank 0 shows and logs while training: the run folder, TensorBoard scalars, the
+    progress bar (either may be off). Other ranks get one that does nothing."""
+
+    def __init__(self, run: Run):
+        self.writer = self.bar = None
+        if not run.main:
+            return
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "done").unlink(missing_ok=True)
+        if run.o.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(run.run_dir / "tb"),  # a killed attempt's later steps hidden
+                                        purge_step=runs.tensorboard_purge_step(run.run_dir, run.o.resume))
+        if run.o.progress:
+            from tqdm import tqdm
+            cfg = run.cfg
+            self.bar = tqdm(total=cfg.steps, desc=f"{cfg.method} {cfg.source}->{cfg.target} s{cfg.seed}",
+                            leave=False, dynamic_ncols=True)
+
+    def losses(self, step: int, losses: dict[str, float]) -> None:
+        if self.writer:
+            for k, v in losses.items():
+                self.writer.add_scalar(f"train/{k}", v, step)
+        if self.bar:
+            self.bar.set_postfix(loss=f"{losses.get('loss', float('nan')):.3f}")
+
+    def evaluation(self, ev: dict[str, Any]) -> None:
+        if self.writer:
+            for split, metrics in ev.items():
+                if split != "step":
+                    for m, v in metrics.items():
+                        self.writer.add_scalar(f"{split}/{m}", v, ev["step"])
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar:
+            self.bar.update(steps)
+
+    def close(self) -> None:
+        for closing in (self.writer, self.bar):
+            if closing:
+                closing.close()
+
+
+@dataclass
+class History:
+    """What the loop has done so far -- evaluation points, last logged losses, times, outcome: what
+    a checkpoint saves and the record reports."""
+
+    evals: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    last_losses: dict[str, float] = dataclasses.field(default_factory=dict)
+    train_time: float = 0.0
+    eval_time: float = 0.0
+    status: str = "done"                 # or "diverged"
+    diverged_at: int | None = None
+    resumed_from: int | None = None      # the checkpoint's step, when the run was resumed
+
+
+class Guard:
+    """When a run must end early: a non-finite loss or weights (divergence), or a stop request.
+    On CPU the loss is checked every step (no cost); on CUDA (and across DDP ranks) the first
+    non-finite step is kept in an on-device flag (0 = none), read at sync points only."""
+
+    def __init__(self, run: Run):
+        self.ddp = run.ddp
+        per_step = _sync_every_step(run.dev) and run.ddp is None
+        self.first_bad = None if per_step else torch.zeros((), dtype=torch.long, device=run.dev)
+
+    def step_ok(self, out: dict, step: int) -> bool:
+        """After a step: False if its losses are not finite (checked on the host), else True (or
+        the flag updated, to be read at the next sync point)."""
+        finite = _all_finite(out)
+        if self.first_bad is None or not torch.is_tensor(finite):
+            return bool(finite) or self.ddp is not None
+        self.first_bad = torch.where(finite | (self.first_bad > 0), self.first_bad, step)
+        return True
+
+    def at_sync_point(self, step: int, method, evaluate_now: bool, stop: bool) -> tuple[int, bool]:
+        """(first diverged step or 0, whether to stop now): the flag read (the loop's only host sync
+        on CUDA), weights checked before an evaluation (a NaN model is never evaluated); under DDP
+        every rank decides together: divergence or a stop on any rank stops all."""
+        bad = int(self.first_bad) if self.first_bad is not None else 0
+        stopping = stop
+        if self.ddp:
+            agreed = self.ddp.average_scalars({"bad": float(bad > 0), "stop": float(stop)})
+            bad = bad or (step if agreed["bad"] > 0 else 0)
+            stopping = agreed["stop"] > 0
+        if not bad and evaluate_now and not _params_finite(method):
+            bad = step
+        return bad, stopping
+
+
+class Loop:
+    """Stage 5: step, log, evaluate, checkpoint, stop. :meth:`run` goes from the first (or the
+    resumed) step to the budget; :meth:`step` is one training step and everything after it."""
+
+    def __init__(self, run: Run, task: Task, built: Built, streams: Streams):
+        self.run_, self.task, self.streams = run, task, streams
+        self.method, self.average = built.method, built.average
+        self.out, self.guard, self.history = Outputs(run), Guard(run), History()
+        self.t0 = time.perf_counter()
+        # re-iterable target-train inputs for the method's hooks, only if it declared unlabeled target data
+        self.tgt_inputs = _Inputs(task.tgt.train) if streams.tgt is not None else None
+        self.refresh = refresh_period(run.prep.method_cls.refresh_every, len(task.tgt.train), run.hp["batch_size"])
+
+    def run(self) -> None:
+        """Train to the step budget (from the checkpoint, when resuming one); ends early on
+        divergence (``history.status``) or, after writing a checkpoint, on a stop (Interrupted)."""
+        done = resume(self) if self.run_.o.resume else 0
+        if not done:
+            self.method.on_train_start(self.tgt_inputs)
+        for step in range(done + 1, self.run_.cfg.steps + 1):
+            if not self.step(step):
+                break
+
+    def step(self, step: int) -> bool:
+        """One training step, then its logging, evaluation and checkpoint; False once diverged."""
+        run, h, last = self.run_, self.history, step == self.run_.cfg.steps
+        t_step = time.perf_counter()
+        if self.refresh and (step - 1) % self.refresh == 0:  # pseudo-labels, clusters, memory banks
+            self.method.refresh(_Inputs(self.task.tgt.train), step)
+        out = self.method.train_step(self.streams.batch(), step)
+        if self.average is not None:
+            self.average.update()
+        h.train_time += time.perf_counter() - t_step
+        if not self.guard.step_ok(out, step):
+            return self._diverged(step, out)
+        log = step % run.o.log_every == 0 or last
+        evaluate_now = step % run.cfg.eval_every == 0 or last
+        stop = runs.stop_requested() is not None and not last
+        if log or evaluate_now or (stop and run.ddp is None):  # sync points (the same step on every rank)
+            bad, stopping = self.guard.at_sync_point(step, self.method, evaluate_now, stop)
+            if bad:
+                return self._diverged(bad, out)
+            if stopping:  # a signal asked us to stop: this step is complete, so its checkpoint resumes exactly
+                self.checkpoint(step)
+                self.out.close()
+                raise Interrupted(runs.stop_requested() or int(signal.SIGTERM), step)
+        if log:
+            h.last_losses = self._floats(out)
+            if run.ddp:  # the global batch's losses
+                h.last_losses = run.ddp.average_scalars(h.last_losses)
+            self.out.losses(step, h.last_losses)
+        self.out.advance()
+        if evaluate_now and not last and run.main:  # the last point is finish()'s, after the end hook
+            self.evaluate(step)
+        if run.o.checkpoint_every and step % run.o.checkpoint_every == 0 and not last:
+            self.checkpoint(step)  # atomic: a crash leaves the previous checkpoint intact
+        return True
+
+    def _diverged(self, step: int, out: dict) -> bool:
+        self.history.status, self.history.diverged_at = "diverged", step
+        self.history.last_losses = self._floats(out)
+        return False
+
+    def _floats(self, out: dict) -> dict[str, float]:
+        d = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
+        d["lr"] = self.method.lr
+        return d
+
+    def evaluate(self, step: int) -> None:
+        """Score the model at ``step`` (rank 0): the weight average swapped in before the last step
+        (after it, the average is the network), as the method would deploy it (e.g. AdaBN)."""
+        t_eval = time.perf_counter()
+        averaged = (self.average.swapped_in() if self.average is not None and step < self.run_.cfg.steps
+                    else nullcontext())
+        with averaged, self.method.deployed(self.tgt_inputs):  # e.g. AdaBN's target statistics at every point
+            ev = {"step": step, **evaluate(self.method, self.task.eval_splits())}
+        self.history.eval_time += time.perf_counter() - t_eval
+        self.history.evals.append(ev)
+        self.out.evaluation(ev)
+
+    def checkpoint(self, step: int) -> None:
+        """Everything needed to resume exactly after ``step`` (rank 0 writes it)."""
+        if self.run_.main:
+            h = self.history
+            runs.save_checkpoint(self.run_.run_dir, {
+                "step": step, "method": self.method.training_state(), "evals": h.evals,
+                "last_losses": h.last_losses, "train_time": h.train_time, "eval_time": h.eval_time,
+                "rng": _get_rng_state(), "average": self.average.state_dict() if self.average is not None else None})
+
+
+def resume(loop: Loop) -> int:
+    """Restore a loop from its run's checkpoint when there is a readable one (an unreadable one is
+    moved aside): the step it was written after, or 0."""
+    run, h = loop.run_, loop.history
+    state = runs.load_checkpoint(run.run_dir, run.dev)
+    if state is None:
+        return 0
+    loop.method.load_training_state(state["method"])
+    if loop.average is not None:
+        loop.average.load_state_dict(state["average"])  # written by every checkpoint of such a run
+    h.evals, h.last_losses, h.train_time = state["evals"], state["last_losses"], state["train_time"]
+    h.eval_time, h.resumed_from = state.get("eval_time", 0.0), state["step"]
+    loop.streams.skip(state["step"])  # the data streams where they were
+    _set_rng_state(state["rng"])
+    if run.ddp:
+        run.ddp.restore_cuda_rng(state["rng"])
+    if run.main:
+        print(f"resuming {run.cfg.run_id()} from its checkpoint at step {state['step']}", file=sys.stderr, flush=True)
+    loop.out.advance(state["step"])
+    return state["step"]
+
+
+# --------------------------------------------------------------------------- 6. finish
+
+def finish(run: Run, task: Task, built: Built, loop: Loop) -> None:
+    """Stage 6, after the last step of a run that did not diverge: the end hook (post-training
+    adaptation: AdaBN, probes) sees only the declared target data, then the final evaluation of
+    the network the run hands over (the weight average, when there is one)."""
+    if loop.history.status != "done":
+        return
+    if built.average is not None:
+        built.average.apply()  # the averaged network is the one adapted, evaluated and saved
+    labeled = _Inputs(task.tgt.train.subset(task.lab_idx), labels=True) if loop.streams.lab is not None else None
+    built.method.on_train_end(loop.tgt_inputs, labeled)
+    if run.main:
+        loop.evaluate(run.cfg.steps)
+
+
+def write_results(run: Run, task: Task, built: Built, loop: Loop) -> dict[str, Any]:
+    """Stage 6, last: the record (and the model where asked, always for ``source_only``), then the
+    ``done`` marker; every rank returns rank 0's record."""
+    wall = time.perf_counter() - loop.t0
+    loop.out.close()
+    record = make_record(run, task, built, loop, wall)
+    if not run.main:
+        return run.ddp.broadcast(None)  # rank 0's record, once it is written
+    if (run.o.save_model or run.cfg.method == "source_only") and loop.history.status == "done":
+        runs.save_model(run.run_dir, built.method.net.state_dict())  # atomic: readers see no half-written weights
+    runs.write_record(run.run_dir, record)
+    runs.remove_checkpoint(run.run_dir)  # finished: the record holds every evaluation
+    runs.mark_done(run.run_dir, loop.history.status)
+    return run.ddp.broadcast(record) if run.ddp else record
+
+
+def make_record(run: Run, task: Task, built: Built, loop: Loop, wall: float) -> dict[str, Any]:
+    """The run record: config, resolved hyperparameters, data, every evaluation point, training
+    statistics and provenance (written by :mod:`dalab.runs`)."""
+    cfg, cls, o, dev, ddp = run.cfg, run.prep.method_cls, run.o, run.dev, run.ddp
+    src, tgt, streams, h = task.src, task.tgt, loop.streams, loop.history
+    steps_done = h.diverged_at or cfg.steps
+    sizes = lambda d: {"classes": len(d.classes), **{k: len(getattr(d, k)) for k in ("train", "val", "test")}}  # noqa: E731
+    return {
+        "record_version": RECORD_VERSION,
+        "run_id": cfg.run_id(),
+        "status": h.status,
+        "config": cfg.key(),
+        "hparams": run.hp,
+        "method": {"name": cfg.method, "family": cls.family,
+                   "target_data": cls.target_data.value + (" (+ unlabeled for vat)" if streams.vat_only else ""),
+                   "budget": str(cfg.budget), "uses_source": cls.uses_source,
+                   "init_from": built.init_from, "source_config": built.source_key},
+        "data": {"source": sizes(src),
+                 "target": {**sizes(tgt), "labeled": int(len(task.lab_idx)) if streams.lab is not None else 0},
+                 "options": task.options},
+        "evals": h.evals,
+        "final": h.evals[-1] if h.evals and h.status == "done" else None,
+        "train": {"steps": steps_done, "wall_time_s": wall, "train_time_s": h.train_time,
+                  "eval_time_s": h.eval_time,
+                  "steps_per_s": steps_done / max(h.train_time, 1e-9), "last_losses": h.last_losses,
+                  "diverged_at": h.diverged_at, "resumed_from": h.resumed_from, "precision": built.precision,
+                  "channels_last": built.channels_last, "compile": o.compile,
+                  "distributed": ddp.record_info() if ddp else None},
+        "provenance": {**git_commit(), "versions": package_versions(), "device": str(dev),
+                       "device_name": _device_name(dev), "torch_threads": torch.get_num_threads(),
+                       "deterministic": o.deterministic,
+                       "host": platform.node(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+    }
+
+
+# --------------------------------------------------------------------------- the run
+
+def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", opts: RunOptions | None = None,
+          **options: Any) -> dict[str, Any]:
+    """Train one run to its step budget and write its record. Returns the record.
+
+    ``opts`` (a :class:`dalab.runs.RunOptions`; keyword ``options`` override its fields) says how
+    to run, never what: ``data_root`` locates domains read from disk; ``save_model`` also writes
+    the weights to ``model.pt`` (always for ``source_only``: the shared source-pretrained start of
+    other methods, see dalab.pretrain); ``checkpoint_every`` N writes ``checkpoint.pt`` every N
+    steps (atomically): weights, optimizer, scheduler, RNG states, step, evaluations so far;
+    ``resume`` continues from it when present (an unreadable one is moved aside and the run starts
+    over); on CPU a resumed run ends with the same numbers as an uninterrupted one (same thread
+    count). ``deterministic`` selects deterministic GPU kernels; otherwise cuDNN autotunes.
+
+    Stops: SIGINT/SIGTERM/SIGUSR1 finish the current step, write a checkpoint and raise
+    :class:`dalab.runs.Interrupted`; a non-finite loss stops the run at that step (on CPU checked
+    every step; on CUDA an on-device flag, read at logging and evaluation points, keeps the first
+    bad step without a per-step host sync), and non-finite weights are caught before any
+    evaluation: the record says ``diverged`` with the step, and no NaN model is ever evaluated.
+
+    Speed options (they change float rounding only, never the algorithm; recorded in provenance):
+    ``cfg.precision`` (bf16 autocast of the backbone; part of the run's identity),
+    ``channels_last`` (NHWC memory layout for conv backbones: faster convolutions and pooling on
+    CPU and on tensor-core GPUs), ``compile`` (``torch.compile`` the backbone; pays off on GPUs and
+    long runs, not for a 500-step LeNet run on CPU, where compiling takes longer than training)."""
+    o = dataclasses.replace(opts or RunOptions(), **options)
+    rdir = runs.run_dir(runs_dir, cfg.run_id())
+    existed = rdir.exists()
+    try:
+        return _train(cfg, Path(runs_dir), rdir, o)
+    except Exception:
+        # nothing half-written: a run that failed before its first checkpoint leaves no folder
+        if not existed and rdir.exists() and not (rdir / "checkpoint.pt").exists():
+            shutil.rmtree(rdir, ignore_errors=True)
+        raise
+
+
+
+def _train(cfg: RunConfig, runs_dir: Path, run_dir: Path, o: RunOptions) -> dict[str, Any]:
+    """The stages of one run, in order (see the module docstring)."""
+    run = start_run(cfg, runs_dir, run_dir, o)
+    task = load_task(run)
+    built = build_method(run, task)
+    loop = Loop(run, task, built, build_streams(run, task))
+    with runs.graceful_stop():  # a signal asks for a stop, taken (with a checkpoint) at the next sync point
+        loop.run()
+        finish(run, task, built, loop)
+    return write_results(run, task, built, loop)
+
+
+# --------------------------------------------------------------------------- helpers
 
 class _Inputs:
     """Re-iterable batches of a split for ``Method.on_train_end``: inputs, or (inputs, labels)."""
@@ -286,42 +778,6 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def train(cfg: RunConfig, runs_dir: str | Path = "results/runs", opts: RunOptions | None = None,
-          **options: Any) -> dict[str, Any]:
-    """Train one run to its step budget and write its record. Returns the record.
-
-    ``opts`` (a :class:`dalab.runs.RunOptions`; keyword ``options`` override its fields) says how
-    to run, never what: ``data_root`` locates domains read from disk; ``save_model`` also writes
-    the weights to ``model.pt`` (always for ``source_only``: the shared source-pretrained start of
-    other methods, see dalab.pretrain); ``checkpoint_every`` N writes ``checkpoint.pt`` every N
-    steps (atomically): weights, optimizer, scheduler, RNG states, step, evaluations so far;
-    ``resume`` continues from it when present (an unreadable one is moved aside and the run starts
-    over); on CPU a resumed run ends with the same numbers as an uninterrupted one (same thread
-    count). ``deterministic`` selects deterministic GPU kernels; otherwise cuDNN autotunes.
-
-    Stops: SIGINT/SIGTERM/SIGUSR1 finish the current step, write a checkpoint and raise
-    :class:`dalab.runs.Interrupted`; a non-finite loss stops the run at that step (on CPU checked
-    every step; on CUDA an on-device flag, read at logging and evaluation points, keeps the first
-    bad step without a per-step host sync), and non-finite weights are caught before any
-    evaluation: the record says ``diverged`` with the step, and no NaN model is ever evaluated.
-
-    Speed options (they change float rounding only, never the algorithm; recorded in provenance):
-    ``cfg.precision`` (bf16 autocast of the backbone; part of the run's identity),
-    ``channels_last`` (NHWC memory layout for conv backbones: faster convolutions and pooling on
-    CPU and on tensor-core GPUs), ``compile`` (``torch.compile`` the backbone; pays off on GPUs and
-    long runs, not for a 500-step LeNet run on CPU, where compiling takes longer than training)."""
-    o = dataclasses.replace(opts or RunOptions(), **options)
-    rdir = runs.run_dir(runs_dir, cfg.run_id())
-    existed = rdir.exists()
-    try:
-        return _train(cfg, Path(runs_dir), rdir, o)
-    except Exception:
-        # nothing half-written: a run that failed before its first checkpoint leaves no folder
-        if not existed and rdir.exists() and not (rdir / "checkpoint.pt").exists():
-            shutil.rmtree(rdir, ignore_errors=True)
-        raise
-
-
 def _all_finite(out: dict) -> torch.Tensor | bool:
     """Whether every logged value of a step is finite: a 0-dim bool tensor on the values' device
     (no host sync), or a bool when there is no tensor."""
@@ -341,253 +797,3 @@ def _sync_every_step(dev: torch.device) -> bool:
 
 def _params_finite(method) -> bool:
     return bool(torch.stack([p.detach().isfinite().all() for p in method.parameters()]).all())
-
-
-def _train(cfg: RunConfig, runs_dir: Path, run_dir: Path, o: RunOptions) -> dict[str, Any]:
-    from dalab.datasets.base import check_same_classes, labeled_indices, load_domain
-    from dalab.methods.base import Batch, TargetData
-    from dalab.methods.nets import build_classifier
-
-    from dalab import distributed
-
-    prep = validate(cfg)
-    ddp = distributed.context()  # torchrun: one of several ranks of this run (dalab.distributed)
-    dev = ddp.device if ddp else pick_device(o.device)
-    main = ddp is None or ddp.is_main  # rank 0 alone evaluates and writes
-    set_determinism(o.deterministic, dev)
-    src = load_domain(cfg.source, cfg.split_seed, dev, root=o.data_root)
-    tgt = load_domain(cfg.target, cfg.split_seed, dev, root=o.data_root)
-    check_same_classes(src, tgt)
-    data_options = set_up_data_options(prep.hp, {"source": src, "target": tgt})
-    runs.check_stop()  # a stop asked for while the data loaded: nothing to save yet
-
-    init_from = source_key = None
-    if prep.method_cls.starts_from_source(prep.hp):  # before seeding, so a cache hit or miss changes nothing
-        from dalab.pretrain import source_config, source_pretrained
-        if ddp:
-            distributed.require_source_run(cfg, runs_dir)
-        init_state, init_from = source_pretrained(cfg, runs_dir, o, train_fn=train)
-        source_key = source_config(cfg).key()
-        runs.check_stop()
-    seed_everything(cfg.seed)
-    net = build_classifier(cfg.backbone, src.num_classes, cfg.pretrained)
-    if init_from:
-        net.load_state_dict(init_state)
-    method = prep.method_cls(net, src.num_classes, prep.hp, cfg.steps).to(dev)
-    method.train()
-    from dalab.augment import extra_terms, mixup_source
-    method.extra_terms = extra_terms(prep.hp, src.num_classes)
-    precision = resolve_precision(cfg.precision, dev)
-    method.precision = precision
-    method.input_stats = {role: input_stats(dom) for role, dom in (("source", src), ("target", tgt))}
-    if ddp:  # SyncBatchNorm, rank 0's weights everywhere, gradient averaging in every optimizer step
-        ddp.prepare(method, prep.hp["batch_size"])
-    channels_last = o.channels_last and any(isinstance(m, torch.nn.Conv2d) for m in net.backbone.modules())
-    if channels_last:
-        method.to(memory_format=torch.channels_last)
-        for split in (*src.splits(), *tgt.splits()):
-            split.memory_format = torch.channels_last
-    if o.compile:
-        net.backbone.compile()
-    from dalab.optim import WeightAverage
-    # weight_ema > 0: the run evaluates and hands over the average of its weights (after the layout change)
-    average = WeightAverage(method, prep.hp["weight_ema"]) if prep.hp["weight_ema"] > 0 else None
-
-    # data streams: each gets its own generator so adding a stream never changes another's order
-    bs = prep.hp["batch_size"]
-    gens = [torch.Generator().manual_seed(cfg.seed * 1000 + i) for i in range(3)]
-    aug_s, aug_t = data_options["source"]["augment"], data_options["target"]["augment"]
-    # several processes (torchrun): every rank draws the same global batch and keeps its slice
-    sample = ddp.sampler if ddp else (lambda split, *a: split.sampler(*a))
-    # a source-free method's adaptation phase is given no source data at all
-    src_iter = sample(src.train, bs, gens[0], aug_s) if prep.method_cls.uses_source else None
-    uses = prep.method_cls.target_data
-    # VAT regularises on target inputs: with a method that declares none, the run uses them for it
-    vat_only = prep.hp["vat"] > 0 and uses not in (TargetData.UNLABELED, TargetData.BOTH)
-    tgt_iter = (sample(tgt.train, bs, gens[1], aug_t)
-                if uses in (TargetData.UNLABELED, TargetData.BOTH) or vat_only else None)
-    lab_idx = labeled_indices(tgt.train.labels.cpu().numpy(), cfg.budget, cfg.split_seed)
-    lab_iter = None
-    if uses in (TargetData.LABELED, TargetData.BOTH) and len(lab_idx):
-        lab_iter = sample(tgt.train.subset(lab_idx), bs, gens[2], aug_t)
-
-    data = {"src_val": src.val, "tgt_val": tgt.val, "tgt_test": tgt.test, "tgt_train": tgt.train}
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "done").unlink(missing_ok=True)
-    writer = None
-    if o.tensorboard and main:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=runs.tensorboard_purge_step(run_dir, o.resume))
-
-    evals: list[dict[str, Any]] = []
-    last_losses: dict[str, float] = {}
-    status, diverged_at = "done", None
-    bar = None
-    if o.progress and main:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, desc=f"{cfg.method} {cfg.source}->{cfg.target} s{cfg.seed}",
-                   leave=False, dynamic_ncols=True)
-    t0 = time.perf_counter()
-    train_time = eval_time = 0.0
-    start = 1
-    state = runs.load_checkpoint(run_dir, dev) if o.resume else None  # unreadable: moved aside, None
-    if state is not None:
-        method.load_training_state(state["method"])
-        if average is not None:
-            average.load_state_dict(state["average"])  # written by every checkpoint of such a run
-        evals, last_losses, train_time = state["evals"], state["last_losses"], state["train_time"]
-        eval_time = state.get("eval_time", 0.0)
-        for _ in range(state["step"]):  # replay the data streams to where they were (indexing only)
-            for it in (src_iter, tgt_iter, lab_iter):
-                if it is not None:
-                    next(it)
-        _set_rng_state(state["rng"])
-        if ddp:
-            ddp.restore_cuda_rng(state["rng"])
-        start = state["step"] + 1
-        if main:
-            print(f"resuming {cfg.run_id()} from its checkpoint at step {state['step']}", file=sys.stderr, flush=True)
-        if bar:
-            bar.update(state["step"])
-    resumed_from = start - 1 if start > 1 else None
-    tgt_inputs = _Inputs(tgt.train) if tgt_iter is not None else None
-    refresh = refresh_period(prep.method_cls.refresh_every, len(tgt.train), bs)
-    if start == 1:
-        method.on_train_start(tgt_inputs)
-
-    def checkpoint(step: int) -> None:
-        if main:
-            runs.save_checkpoint(run_dir, {"step": step, "method": method.training_state(), "evals": evals,
-                                           "last_losses": last_losses, "train_time": train_time,
-                                           "eval_time": eval_time, "rng": _get_rng_state(),
-                                           "average": average.state_dict() if average is not None else None})
-
-    def floats(out: dict) -> dict[str, float]:
-        d = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
-        d["lr"] = method.lr
-        return d
-
-    # divergence: on CPU the loss is checked every step (no cost); on CUDA (and across DDP ranks)
-    # the first non-finite step is kept in an on-device flag (0 = none), read at sync points only
-    per_step = _sync_every_step(dev) and ddp is None
-    first_bad = None if per_step else torch.zeros((), dtype=torch.long, device=dev)
-    with runs.graceful_stop():
-        for step in range(start, cfg.steps + 1):
-            t_step = time.perf_counter()
-            if refresh and (step - 1) % refresh == 0:  # pseudo-labels, clusters, memory banks
-                method.refresh(_Inputs(tgt.train), step)
-            xs = ys = None
-            if src_iter is not None:
-                xs, ys = next(src_iter)
-                if prep.hp["mixup"] == "source":
-                    xs, ys = mixup_source(xs, ys, src.num_classes, prep.hp["mixup_alpha"])
-            batch = Batch(xs, ys)
-            if tgt_iter is not None:
-                batch.x_tgt = next(tgt_iter)[0]           # labels dropped: unsupervised use
-            if lab_iter is not None:
-                batch.x_tgt_lab, batch.y_tgt_lab = next(lab_iter)
-            out = method.train_step(batch, step)
-            if average is not None:
-                average.update()
-            train_time += time.perf_counter() - t_step
-            finite = _all_finite(out)
-            if first_bad is None or not torch.is_tensor(finite):
-                if not bool(finite) and ddp is None:
-                    status, diverged_at, last_losses = "diverged", step, floats(out)
-                    break
-            else:
-                first_bad = torch.where(finite | (first_bad > 0), first_bad, step)
-            log = step % o.log_every == 0 or step == cfg.steps
-            evaluate_now = step % cfg.eval_every == 0 or step == cfg.steps
-            stop = runs.stop_requested() is not None and step < cfg.steps
-            if log or evaluate_now or (stop and ddp is None):  # sync points (the same step on every rank)
-                bad = int(first_bad) if first_bad is not None else 0  # the loop's only host sync on CUDA
-                stopping = stop
-                if ddp:  # every rank decides together: divergence or a stop on any rank stops all
-                    agreed = ddp.average_scalars({"bad": float(bad > 0), "stop": float(stop)})
-                    bad = bad or (step if agreed["bad"] > 0 else 0)
-                    stopping = agreed["stop"] > 0
-                if bad or (evaluate_now and not _params_finite(method)):  # never evaluate a NaN model
-                    status, diverged_at, last_losses = "diverged", bad or step, floats(out)
-                    break
-                if stopping:
-                    # a signal asked us to stop: this step is complete, so its checkpoint resumes exactly
-                    checkpoint(step)
-                    for closing in (writer, bar):
-                        if closing:
-                            closing.close()
-                    raise Interrupted(runs.stop_requested() or int(signal.SIGTERM), step)
-            if log:
-                last_losses = floats(out)
-                if ddp:  # the global batch's losses
-                    last_losses = ddp.average_scalars(last_losses)
-                if writer:
-                    for k, v in last_losses.items():
-                        writer.add_scalar(f"train/{k}", v, step)
-                if bar:
-                    bar.set_postfix(loss=f"{last_losses.get('loss', float('nan')):.3f}")
-            if bar:
-                bar.update(1)
-            if step == cfg.steps:  # post-training adaptation (AdaBN, probes) sees only declared target data
-                if average is not None:
-                    average.apply()  # the averaged network is the one adapted, evaluated and saved
-                method.on_train_end(tgt_inputs,
-                                    _Inputs(tgt.train.subset(lab_idx), labels=True) if lab_iter is not None else None)
-            if evaluate_now and main:
-                t_eval = time.perf_counter()
-                averaged = average.swapped_in() if average is not None and step < cfg.steps else nullcontext()
-                with averaged, method.deployed(tgt_inputs):  # e.g. AdaBN's target statistics at every point
-                    ev = {"step": step, **evaluate(method, data)}
-                eval_time += time.perf_counter() - t_eval
-                evals.append(ev)
-                if writer:
-                    for split in ("src_val", "tgt_val", "tgt_test"):
-                        for m, v in ev[split].items():
-                            writer.add_scalar(f"{split}/{m}", v, step)
-                    for m, v in ev["tgt_train_unsup"].items():
-                        writer.add_scalar(f"tgt_train_unsup/{m}", v, step)
-            if o.checkpoint_every and step % o.checkpoint_every == 0 and step < cfg.steps:
-                checkpoint(step)  # atomic: a crash leaves the previous checkpoint intact
-    wall = time.perf_counter() - t0
-    if bar:
-        bar.close()
-    if writer:
-        writer.close()
-
-    steps_done = diverged_at or cfg.steps
-    record = {
-        "record_version": RECORD_VERSION,
-        "run_id": cfg.run_id(),
-        "status": status,
-        "config": cfg.key(),
-        "hparams": prep.hp,
-        "method": {"name": cfg.method, "family": prep.method_cls.family,
-                   "target_data": prep.method_cls.target_data.value + (" (+ unlabeled for vat)" if vat_only else ""),
-                   "budget": str(cfg.budget), "uses_source": prep.method_cls.uses_source,
-                   "init_from": init_from, "source_config": source_key},
-        "data": {"source": {"classes": len(src.classes), **{k: len(getattr(src, k)) for k in ("train", "val", "test")}},
-                 "target": {"classes": len(tgt.classes), **{k: len(getattr(tgt, k)) for k in ("train", "val", "test")},
-                            "labeled": int(len(lab_idx)) if lab_iter is not None else 0},
-                 "options": data_options},
-        "evals": evals,
-        "final": evals[-1] if evals and status == "done" else None,
-        "train": {"steps": steps_done, "wall_time_s": wall, "train_time_s": train_time,
-                  "eval_time_s": eval_time,
-                  "steps_per_s": steps_done / max(train_time, 1e-9), "last_losses": last_losses,
-                  "diverged_at": diverged_at, "resumed_from": resumed_from, "precision": precision,
-                  "channels_last": channels_last, "compile": o.compile,
-                  "distributed": ddp.record_info() if ddp else None},
-        "provenance": {**git_commit(), "versions": package_versions(), "device": str(dev),
-                       "device_name": _device_name(dev), "torch_threads": torch.get_num_threads(),
-                       "deterministic": o.deterministic,
-                       "host": platform.node(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-    }
-    if not main:
-        return ddp.broadcast(None)  # rank 0's record, once it is written
-    if (o.save_model or cfg.method == "source_only") and status == "done":
-        runs.save_model(run_dir, method.net.state_dict())  # atomic: readers see no half-written weights
-    runs.write_record(run_dir, record)
-    runs.remove_checkpoint(run_dir)  # finished: the record holds every evaluation
-    runs.mark_done(run_dir, status)
-    return ddp.broadcast(record) if ddp else record

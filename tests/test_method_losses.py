@@ -390,7 +390,7 @@ def test_snd_score_equals_pytorch_adapt(scale):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from pytorch_adapt.validators import SNDValidator
-    from dalab.trainer import snd_score
+    from dalab.evaluation import snd_score
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(1500, 10, generator=g) * scale  # > one chunk of 1024 rows
