@@ -24,7 +24,7 @@ setup: $(STAMP)
 
 test: setup
 	$(PY) -m ruff check .
-	@$(PY) -m pytest -q; rc=$$?; \
+	@$(PY) -m pytest -q --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # The main job: every method x the 4 offline digits pairs x 3 seeds -> results/digits/ (resumable).
@@ -32,6 +32,7 @@ bench: setup
 	$(VENV)/bin/dalab bench benchmarks/digits.yaml --jobs $(JOBS) --command "make bench"
 	$(PY) -m dalab.benchmarks.tsne --runs-dir $(MAIN_RUNS) --out results/digits/tsne.png
 	$(PY) -m dalab.results_index --out results/README.md
+	$(PY) -m dalab.benchmarks.methods_table --write
 
 # Every committed table regenerated from the run records committed beside it (no training; seconds)
 tables: setup

@@ -1,13 +1,16 @@
-"""The README's generated tables (methods, data options), from the registries.
+"""The generated blocks of README.md and docs/ (methods, hyperparameters, data options, selection
+rules, the main job's counts and measured time), from the registries and the results.
 
-    python -m dalab.benchmarks.methods_table           print them (same as: dalab list --markdown)
-    python -m dalab.benchmarks.methods_table --write   rewrite their blocks in README.md
+    python -m dalab.benchmarks.methods_table           print the methods and data-option tables (= dalab list --markdown)
+    python -m dalab.benchmarks.methods_table --write   rewrite every block in README.md and docs/ (FILES)
 
-In README.md each table sits between ``<!-- generated: NAME -->`` and ``<!-- end: NAME -->``;
-tests/test_readme.py fails when a block differs from what the registries give.
+Each block sits between ``<!-- generated: NAME -->`` and ``<!-- end: NAME -->``; tests/test_readme.py
+fails when a block differs from what the registries give, or when a typed count reappears.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from dalab.methods import METHODS
 
@@ -81,8 +84,41 @@ def selection_rules_markdown() -> str:
     return rules_markdown()
 
 
+ROOT = Path(__file__).resolve().parent.parent  # the repository (benchmarks/ sits at its top)
+MAIN_SPEC = "digits.yaml"
+
+
+def counts_markdown() -> str:
+    """The counts and measured times the README states: from the registry, the main spec's grid and
+    the main job's results/digits/timing.json (written by `dalab bench` at the end of a grid)."""
+    import json
+
+    from dalab.bench import BenchSpec, expand
+    from dalab.methods import METHODS
+
+    spec = BenchSpec.from_yaml(Path(__file__).resolve().parent / MAIN_SPEC)
+    grid = expand(spec)
+    n_pairs = len({(c.source, c.target) for c, _ in grid})
+    lines = [f"`make bench` runs `dalab bench benchmarks/{MAIN_SPEC} --jobs 2`: every registered method "
+             f"({len(METHODS)}) x its label budgets x {n_pairs} offline digits pairs x {len(spec.seeds)} seeds = "
+             f"**{len(grid)} runs** of {spec.steps} steps ({spec.backbone}, evaluated every {spec.eval_every} "
+             f"steps), then the t-SNE figure and the results index."]
+    timing = ROOT / "results" / "digits" / "timing.json"
+    if timing.is_file():
+        t = json.loads(timing.read_text())
+        total = max(t["wall_s"] * t["workers"], 1e-9)
+        lines.append(f"Last measured (`results/digits/timing.json`, `{t.get('command', '?')}`): {t['runs']} runs "
+                     f"trained in {t['wall_s']:.0f} s ({t['wall_s'] / 60:.0f} min) by {t['workers']} workers; "
+                     f"training {100 * t['train_s'] / total:.0f} %, evaluation {100 * t['eval_s'] / total:.0f} % "
+                     f"of their time; grid efficiency {t['efficiency']:.2f}.")
+    return "\n".join(lines)
+
+
 BLOCKS = {"methods": markdown, "shared-hparams": shared_hparams_markdown, "data-options": data_options_markdown,
-          "selection-rules": selection_rules_markdown}
+          "selection-rules": selection_rules_markdown, "counts": counts_markdown}
+# where each generated block lives (paths relative to the repository)
+FILES = {"README.md": ("counts", "methods"), "docs/methods.md": ("shared-hparams", "data-options"),
+         "docs/benchmarks.md": ("selection-rules",)}
 
 
 def readme_blocks(text: str) -> dict[str, str]:
@@ -93,27 +129,26 @@ def readme_blocks(text: str) -> dict[str, str]:
             for m in re.finditer(r"<!-- generated: ([\w-]+) -->\n(.*?)<!-- end: \1 -->", text, re.S)}
 
 
-def rewrite_readme(text: str) -> str:
-    """``text`` with every generated block replaced by the registries' current table."""
-    for name, make in BLOCKS.items():
+def rewrite_readme(text: str, names=None) -> str:
+    """``text`` with each generated block of ``names`` (default: all) replaced by its current table."""
+    for name in names or BLOCKS:
         start, end = f"<!-- generated: {name} -->\n", f"<!-- end: {name} -->"
         if start not in text or end not in text:
-            raise SystemExit(f"error: README has no block {start.strip()} ... {end}; add the two markers")
+            raise SystemExit(f"error: no block {start.strip()} ... {end}; add the two markers")
         head, rest = text.split(start, 1)
-        text = head + start + make() + "\n" + end + rest.split(end, 1)[1]
+        text = head + start + BLOCKS[name]() + "\n" + end + rest.split(end, 1)[1]
     return text
 
 
 if __name__ == "__main__":
     import sys
-    from pathlib import Path
 
     if "--write" in sys.argv[1:]:
         from dalab.utils import atomic_write_text
 
-        readme = Path(__file__).resolve().parent.parent / "README.md"
-        atomic_write_text(readme, rewrite_readme(readme.read_text()))
-        print(f"rewrote the generated blocks of {readme}")
+        for rel, names in FILES.items():
+            atomic_write_text(ROOT / rel, rewrite_readme((ROOT / rel).read_text(), names))
+            print(f"rewrote the generated blocks of {rel}")
     else:
         print(markdown())
         print()
