@@ -9,7 +9,8 @@ JSON run record. The method owns its losses and its optimizer step (``Method.upd
 A run (:func:`train`) is these stages, in this order, each with one job:
 
 1. :func:`validate` -- resolve and check the config (method, domains, backbone, label budget,
-   hyperparameters); nothing is loaded, trained or written before it passes.
+   hyperparameters, and the method's own :meth:`~dalab.methods.base.Method.check_run`); nothing
+   is loaded, trained or written before it passes.
 2. :func:`load_task` -> :class:`Task` -- the task's data: both domains' splits on the device, the
    labeled target subset of the label budget, standardisation and augmentation.
 3. :func:`build_method` -> :class:`Built` -- the network (from the source model when the method
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+SEED_BOUND = 2 ** 31  # seeds are < 2**31: the data streams seed generators with seed * 1000 + i
 
 
 @functools.cache
@@ -111,7 +113,9 @@ class Prepared:
 
 
 def validate(cfg: RunConfig) -> Prepared:
-    """Check a config before any data is built or anything is written; DalabError if it is bad."""
+    """Check a config before any data is built or anything is written; DalabError if it is bad.
+    Last, the method checks the run against what it needs (``Method.check_run``: e.g. a backbone
+    with BatchNorm), so a run it cannot do fails here, before any source model is trained."""
     from dalab.datasets.base import parse_budget
     from dalab.methods import get_method, resolve_hparams
     from dalab.methods.base import budget_kind
@@ -124,14 +128,19 @@ def validate(cfg: RunConfig) -> Prepared:
                           f"(it supports {', '.join(method_cls.label_budgets)}; 'k' = labels per class)")
     if cfg.precision not in PRECISIONS:
         raise DalabError(f"precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
-    for name, v, lo in (("steps", cfg.steps, 1), ("eval_every", cfg.eval_every, 1), ("seed", cfg.seed, 0)):
-        if not isinstance(v, int) or v < lo:
+    for name, v, lo in (("steps", cfg.steps, 1), ("eval_every", cfg.eval_every, 1), ("seed", cfg.seed, 0),
+                        ("split_seed", cfg.split_seed, 0)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise DalabError(f"{name}={v!r} must be an integer >= {lo}")
+    for name, v in (("seed", cfg.seed), ("split_seed", cfg.split_seed)):
+        if v >= SEED_BOUND:
+            raise DalabError(f"{name}={v} is too large: use 0 <= {name} < 2**31 ({SEED_BOUND})")
     hp = resolve_hparams(method_cls, cfg.hparams)
     src_hp = cfg.source_run_hparams(hp)
     if src_hp is not None:  # the source model's overrides must be valid too
         resolve_hparams(get_method("source_only"), src_hp)
     _check_data_options(cfg, method_cls, hp)
+    method_cls.check_run(cfg, hp)
     return Prepared(cfg, method_cls, hp, budget)
 
 

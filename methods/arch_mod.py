@@ -51,8 +51,9 @@ class ArchMod(Method):
     Budget 0 uses unlabeled target inputs only (AdaBN); budget k also trains the new parts on the
     k labeled target images per class. During training G's BatchNorm keeps its source statistics
     (eval mode); labeled target images go through their own forward pass.
-    With the BN-free ``lenet`` AdaBN can only re-estimate the new bottleneck's BatchNorm; use
-    ``--backbone lenet_bn`` (or a ResNet) for AdaBN on the backbone.
+    AdaBN needs a backbone with BatchNorm (``lenet_bn``, the ResNets; ``needs_batchnorm``): with
+    the BN-free ``lenet`` it could only re-estimate the new bottleneck's, so such a run is refused
+    before anything is trained (``adabn=false`` runs there without it).
     Deviation: AdaBN's paper re-estimates statistics of a network trained normally on source; here
     it is applied to the source network after the new parts are trained.
     """
@@ -63,11 +64,16 @@ class ArchMod(Method):
     target_data = TargetData.BOTH
     label_budgets = ("0", "k")
     init_from_source = True
+    needs_batchnorm = "AdaBN re-estimates the backbone's BatchNorm statistics on target"
     hparams = {
         "bottleneck": HParam(256, ("choice", (128, 256, 512)), "width of the new bottleneck", low=1),
         "adapters": HParam(False, ("choice", (False, True)), "add residual adapters to the backbone"),
         "adabn": HParam(True, ("choice", (True, False)), "re-estimate BatchNorm statistics on target"),
     }
+
+    @classmethod
+    def batchnorm_needed(cls, hp):
+        return hp["adabn"]
 
     def build(self):
         freeze(self.net.backbone)

@@ -7,7 +7,10 @@ declares
 - ``target_data``    -- which target data it uses (:class:`TargetData`),
 - ``label_budgets``  -- which target-label budgets it supports: "0" (unsupervised), "k" (k labels
   per class), "all",
-- ``hparams``        -- its own hyperparameters, each with a default and a search space.
+- ``hparams``        -- its own hyperparameters, each with a default and a search space,
+- what else its run must give it: ``init_from_source`` (it starts from the source model),
+  ``needs_batchnorm`` (a backbone with BatchNorm); :meth:`Method.check_run` turns these, and any
+  check a method adds, into one-line errors before anything is trained or written,
 
 and implements ``update(batch, step) -> dict`` (its losses and optimizer step). ``predict(x)``
 returns logits and ``features(x)`` the representation validators and plots use. The trainer owns
@@ -24,15 +27,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from types import SimpleNamespace
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dalab.utils import DalabError
+from dalab.utils import DalabError, Unsupported
 
-from .nets import has_batchnorm
+from .nets import BACKBONE_BATCHNORM, BACKBONE_INPUT, has_batchnorm
+
+if TYPE_CHECKING:
+    from dalab.runs import RunConfig
 
 
 # --------------------------------------------------------------------------- data a step sees
@@ -244,11 +250,34 @@ class Method(nn.Module):
     # same pair/seed/backbone, see dalab.pretrain) into ``net`` before constructing the method.
     init_from_source: ClassVar[bool] = False
 
+    # non-empty: the backbone must have BatchNorm, for this reason (AdaBN re-estimates its
+    # statistics; a method that trains only BatchNorm parameters has nothing else to train)
+    needs_batchnorm: ClassVar[str] = ""
+
     @classmethod
     def starts_from_source(cls, hp: Mapping[str, Any]) -> bool:
         """Whether a run with resolved hyperparameters ``hp`` starts from the source-pretrained
         network (``init_from_source`` unless a method lets an option turn it off)."""
         return cls.init_from_source
+
+    @classmethod
+    def batchnorm_needed(cls, hp: Mapping[str, Any]) -> bool:
+        """Whether a run with resolved hyperparameters ``hp`` needs a backbone with BatchNorm
+        (``needs_batchnorm`` unless a method lets an option turn the need off)."""
+        return bool(cls.needs_batchnorm)
+
+    @classmethod
+    def check_run(cls, cfg: "RunConfig", hp: Mapping[str, Any]) -> None:
+        """Raise a one-line :class:`~dalab.utils.DalabError` naming the fix when this method cannot
+        do what run ``cfg`` (with resolved hyperparameters ``hp``) asks. ``dalab.trainer.validate``
+        calls it after its own checks, before any source model is trained or any folder is made.
+        Default: the declared needs (``needs_batchnorm``). A method with a further need overrides
+        it and calls ``super().check_run(cfg, hp)`` first."""
+        if cls.batchnorm_needed(hp) and not BACKBONE_BATCHNORM.get(cfg.backbone, True):
+            fits = [b for b, bn in BACKBONE_BATCHNORM.items()
+                    if bn and BACKBONE_INPUT[b] == BACKBONE_INPUT[cfg.backbone]]
+            raise Unsupported(f"method {cls.name!r} needs a backbone with BatchNorm ({cls.needs_batchnorm}), but "
+                              f"{cfg.backbone!r} has none; use --backbone {' or '.join(fits)} (in a spec: backbone:)")
 
     def __init__(self, net: nn.Module, num_classes: int, hp: Mapping[str, Any], total_steps: int):
         super().__init__()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from dalab.utils import DalabError
+
 from .base import Batch, HParam, Method, TargetData, register
-from .nets import backbone_blocks, freeze
+from .nets import BACKBONE_BLOCKS, backbone_blocks, freeze
 
 
 @register("finetune")
@@ -33,6 +35,14 @@ class Finetune(Method):
         "blocks": HParam(-1, ("choice", (-1, 1, 2)), "fine-tune the last k backbone blocks (-1: all)", low=-1),
         "l2sp_alpha": HParam(0.0, ("log", 1e-3, 1.0), "L2-SP strength toward source weights (0: off)", low=0.0),
     }
+
+    @classmethod
+    def check_run(cls, cfg, hp):
+        super().check_run(cfg, hp)
+        n = BACKBONE_BLOCKS[cfg.backbone]
+        if hp["blocks"] > n:  # it would silently fine-tune the whole backbone
+            raise DalabError(f"finetune blocks={hp['blocks']} but backbone {cfg.backbone!r} has {n} blocks; "
+                             f"use blocks between 0 and {n} (the last k blocks), or -1 for all of them")
 
     def build(self):
         blocks = backbone_blocks(self.net.backbone)

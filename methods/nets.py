@@ -85,6 +85,10 @@ class ResNetBackbone(nn.Module):
 
 # input side each backbone takes (None: any size >= 32 after resizing, e.g. ResNets' global pooling)
 BACKBONE_INPUT: dict[str, int | None] = {"lenet": 28, "lenet_bn": 28, "resnet18": None, "resnet50": None}
+# what a run can be checked against before any network is built (tests build each to confirm):
+# whether the backbone has BatchNorm layers, and how many blocks backbone_blocks() finds in it
+BACKBONE_BATCHNORM: dict[str, bool] = {"lenet": False, "lenet_bn": True, "resnet18": True, "resnet50": True}
+BACKBONE_BLOCKS: dict[str, int] = {"lenet": 2, "lenet_bn": 2, "resnet18": 5, "resnet50": 5}
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "lenet": lambda pretrained=None: LeNet(bn=False),    # the DANN paper's exact architecture
