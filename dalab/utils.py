@@ -22,9 +22,9 @@ class DalabError(Exception):
     """
 
 
-class NoSpace(DalabError):
+class NoSpace(DalabError, OSError):
     """A file could not be written because its disk (or quota) is full: one line naming the folder
-    and the cause; exit status 1 (not bad input)."""
+    and the cause; exit status 1 (not bad input). Still an OSError for code that handles those."""
 
     exit_code = 1
 
@@ -197,7 +197,10 @@ def cpu_has_bf16() -> bool:
 def _cuda_has_bf16() -> bool:
     import torch
 
-    return torch.cuda.is_bf16_supported()
+    try:
+        return torch.cuda.is_bf16_supported()
+    except (RuntimeError, AssertionError):  # CUDA reported but unusable (no driver): the run fails anyway
+        return False
 
 
 def resolve_precision(precision: str, device: str = "auto") -> str:
