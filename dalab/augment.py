@@ -272,6 +272,39 @@ def _kl_rows(logp: Tensor, logq: Tensor) -> Tensor:
     return (logp.exp() * (logp - logq)).sum(1).clamp_min(0.0)
 
 
+# --------------------------------------------------------------------------- BSP
+
+class BatchSpectralPenalty:
+    """Batch spectral penalization (Chen et al., "Transferability vs. Discriminability: Batch
+    Spectral Penalization for Adversarial Domain Adaptation", ICML 2019), Eq. 6:
+
+        L_bsp = sum_{i=1..k} sigma_{s,i}^2 + sigma_{t,i}^2,
+
+    the squares of the k largest singular values of the source and of the target batch feature
+    matrices (the backbone's output), added as ``weight * L_bsp`` to any method that sees both.
+    It penalises the features the method itself computed in this step
+    (:attr:`Method.step_features`, recorded by ``features_cat``/``features_st``), so the gradient
+    reaches exactly the representation the method aligns; a method that computed no source and
+    target features before its first optimizer step (MCD's step A, ADDA) gets them from one extra
+    forward per domain, with BatchNorm's running statistics left untouched. The per-matrix loss is
+    pytorch-adapt's ``BatchSpectralLoss`` (its BSP hook sums the two domains the same way)."""
+
+    name = "bsp"
+
+    def __init__(self, weight: float, k: int = 1):
+        from pytorch_adapt.layers import BatchSpectralLoss
+
+        self.weight, self.k, self.loss = weight, k, BatchSpectralLoss(k)
+
+    def __call__(self, method, batch) -> tuple[Tensor, dict[str, Tensor]]:
+        feats = method.step_features
+        if feats is None:
+            with _FrozenBNStats(method):
+                feats = method.features_st(batch.x_src, batch.x_tgt)
+        penalty = sum(self.loss(f.float()) for f in feats)
+        return self.weight * penalty, {"bsp_loss": penalty}
+
+
 def extra_terms(hp: dict, num_classes: int) -> list:
     """The objective terms a run's data options add to its method (may be empty)."""
     terms = []
@@ -279,4 +312,6 @@ def extra_terms(hp: dict, num_classes: int) -> list:
         terms.append(CrossDomainMixup(hp["mixup_alpha"], hp["mixup_weight"], num_classes))
     if hp.get("vat", 0.0) > 0:
         terms.append(VAT(hp["vat"], hp["vat_eps"], hp["vat_xi"]))
+    if hp.get("bsp", 0.0) > 0:
+        terms.append(BatchSpectralPenalty(hp["bsp"], hp["bsp_k"]))
     return terms

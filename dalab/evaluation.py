@@ -119,3 +119,19 @@ def evaluate(method, data: dict) -> dict[str, Any]:
     out["tgt_train_unsup"] = unsupervised_scores(predict_split(method, data["tgt_train"])[0])
     method.train(was_training)
     return out
+
+
+def display_scalars(ev: dict[str, Any]) -> dict[str, float]:
+    """An evaluation point as the scalars people read (TensorBoard): the labeled splits' metrics in
+    percent, as every table shows them (records keep fractions), and the label-free scores under
+    names that say their sign -- pytorch-adapt's ``entropy`` score is the NEGATIVE mean entropy
+    (higher is better, what a selection rule maximises), logged as ``neg_entropy`` beside the
+    entropy itself (``entropy``, >= 0)."""
+    out = {f"{split}/{m}": 100.0 * v for split in LABELED_SPLITS for m, v in ev.get(split, {}).items()}
+    for name, v in ev.get("tgt_train_unsup", {}).items():
+        if name == "entropy":
+            out["tgt_train_unsup/neg_entropy"] = v
+            out["tgt_train_unsup/entropy"] = -v
+        else:
+            out[f"tgt_train_unsup/{name}"] = v
+    return out

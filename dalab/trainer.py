@@ -166,7 +166,7 @@ def _check_domains_and_backbone(cfg: RunConfig) -> None:
 
 
 def _check_data_options(cfg: RunConfig, method_cls: type, hp: dict[str, Any]) -> None:
-    """The run's data options (mixup) fit the data the method sees."""
+    """The run's data options (mixup, BSP) fit the data the method sees."""
     from dalab.methods.base import TargetData
 
     if hp["mixup"] == "cross" and method_cls.target_data not in (TargetData.UNLABELED, TargetData.BOTH):
@@ -175,6 +175,11 @@ def _check_data_options(cfg: RunConfig, method_cls: type, hp: dict[str, Any]) ->
     if not method_cls.uses_source and hp["mixup"] != "none":
         raise Unsupported(f"method {cfg.method!r} is source-free (its adaptation sees no source data), so "
                           f"mixup={hp['mixup']} cannot apply; use mixup=none")
+    if hp["bsp"] > 0 and (not method_cls.uses_source
+                          or method_cls.target_data not in (TargetData.UNLABELED, TargetData.BOTH)):
+        raise Unsupported(f"bsp penalises source and target features together, but method {cfg.method!r} does not "
+                          f"see both (source-free, or no unlabeled target data); use bsp=0, or a method that "
+                          f"adapts with both (e.g. dann)")
 
 
 @dataclass
@@ -440,10 +445,9 @@ class Outputs:
 
     def evaluation(self, ev: dict[str, Any]) -> None:
         if self.writer:
-            for split, metrics in ev.items():
-                if split != "step":
-                    for m, v in metrics.items():
-                        self.writer.add_scalar(f"{split}/{m}", v, ev["step"])
+            from dalab.evaluation import display_scalars
+            for tag, v in display_scalars(ev).items():  # percent, as the tables; entropy with its sign
+                self.writer.add_scalar(tag, v, ev["step"])
 
     def advance(self, steps: int = 1) -> None:
         if self.bar:

@@ -171,6 +171,10 @@ DATA_HPARAMS: dict[str, HParam] = {
     "vat": HParam(0.0, None, "weight of virtual adversarial training on target inputs (0 = off)", low=0.0),
     "vat_eps": HParam(6.0, None, "VAT perturbation radius (L2, model-input units)", low=0.0),
     "vat_xi": HParam(1e-6, None, "VAT finite-difference step", low=0.0),
+    "bsp": HParam(0.0, None, "weight of batch spectral penalization on source and target features (Chen et al. "
+                  "2019; the paper's 1e-4; 0 = off)", low=0.0, high=10.0, keyed_at_default=False),
+    "bsp_k": HParam(1, None, "BSP: number of largest singular values penalised per domain", low=1, high=64,
+                    keyed_at_default=False),
 }
 SHARED_HPARAMS.update(DATA_HPARAMS)
 
@@ -286,7 +290,7 @@ class Method(nn.Module):
         self.hp = SimpleNamespace(**hp)
         self.total_steps = max(int(total_steps), 1)
         # extra objective terms from the run's data options (dalab.augment: cross mixup, VAT); the
-        # trainer sets them, step() adds them to the first loss stepped in each training step
+        # trainer sets them, step() adds them to the first loss in each training step that updates the backbone
         self.extra_terms: list = []
         self.precision = "fp32"  # "bf16": the backbone runs under bf16 autocast (see features())
         # per-domain input standardisation (mean, std per channel of [0, 1] pixels), set by the trainer;
@@ -295,6 +299,11 @@ class Method(nn.Module):
             "source": ([0.5] * 3, [0.5] * 3), "target": ([0.5] * 3, [0.5] * 3)}
         self._batch: Batch | None = None
         self._extra_logs: dict[str, Tensor] = {}
+        # (source, target) features of this training step's batch, recorded by features_cat for
+        # the terms that read them (BSP); cleared after every step
+        self.step_features: tuple[Tensor, Tensor] | None = None
+        self._extra_added = False
+        self._backbone_opts: set[str] | None = None  # optimizers that update the backbone (computed once)
         self.build()
         from dalab.optim import Optimization
         self.optim = Optimization(self.optimizers(), self.hp, self.total_steps, self.parameters())
@@ -381,8 +390,13 @@ class Method(nn.Module):
         per-domain statistics (as pytorch-adapt's hooks). Without BatchNorm both are the same
         function. Every method that trains on several domains at once goes through here."""
         if self.hp.bn_mode == "split" and len(xs) > 1 and has_batchnorm(self.net.backbone):
-            return torch.cat([self.features(x) for x in xs])
-        return self.features(torch.cat(xs))
+            f = torch.cat([self.features(x) for x in xs])
+        else:
+            f = self.features(torch.cat(xs))
+        b = self._batch
+        if b is not None and self.step_features is None and len(xs) == 2 and xs[0] is b.x_src and xs[1] is b.x_tgt:
+            self.step_features = (f[:len(xs[0])], f[len(xs[0]):])  # this step's source and target features
+        return f
 
     def features_st(self, x_s: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`features_cat` of a source and a target batch, split back into (f_s, f_t)."""
@@ -407,25 +421,36 @@ class Method(nn.Module):
     def train_step(self, batch: Batch, step: int) -> dict[str, Tensor | float]:
         """What the trainer calls once per step: set the LRs, :meth:`update` (the extra terms of the
         run's data options are added to the first loss it steps, and logged), :meth:`after_step`."""
-        self._batch, self._extra_logs = batch, {}
+        self._batch, self._extra_logs, self._extra_added = batch, {}, False
         self.optim.begin_step(step)
         try:
             out = self.update(batch, step)
         finally:
-            self._batch = None
+            self._batch, self.step_features = None, None
         self.after_step(step)
         return {**out, **self._extra_logs}
 
     def step(self, loss: Tensor, *names: str, retain_graph: bool = False) -> None:
         """Backward ``loss`` and step the named optimizers (default: all of them). The trainer's
         :class:`~dalab.optim.Optimization` does the work; the extra terms of the run's data options
-        (cross mixup, VAT) join the first loss stepped in a training step."""
-        if self.extra_terms and self._batch is not None and self.optim.steps_taken == 0:
+        (cross mixup, VAT, BSP) join the first loss stepped in a training step that updates the backbone."""
+        names = names or tuple(self.optim.optimizers)
+        if self.extra_terms and self._batch is not None and not self._extra_added and self._steps_backbone(names):
+            self._extra_added = True
             for term in self.extra_terms:
                 extra, logs = term(self, self._batch)
                 loss = loss + extra
                 self._extra_logs.update(logs)
-        self.optim.step(loss, names or tuple(self.optim.optimizers), retain_graph)
+        self.optim.step(loss, names, retain_graph)
+
+    def _steps_backbone(self, names: tuple[str, ...]) -> bool:
+        """Whether stepping these optimizers updates the backbone: the extra terms regularise the
+        representation, so they join the first such loss (ADDA steps its discriminator first)."""
+        if self._backbone_opts is None:
+            backbone = {id(p) for p in self.net.backbone.parameters()}
+            self._backbone_opts = {n for n, opt in self.optim.optimizers.items()
+                                   if any(id(p) in backbone for g in opt.param_groups for p in g["params"])}
+        return any(n in self._backbone_opts for n in names)
 
     @property
     def lr(self) -> float:

@@ -138,3 +138,23 @@ def test_no_function_of_the_trainer_is_long(module):
     long = [(n.name, n.end_lineno - n.lineno + 1) for n in ast.walk(tree)
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 80]
     assert not long, long
+
+
+def test_tensorboard_scalars_are_percent_and_entropy_has_its_sign(tmp_path):
+    """Issue 27 item 5: TensorBoard shows accuracies in percent, as the tables, and the entropy
+    score under names that say its sign (the record keeps pytorch-adapt's negative entropy)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dalab.runs import RunConfig
+    from dalab.trainer import train
+
+    cfg = RunConfig("source_only", "toy_a", "toy_b", steps=4, eval_every=2, backbone="lenet_bn")
+    rec = train(cfg, tmp_path, device="cpu", progress=False)
+    acc = EventAccumulator(str(tmp_path / cfg.run_id() / "tb"))
+    acc.Reload()
+    final = rec["evals"][-1]
+    pct = acc.Scalars("tgt_test/acc")[-1].value
+    assert abs(pct - 100 * final["tgt_test"]["acc"]) < 1e-3
+    ent = acc.Scalars("tgt_train_unsup/entropy")[-1].value
+    assert ent >= 0 and abs(ent + final["tgt_train_unsup"]["entropy"]) < 1e-5
+    assert abs(acc.Scalars("tgt_train_unsup/neg_entropy")[-1].value - final["tgt_train_unsup"]["entropy"]) < 1e-5
