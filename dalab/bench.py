@@ -124,7 +124,10 @@ class BenchSpec:
         if not p.is_file():
             raise DalabError(f"benchmark spec {p} not found; pass a YAML file such as benchmarks/digits.yaml")
         try:
-            raw = yaml.safe_load(p.read_text())
+            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise DalabError(f"benchmark spec {p} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                             f"{e.start}); save it as UTF-8") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
@@ -160,6 +163,8 @@ class BenchSpec:
         def bad(name, msg):
             raise DalabError(f"{where}: field {name!r} {msg} ({name}: {self.help(name)}; see docs/spec.md)")
 
+        if not isinstance(self.name, str) or not self.name.strip():
+            bad("name", f"must be a non-empty string, got {self.name!r}")
         for name in ("steps", "eval_every", "trials"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -298,14 +303,14 @@ def expand(spec: BenchSpec, skipped: list[str] | None = None, groups: dict | Non
     (``trials`` > 1) whose trials one row pools, and the variant's ``name``."""
     from dalab.tables import RowGroup
     from dalab.datasets.base import parse_budget
-    from dalab.methods import SHARED_HPARAMS, get_method
+    from dalab.methods import SHARED_HPARAMS, get_method, resolve_hparams
     from dalab.methods.base import budget_kind
     from dalab.trainer import validate
     from dalab.utils import Unsupported
 
-    for key in spec.hparams:
-        if key != "all":
-            get_method(key)
+    for key, overrides in spec.hparams.items():
+        if key != "all":  # checked even for a method outside the grid (a shared spec lists every method)
+            resolve_hparams(get_method(key), overrides)
     pairs = resolve_pairs(spec.pairs)
     methods = resolve_methods(spec)
     _check_variants(spec, methods)

@@ -227,6 +227,12 @@ def cmd_bench(args) -> int:
         raise DalabError("dalab bench runs whole grids, not one run over several processes: under torchrun "
                          "use `dalab run ...`; spread a grid with --jobs N or --launcher slurm")
     from dalab.utils import check_writable
+    for opt, value, ok, need in (("--jobs", args.jobs, args.jobs >= 1, "an integer >= 1"),
+                                 ("--probe-steps", args.probe_steps, args.probe_steps >= 0, "an integer >= 0"),
+                                 ("--step-time", args.step_time, args.step_time is None or args.step_time > 0,
+                                  "a number of seconds > 0")):
+        if not ok:
+            raise DalabError(f"{opt} {value} is not valid: give {need}")
     spec = BenchSpec.from_yaml(args.spec)
     if args.runs_dir:
         spec.runs_dir = args.runs_dir

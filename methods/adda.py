@@ -56,7 +56,7 @@ class ADDA(Method):
                               "LR schedule (paper: constant)"),
         "weight_decay": HParam(0.0, ("choice", (0.0, 5e-4)), "L2 weight decay (paper: none)", low=0.0, high=1.0),
         "adam_beta1": HParam(0.5, ("choice", (0.5, 0.9)), "Adam beta1 of T and D (paper: 0.5)", low=0.0, high=0.999),
-        "disc_hidden": HParam(500, ("choice", (500, 1024)), "discriminator width (paper: 500)", low=1),
+        "disc_hidden": HParam(500, ("choice", (500, 1024)), "discriminator width (paper: 500)", low=1, high=8192),
         "disc_depth": HParam(2, ("int", 1, 3), "discriminator hidden layers (paper: 2)", low=1, high=8),
         "d_threshold": HParam(0.0, None, "update T only when D's batch accuracy exceeds this "
                               "(pytorch-adapt: 0.6; paper: none = 0)", low=0.0, high=1.0),

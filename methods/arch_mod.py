@@ -66,7 +66,7 @@ class ArchMod(Method):
     init_from_source = True
     needs_batchnorm = "AdaBN re-estimates the backbone's BatchNorm statistics on target"
     hparams = {
-        "bottleneck": HParam(256, ("choice", (128, 256, 512)), "width of the new bottleneck", low=1),
+        "bottleneck": HParam(256, ("choice", (128, 256, 512)), "width of the new bottleneck", low=1, high=8192),
         "adapters": HParam(False, ("choice", (False, True)), "add residual adapters to the backbone"),
         "adabn": HParam(True, ("choice", (True, False)), "re-estimate BatchNorm statistics on target"),
     }

@@ -48,8 +48,8 @@ class CDAN(Method):
         "gamma": HParam(10.0, ("choice", (5.0, 10.0)), "steepness of the lambda_p schedule", low=0.0),
         "entropy_cond": HParam(True, ("choice", (True, False)), "CDAN+E entropy weighting"),
         "randomized": HParam("auto", ("choice", ("auto", "yes", "no")), "auto: when d_f x K > 4096"),
-        "rand_dim": HParam(1024, ("choice", (512, 1024)), "output size of the randomized map", low=1),
-        "disc_hidden": HParam(500, ("choice", (500, 1024)), "discriminator width", low=1),
+        "rand_dim": HParam(1024, ("choice", (512, 1024)), "output size of the randomized map", low=1, high=16384),
+        "disc_hidden": HParam(500, ("choice", (500, 1024)), "discriminator width", low=1, high=8192),
         "disc_depth": HParam(2, ("int", 1, 3), "hidden layers of the discriminator", low=1, high=8),
         "disc_bn": DANN.hparams["disc_bn"],  # the same rule as DANN's discriminator
         "disc_bn_stats": DANN.hparams["disc_bn_stats"],

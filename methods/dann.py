@@ -62,7 +62,7 @@ class DANN(Method):
     hparams = {
         "trade_off": HParam(1.0, ("log", 0.1, 3.0), "weight of the domain loss", low=0.0),
         "gamma": HParam(10.0, ("choice", (5.0, 10.0)), "steepness of the lambda_p schedule", low=0.0),
-        "disc_hidden": HParam(100, ("choice", (100, 500, 1024)), "domain discriminator width", low=1),
+        "disc_hidden": HParam(100, ("choice", (100, 500, 1024)), "domain discriminator width", low=1, high=8192),
         "disc_depth": HParam(1, ("int", 1, 3), "hidden layers of the discriminator", low=1, high=8),
         "disc_bn": HParam("auto", None, "BatchNorm in the discriminator's hidden layers (per domain): auto = when "
                           "the backbone has BatchNorm (lenet_bn, ResNets), as TLlib; the BN-free paper LeNet keeps "

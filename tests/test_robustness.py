@@ -763,3 +763,57 @@ def test_a_resumed_run_shows_each_step_once_in_tensorboard(tmp_path):  # 30, obs
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 31))
     assert [e.step for e in acc.Scalars("tgt_test/acc")] == [10, 20, 30]
+
+
+# --------------------------------------------------------------------------- issue 30 items 6-10
+
+@pytest.mark.parametrize("args, needle", [
+    (["--jobs", "0"], "error: --jobs 0 is not valid: give an integer >= 1"),
+    (["--jobs", "-2"], "error: --jobs -2 is not valid: give an integer >= 1"),
+    (["--dry-run", "--step-time", "-1"], "error: --step-time -1.0 is not valid: give a number of seconds > 0"),
+])
+def test_bench_rejects_bad_jobs_and_step_time(tmp_path, capsys, args, needle):
+    from dalab.cli import main
+
+    p = tmp_path / "s.yaml"
+    p.write_text("methods: [source_only]\npairs: [[toy_a, toy_b]]\nseeds: [0]\nsteps: 2\n"
+                 f"runs_dir: {tmp_path / 'runs'}\nout: {tmp_path / 'out'}\n")
+    assert main(["bench", str(p), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == needle and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("methods: [source_only]\nhparams: {dann: {lrr: abc}}\n", "unknown hyperparameter 'lrr' for method 'dann'"),
+    ("methods: [source_only]\nhparams: {dann: {lr: abc}}\n", "lr"),
+    ("name: [x]\n", "field 'name' must be a non-empty string, got ['x']"),
+])
+def test_spec_errors_for_names_and_hparams_of_methods_outside_the_grid(tmp_path, capsys, text, needle):
+    from dalab.cli import main
+
+    p = tmp_path / "s.yaml"
+    p.write_text(text + f"pairs: [[toy_a, toy_b]]\nruns_dir: {tmp_path / 'runs'}\nout: {tmp_path / 'out'}\n")
+    assert main(["bench", str(p), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and needle in err and err.count("\n") == 1
+
+
+def test_a_spec_that_is_not_utf8_is_one_error_line(tmp_path, capsys):
+    from dalab.cli import main
+
+    p = tmp_path / "s.yaml"
+    p.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    assert main(["bench", str(p), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: benchmark spec {p} is not UTF-8 text (byte 0xe9") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("method, name", [("dann", "disc_hidden"), ("cdan", "rand_dim"), ("adda", "disc_hidden"),
+                                          ("arch_mod", "bottleneck")])
+def test_size_hyperparameters_are_bounded(method, name, capsys):
+    from dalab.cli import main
+
+    assert main(["run", "--method", method, "--source", "toy_a", "--target", "toy_b",
+                 "--set", f"{name}=1000000000000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and name in err and err.count("\n") == 1
