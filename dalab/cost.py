@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from dalab.utils import duration
+
 
 
 def check_inputs(grid, data_root: str | None, pretrained: str | None, backbone: str) -> dict[str, Any]:
@@ -105,16 +107,6 @@ def _device_label(dev: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def _duration(s: float) -> str:
-    if s < 120:
-        return f"{s:.0f} s"
-    if s < 2 * 3600:
-        return f"{s / 60:.0f} min"
-    if s < 3 * 86400:
-        return f"{s / 3600:.1f} h"
-    return f"{s / 86400:.1f} days"
-
-
 def estimate(spec, grid, states: list[str], domains: dict[str, Any] | None = None, jobs: int = 1,
              device: str = "auto", probe_steps: int = 3, step_time: float | None = None) -> list[str]:
     """Lines saying what the not-done runs of ``grid`` cost: runs, steps, and wall time from a
@@ -154,11 +146,11 @@ def estimate(spec, grid, states: list[str], domains: dict[str, Any] | None = Non
     eval_total = eval_images * eval_s if (eval_images is not None and eval_s is not None) else None
     total = train_s + (eval_total or 0.0)
     lines.append(f"  {how}")
-    lines.append(f"  training {_duration(train_s)}"
-                 + (f" + evaluation {_duration(eval_total)} ({eval_images:,} images)" if eval_total is not None
+    lines.append(f"  training {duration(train_s)}"
+                 + (f" + evaluation {duration(eval_total)} ({eval_images:,} images)" if eval_total is not None
                     else " (evaluation not estimated)")
-                 + f" = {_duration(total)} of one worker")
+                 + f" = {duration(total)} of one worker")
     if jobs > 1:
-        lines.append(f"  with --jobs {jobs}: about {_duration(total / jobs)} if the workers do not slow each other "
+        lines.append(f"  with --jobs {jobs}: about {duration(total / jobs)} if the workers do not slow each other "
                      f"down (one GPU or core set each)")
     return lines

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from dalab import runs
+from dalab.utils import duration
 
 CLEAR = "\r\x1b[K"  # carriage return + erase line: where the bar was
 
@@ -35,17 +36,6 @@ def clear_line(stream: TextIO | None = None) -> str:
         return CLEAR if stream.isatty() else ""
     except (AttributeError, ValueError):
         return ""
-
-
-def duration(s: float) -> str:
-    s = max(0.0, s)
-    if s < 90:
-        return f"{s:.0f} s"
-    if s < 90 * 60:
-        return f"{s / 60:.0f} min"
-    if s < 48 * 3600:
-        return f"{s / 3600:.1f} h"
-    return f"{s / 86400:.1f} days"
 
 
 class GridProgress:

@@ -69,24 +69,12 @@ PRECISIONS = ("auto", "fp32", "bf16")
 SEED_BOUND = 2 ** 31  # seeds are < 2**31: the data streams seed generators with seed * 1000 + i
 
 
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_precision(precision: str, dev: torch.device) -> str:
-    """``auto`` -> ``bf16`` on a CUDA GPU with bf16 support or a CPU with native bf16, else ``fp32``."""
-    if precision != "auto":
-        return precision
-    if dev.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if dev.type == "cpu" and cpu_has_bf16() else "fp32"
+    """``auto`` -> ``bf16`` where the device computes it natively, else ``fp32``: the one rule,
+    :func:`dalab.utils.resolve_precision`, which run ids read too (an id names what was computed)."""
+    from dalab.utils import resolve_precision as resolve
+
+    return resolve(precision, str(dev))
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -222,3 +222,15 @@ def resolve_precision(precision: str, device: str = "auto") -> str:
 def cache_dir() -> Path:
     """Where built offline domains are cached (``$DALAB_CACHE`` or ``~/.cache/dalab``)."""
     return Path(os.environ.get("DALAB_CACHE", Path.home() / ".cache" / "dalab"))
+
+
+def duration(s: float) -> str:
+    """A time span for people: seconds, minutes, hours or days (bench progress, cost estimates)."""
+    s = max(0.0, s)
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 90 * 60:
+        return f"{s / 60:.0f} min"
+    if s < 48 * 3600:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} days"
