@@ -701,17 +701,29 @@ def test_run_ids_name_the_computed_precision_and_committed_ids_stay_valid(tmp_pa
         rec = runs.read_record(path.parent)
         assert runs.key_id(rec["config"]) == rec["run_id"] == path.parent.name
         assert runs.is_done(path.parent.parent, rec["run_id"])
-    # the main job's committed ids (precision auto, computed in bf16 on a bf16 CPU) are what a bf16 CPU gives
+    # the main job: bf16 and fp32 are different runs; auto is the one its CPU computes in, under that run's id
     spec = BenchSpec.from_yaml(repo / "benchmarks" / "digits.yaml")
-    committed = {r["run_id"] for r in csv.DictReader(open(repo / "results" / "digits" / "runs.csv"))}
+
+    def grid_ids(bf16_cpu: bool, precision: str = "auto") -> set[str]:
+        monkeypatch.setattr(utils, "cpu_has_bf16", lambda: bf16_cpu)
+        return {c.run_id() for c, _ in expand(dataclasses.replace(spec, precision=precision))}
+
+    on_bf16, on_fp32 = grid_ids(True), grid_ids(False)
+    assert on_bf16 == grid_ids(True, "bf16") and on_fp32 == grid_ids(False, "fp32") == grid_ids(True, "fp32")
+    assert len(on_bf16) == len(on_fp32) and not on_bf16 & on_fp32
+    # its committed runs.csv lists the ids of the CPU its runs computed on (table.csv's setting names bf16)
+    listed = {r["run_id"] for r in csv.DictReader(open(repo / "results" / "digits" / "runs.csv"))}
+    assert listed == (on_bf16 if ", bf16" in (repo / "results" / "digits" / "table.csv").read_text() else on_fp32)
+    assert {p.parent.name for p in repo.glob("results/digits/runs/*/record.json")} <= on_bf16 | on_fp32
+    # ids committed before ids named the computed precision (results/digits/runs.csv at d809c85: precision
+    # auto on a bf16 CPU) are still those bf16 runs' ids
     monkeypatch.setattr(utils, "cpu_has_bf16", lambda: True)
-    assert {c.run_id() for c, _ in expand(spec)} == committed
-    assert {c.run_id() for c, _ in expand(dataclasses.replace(spec, precision="bf16"))} == committed
-    # on an fp32-only CPU, auto is the fp32 run (no redo), and none of the bf16 runs counts as done
-    monkeypatch.setattr(utils, "cpu_has_bf16", lambda: False)
-    auto = [c.run_id() for c, _ in expand(spec)]
-    assert auto == [c.run_id() for c, _ in expand(dataclasses.replace(spec, precision="fp32"))]
-    assert not set(auto) & committed
+    main_job = dict(steps=500, eval_every=125, backbone="lenet_bn")
+    assert RunConfig("source_only", "mnist5k", "ucidigits", hparams={"lr": 0.03, "weight_ema": 0.99},
+                     **main_job).run_id() == "source_only__mnist5k-ucidigits__b0__s0__599845b7"
+    assert RunConfig("adda", "mnist5k", "mnistm5k", hparams={"weight_ema": 0.99},
+                     source_hparams={"lr": 0.03, "weight_ema": 0.99}, **main_job).run_id() == \
+        "adda__mnist5k-mnistm5k__b0__s0__10450998"
     # a record under an old auto id that computed fp32 is not the bf16 run that id stands for now
     cfg = RunConfig("source_only", "toy_a", "toy_b", steps=2, eval_every=2, precision="fp32")
     rec = train(cfg, tmp_path, device="cpu", progress=False, tensorboard=False)
