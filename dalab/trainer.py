@@ -135,7 +135,7 @@ def validate(cfg: RunConfig) -> Prepared:
 def _check_domains_and_backbone(cfg: RunConfig) -> None:
     """Both domains exist and differ, and the backbone exists and takes their images."""
     from dalab.datasets.base import get_domain
-    from dalab.methods.nets import BACKBONE_INPUT
+    from dalab.methods.nets import BACKBONE_INPUT, BACKBONE_MIN_SIZE
 
     domains = [get_domain(cfg.source), get_domain(cfg.target)]
     if cfg.source == cfg.target:
@@ -151,6 +151,17 @@ def _check_domains_and_backbone(cfg: RunConfig) -> None:
             raise DalabError(f"backbone {cfg.backbone!r} takes {need}x{need} images but domain {d.name!r} gives "
                              f"{d.image_size}x{d.image_size}; use a backbone that fits: {', '.join(fits)} "
                              f"(--backbone, or a spec's backbone:)")
+        if d.image_size < BACKBONE_MIN_SIZE.get(cfg.backbone, 0):
+            _warn_small_input(cfg.backbone, d.name, d.image_size)
+
+
+@functools.cache  # once per process: a grid validates every run
+def _warn_small_input(backbone: str, domain: str, size: int) -> None:
+    from dalab.methods.nets import BACKBONE_MIN_SIZE
+
+    runs.warn(f"backbone {backbone!r} is made for images of at least {BACKBONE_MIN_SIZE[backbone]}x"
+              f"{BACKBONE_MIN_SIZE[backbone]}; on {domain!r}'s {size}x{size} its last feature map is 1x1 and it costs "
+              f"a ResNet's compute for a digit (about 0.1 steps/s on 2 CPU cores): lenet_bn is the digits backbone")
 
 
 def _check_data_options(cfg: RunConfig, method_cls: type, hp: dict[str, Any]) -> None:
@@ -656,8 +667,9 @@ def make_record(run: Run, task: Task, built: Built, loop: Loop, wall: float) -> 
                    "target_data": cls.target_data.value + (" (+ unlabeled for vat)" if streams.vat_only else ""),
                    "budget": str(cfg.budget), "uses_source": cls.uses_source,
                    "init_from": built.init_from, "source_config": built.source_key},
-        "data": {"source": sizes(src),
-                 "target": {**sizes(tgt), "labeled": int(len(task.lab_idx)) if streams.lab is not None else 0},
+        "data": {"source": {**sizes(src), "fingerprint": src.fingerprint},  # the data this run saw
+                 "target": {**sizes(tgt), "labeled": int(len(task.lab_idx)) if streams.lab is not None else 0,
+                            "fingerprint": tgt.fingerprint},
                  "options": task.options},
         "evals": h.evals,
         "final": h.evals[-1] if h.evals and h.status == "done" else None,

@@ -85,6 +85,8 @@ class ResNetBackbone(nn.Module):
 
 # input side each backbone takes (None: any size >= 32 after resizing, e.g. ResNets' global pooling)
 BACKBONE_INPUT: dict[str, int | None] = {"lenet": 28, "lenet_bn": 28, "resnet18": None, "resnet50": None}
+# the smallest input a backbone is meant for (ResNets downsample 32x): smaller ones run, with a warning
+BACKBONE_MIN_SIZE: dict[str, int] = {"resnet18": 64, "resnet50": 64}
 # what a run can be checked against before any network is built (tests build each to confirm):
 # whether the backbone has BatchNorm layers, and how many blocks backbone_blocks() finds in it
 BACKBONE_BATCHNORM: dict[str, bool] = {"lenet": False, "lenet_bn": True, "resnet18": True, "resnet50": True}

@@ -167,7 +167,10 @@ def test_vat_changes_gradients_only_when_enabled():
     assert all(torch.equal(a, c) for a, c in zip(base, off))
     assert all(torch.allclose(a, c, atol=1e-7) for a, c in zip(base, zero))
     assert any(not torch.allclose(a, c) for a, c in zip(base, on))
-    assert "vat_loss" in out1 and "vat_loss" not in out0 and float(out1["vat_loss"].detach()) > 0
+    # at initialisation the predictions are near uniform, so the KL itself is at rounding level
+    # (it was -3.3e-08 on an AMD EPYC before the per-row clamp): assert it is logged and
+    # non-negative by construction; the gradients above show that the term acts
+    assert "vat_loss" in out1 and "vat_loss" not in out0 and float(out1["vat_loss"].detach()) >= 0.0
 
 
 def test_vat_leaves_batchnorm_running_stats_alone():

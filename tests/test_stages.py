@@ -158,3 +158,18 @@ def test_tensorboard_scalars_are_percent_and_entropy_has_its_sign(tmp_path):
     ent = acc.Scalars("tgt_train_unsup/entropy")[-1].value
     assert ent >= 0 and abs(ent + final["tgt_train_unsup"]["entropy"]) < 1e-5
     assert abs(acc.Scalars("tgt_train_unsup/neg_entropy")[-1].value - final["tgt_train_unsup"]["entropy"]) < 1e-5
+
+
+def test_the_record_names_the_data_it_saw(tmp_path):
+    """Issue 30: two runs with one id cannot have seen different data unnoticed -- the record keeps
+    each domain's content fingerprint (the cache's identity check uses the same hash)."""
+    from dalab.datasets.base import load_domain
+    from dalab.runs import RunConfig
+    from dalab.trainer import train
+
+    rec = train(RunConfig("source_only", "toy_a", "toy_b", steps=2, eval_every=2, backbone="lenet_bn"), tmp_path,
+                device="cpu", progress=False, tensorboard=False)
+    for role, name in (("source", "toy_a"), ("target", "toy_b")):
+        fp = rec["data"][role]["fingerprint"]
+        assert fp and fp == load_domain(name, 0, "cpu").fingerprint
+    assert rec["data"]["source"]["fingerprint"] != rec["data"]["target"]["fingerprint"]
