@@ -173,3 +173,16 @@ def test_the_record_names_the_data_it_saw(tmp_path):
         fp = rec["data"][role]["fingerprint"]
         assert fp and fp == load_domain(name, 0, "cpu").fingerprint
     assert rec["data"]["source"]["fingerprint"] != rec["data"]["target"]["fingerprint"]
+
+
+def test_a_resnet_on_digits_warns_once(capsys):
+    from dalab.runs import RunConfig
+    from dalab.trainer import _warn_small_input, validate
+
+    _warn_small_input.cache_clear()
+    for seed in (0, 1):
+        validate(RunConfig("source_only", "mnist5k", "ucidigits", seed=seed, backbone="resnet18"))
+    err = capsys.readouterr().err
+    assert err.count("warning: backbone 'resnet18' is made for images of at least 64x64") == 2  # one per domain
+    validate(RunConfig("source_only", "mnist5k", "ucidigits", backbone="lenet_bn"))
+    assert "warning" not in capsys.readouterr().err
