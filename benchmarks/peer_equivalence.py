@@ -135,9 +135,15 @@ def peer_dann(m, **_) -> Peer:
     D = copy.deepcopy(m.disc)
     t = m.hp.trade_off
     # dalab's domain loss is the mean of the two domain BCEs: each domain term weighs trade_off / 2
+    weights = {"src_domain_loss": t / 2, "target_domain_loss": t / 2}
+    extra = {}
+    if m.hp.bsp > 0:  # dalab's bsp option = pytorch-adapt's BSPHook after G (source and target features)
+        from pytorch_adapt.hooks import BSPHook
+        from pytorch_adapt.layers import BatchSpectralLoss
+        extra = {"post_g": [BSPHook(loss_fn=BatchSpectralLoss(k=m.hp.bsp_k))]}
+        weights["bsp_loss"] = m.hp.bsp
     adapter = DANN(models=Models({"G": G, "C": C, "D": nn.Sequential(D, nn.Flatten(0))}), optimizers=_sgd(),
-                   hook_kwargs={"weighter": _weighter({"src_domain_loss": t / 2, "target_domain_loss": t / 2}),
-                                 "gradient_reversal_weight": 1.0})
+                   hook_kwargs={"weighter": _weighter(weights), "gradient_reversal_weight": 1.0, **extra})
     return Peer(adapter, pairs + [("disc", m.disc, D)], lambda s: dann_lambda(m.progress(s), m.hp.gamma))
 
 
@@ -366,6 +372,9 @@ CASES: list[Case] = [
     Case("dann", "adapters.DANN (DANNHook)", peer_dann,
          f"{SUM_W} (domain terms trade_off/2 each: dalab averages the two domain BCEs); GRL weight = "
          "dalab's lambda_p each step; domain labels source=1"),
+    Case("dann", "adapters.DANN + hooks.BSPHook (post_g)", peer_dann,
+         f"{SUM_W}, bsp_loss weight = bsp; BSPHook(BatchSpectralLoss(k=bsp_k)) on source and target features",
+         overrides={"bsp": 1e-2}, label="bsp=0.01"),
     Case("cdan", "adapters.CDANNE (CDANNEHook)", peer_cdan,
          f"{SUM_W}; GRL weight = lambda_p; feature_combiner = dalab's RandomizedDotProduct; entropy weights "
          "normalised to sum to the batch size; softmax detached in the map"),
@@ -507,6 +516,8 @@ def build_method(name: str, backbone: str, overrides: dict, seed: int = 0):
     hp = resolve_hparams(cls, {"optimizer": "sgd", "lr": LR, "momentum": 0.0, "weight_decay": 0.0, "lr_schedule": "constant",
                                **overrides})
     m = cls(build_classifier(backbone, NUM_CLASSES), NUM_CLASSES, hp, TOTAL_STEPS)
+    from dalab.augment import extra_terms
+    m.extra_terms = extra_terms(hp, NUM_CLASSES)  # the run's options (bsp), as the trainer sets them
     m.train()
     return m
 
