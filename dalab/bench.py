@@ -374,21 +374,6 @@ def write_grid_tables(spec: BenchSpec, grid, groups: dict, command: str, records
     return write_tables(records, spec.out, spec.selection, command, pairs, plots=plots, groups=groups)
 
 
-def check_writable(folder: str | os.PathLike, what: str) -> None:
-    """A one-line error unless ``folder`` is (or can be made) a writable folder."""
-    import tempfile
-
-    p = Path(folder)
-    if p.exists() and not p.is_dir():
-        raise DalabError(f"{what} {p} is a file, not a folder; point {what} at a folder")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=p, prefix=".dalab-write-test."):
-            pass
-    except OSError as e:
-        raise DalabError(f"{what} {p} is not writable ({e.strerror or e}); choose another folder") from None
-
-
 # --------------------------------------------------------------------------- run states
 
 def run_or_load(cfg, runs_dir: str | os.PathLike, device: str = "auto", cached_only: bool = False,

@@ -76,7 +76,7 @@ def method_setting(rec: dict) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class RowGroup:
-    """What a benchmark spec says about a run's row (``dalab.bench.row_groups``): ``search`` names
+    """What a benchmark spec says about a run's row (filled by ``dalab.bench.expand(spec, groups=...)``): ``search`` names
     the declared search (``trials:``) whose runs are pooled into one row, each cell taking the trial
     the selection rule prefers; ``name`` is the row's name given in the spec."""
 
@@ -122,10 +122,10 @@ def aggregate(records: Iterable[dict], rule: str,
                              "step": p["step"] if p else None, "acc": p["tgt_test"]["acc"] * 100 if p else None,
                              "record": r})
             ok = [x for x in runs if x["acc"] is not None]
+            chosen = json.loads(best)  # the trial's method setting
             conv = convergence.of_runs([x["record"] for x in ok])
             out[rk][pair] = {"convergence": conv, "accs": [x["acc"] for x in ok], "seeds": [x["seed"] for x in ok], "runs": runs,
-                             "n_failed": len(runs) - len(ok), "hparams": json.loads(best)["hparams"],
-                             "setting": json.loads(best), "n_trials": len(trials), "trials": sorted(trials)}
+                             "n_failed": len(runs) - len(ok), "hparams": chosen["hparams"], "setting": chosen, "n_trials": len(trials), "trials": sorted(trials)}
     return out
 
 
