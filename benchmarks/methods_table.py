@@ -93,14 +93,13 @@ def counts_markdown() -> str:
     the main job's results/digits/timing.json (written by `dalab bench` at the end of a grid)."""
     import json
 
-    from dalab.bench import BenchSpec, expand
-    from dalab.methods import METHODS
+    from dalab.bench import BenchSpec, expand, resolve_methods
 
     spec = BenchSpec.from_yaml(Path(__file__).resolve().parent / MAIN_SPEC)
     grid = expand(spec)
     n_pairs = len({(c.source, c.target) for c, _ in grid})
-    lines = [f"`make bench` runs `dalab bench benchmarks/{MAIN_SPEC} --jobs 2`: every registered method "
-             f"({len(METHODS)}) x its label budgets x {n_pairs} offline digits pairs x {len(spec.seeds)} seeds = "
+    lines = [f"`make bench` runs `dalab bench benchmarks/{MAIN_SPEC} --jobs 2`: every registered closed-set method "
+             f"({len(resolve_methods(spec))}) x its label budgets x {n_pairs} offline digits pairs x {len(spec.seeds)} seeds = "
              f"**{len(grid)} runs** of {spec.steps} steps ({spec.backbone}, evaluated every {spec.eval_every} "
              f"steps), then the t-SNE figure and the results index."]
     timing = ROOT / "results" / "digits" / "timing.json"

@@ -30,6 +30,7 @@ from dalab import runs
 from dalab.runs import RunConfig, RunOptions, release_claim, run_state, try_claim  # noqa: F401 -- re-exported
 from dalab.progress import clear_line
 from dalab.selection import RULE_NAMES as RULES  # the one registry of selection rules
+from dalab.tasks import score
 from dalab.utils import DalabError
 
 
@@ -63,6 +64,13 @@ class BenchSpec:
         "default", type="`default`, a benchmark name, or a list of [source, target]",
         help="domain pairs: `default` = the offline digits pairs; a benchmark name from `dalab list` "
              "(e.g. digits-extra, office31)")
+    setting: str = _key("closed", type="`closed`, `partial`, `openset` or `universal`",
+                        help="label-set setting of every task (dalab.tasks): the digits split `dalab list` shows, "
+                             "unless `classes` gives one; tables report the setting's headline metric")
+    classes: str | dict[str, list[int]] | None = _key(
+        None, type="text SHARED:SOURCE_PRIVATE:TARGET_PRIVATE (e.g. `0-4::5-9`), a mapping shared / "
+                   "source_private / target_private -> class indices, or null",
+        help="an explicit label-set split of class indices (null: the setting's split)")
     seeds: list[int] = _key(type="list of integers >= 0", factory=lambda: [0, 1, 2],
                             help="training seeds; every setting runs once per seed (the tables' mean ± std)")
     budgets: list[str] = _key(type="list of 0, k (labels per class) or `all`", factory=lambda: ["0"],
@@ -220,7 +228,9 @@ def resolve_methods(spec: BenchSpec) -> list[str]:
     from dalab.methods import METHODS, get_method
 
     if spec.methods == "all":
-        return sorted(METHODS, key=lambda n: (n != "source_only", METHODS[n].family, n))
+        # every method that runs on the spec's setting (a method made for another one is left out)
+        return sorted((n for n, c in METHODS.items() if spec.setting in c.settings),
+                      key=lambda n: (n != "source_only", METHODS[n].family, n))
     if not isinstance(spec.methods, list):
         raise DalabError(f"field 'methods' must be 'all' or a list of method names, got {spec.methods!r}")
     for m in spec.methods:
@@ -305,6 +315,7 @@ def expand(spec: BenchSpec, skipped: list[str] | None = None, groups: dict | Non
     from dalab.datasets.base import parse_budget
     from dalab.methods import SHARED_HPARAMS, get_method, resolve_hparams
     from dalab.methods.base import budget_kind
+    from dalab.tasks import classes_key
     from dalab.trainer import validate
     from dalab.utils import Unsupported
 
@@ -312,6 +323,7 @@ def expand(spec: BenchSpec, skipped: list[str] | None = None, groups: dict | Non
         if key != "all":  # checked even for a method outside the grid (a shared spec lists every method)
             resolve_hparams(get_method(key), overrides)
     pairs = resolve_pairs(spec.pairs)
+    classes = classes_key(spec.setting, spec.classes)
     methods = resolve_methods(spec)
     _check_variants(spec, methods)
     src_hp = source_hparams(spec)
@@ -341,7 +353,8 @@ def expand(spec: BenchSpec, skipped: list[str] | None = None, groups: dict | Non
                             cfg = RunConfig(method, src, tgt, seed=seed, budget=b, steps=spec.steps,
                                             eval_every=spec.eval_every, backbone=spec.backbone,
                                             pretrained=spec.pretrained, split_seed=spec.split_seed,
-                                            precision=spec.precision, hparams=hp, source_hparams=src_hp)
+                                            precision=spec.precision, hparams=hp, source_hparams=src_hp,
+                                            classes=classes)
                             try:
                                 validate(cfg)
                             except Unsupported as e:
@@ -460,7 +473,7 @@ def work(cfg_dicts: list[dict], runs_dir: str, opts: RunOptions | None = None, t
                     rec = train(cfg, rd, opts, progress=False, resume=True,
                                 checkpoint_every=opts.checkpoint_every or cfg.eval_every)
                     runs.clear_failure(rd, rid)
-                    acc = rec["final"]["tgt_test"]["acc"] * 100 if rec["final"] else float("nan")
+                    acc = score(rec, rec["final"]) * 100 if rec["final"] else float("nan")
                     print(f"{clear_line()}{worker}{rec['status']:<8} {rid}  tgt_test {acc:5.1f}  "
                           f"({time.perf_counter() - t0:.0f} s, {rec['train']['steps_per_s']:.0f} steps/s)", flush=True)
                     results[rid] = rec["status"]

@@ -109,6 +109,14 @@ def cmd_list(args) -> int:
     for name, d in sorted(DOMAINS.items(), key=lambda kv: (kv[1].family, kv[0])):
         if not d.hidden or args.all:
             print(f"  {name:<22} {d.family:<11} {d.description}")
+    from dalab.datasets.pairs import LABEL_SETS
+    from dalab.tasks import HEADLINE, SETTINGS, LabelSet
+    print("settings (label sets; dalab run --setting NAME or --classes SHARED:SRC_PRIVATE:TGT_PRIVATE, a spec's "
+          "setting:/classes:), on any pair:")
+    for name, what in SETTINGS.items():
+        split = f"classes {LabelSet(**LABEL_SETS[name]).text():<12}" if name in LABEL_SETS else f"{'all classes':<20}"
+        print(textwrap.fill(f"{split} {HEADLINE[name][1]}; {what}", 110, initial_indent=f"  {name:<11} ",
+                            subsequent_indent=" " * 14))
     from dalab.datasets import BENCHMARKS
     print("pairs (source->target; 'digits' is the default offline benchmark):")
     for bench, pairs in BENCHMARKS.items():
@@ -161,6 +169,7 @@ INTERRUPTED = "interrupted; rerun the same command to resume"
 
 def cmd_run(args) -> int:
     from dalab import runs
+    from dalab.tasks import classes_key
     from dalab.trainer import RunConfig, train, validate
     from dalab.utils import check_writable
 
@@ -170,7 +179,8 @@ def cmd_run(args) -> int:
     cfg = RunConfig(method=args.method, source=args.source, target=args.target, seed=args.seed,
                     budget=args.budget, steps=args.steps, eval_every=args.eval_every,
                     backbone=args.backbone, pretrained=args.pretrained, precision=args.precision,
-                    hparams=parse_sets(args.set), source_hparams=parse_sets(args.source_set))
+                    hparams=parse_sets(args.set), source_hparams=parse_sets(args.source_set),
+                    classes=classes_key(args.setting, args.classes))
     validate(cfg)  # bad input: one line, nothing written, before the claim
     check_writable(args.runs_dir, "--runs-dir")
     cfg = cfg.for_device(args.device)  # the id names the precision this device computes in
@@ -212,7 +222,8 @@ def cmd_run(args) -> int:
     print(f"{rec['run_id']}  ({rec['train']['steps_per_s']:.1f} steps/s, {rec['train']['wall_time_s']:.1f} s)")
     for split in ("src_val", "tgt_val", "tgt_test"):
         m = f[split]
-        print(f"  {split:<9} acc {m['acc']:.4f}  bal_acc {m['bal_acc']:.4f}  macro_f1 {m['macro_f1']:.4f}")
+        extra = "".join(f"  {k} {m[k]:.4f}" for k in ("os_star", "unk", "h_score", "os") if k in m)
+        print(f"  {split:<9} acc {m['acc']:.4f}  bal_acc {m['bal_acc']:.4f}  macro_f1 {m['macro_f1']:.4f}{extra}")
     print(f"  record: {args.runs_dir}/{rec['run_id']}/record.json")
     return 0
 
@@ -422,6 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--steps", type=int, default=2000)
     pr.add_argument("--eval-every", type=int, default=250)
     pr.add_argument("--backbone", default="lenet")
+    pr.add_argument("--setting", default=None, metavar="SETTING",
+                    help="label-set setting: closed (default), partial, openset or universal, with the digits "
+                         "split of `dalab list` (dalab.datasets.pairs.LABEL_SETS)")
+    pr.add_argument("--classes", default=None, metavar="SHARED:SRC_PRIVATE:TGT_PRIVATE",
+                    help="explicit label-set split, class indices and ranges, e.g. 0-4::5-9 (open-set: 0-4 known, "
+                         "5-9 unknown in the target)")
     pr.add_argument("--pretrained", default=None, help="local ImageNet weight file (ResNets); never downloaded")
     pr.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="hyperparameter override")
     pr.add_argument("--source-set", action="append", default=[], metavar="NAME=VALUE",

@@ -17,9 +17,11 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
+from dalab.tasks import score
+
 PLATEAU_POINTS = 2.0
 MARKS = {"rising": "↗", "falling": "↘", "swinging": "↕"}
-RULE_TEXT = (f"↗/↘: still rising/falling at the budget, ↕: swinging between checkpoints (target test accuracy "
+RULE_TEXT = (f"↗/↘: still rising/falling at the budget, ↕: swinging between checkpoints (the target test metric "
              f"moves > {PLATEAU_POINTS:g} points from the halfway checkpoint to the last, mean over seeds)")
 
 
@@ -30,7 +32,7 @@ def drift(rec: dict) -> float | None:
         return None
     half = rec["config"]["steps"] // 2
     mid = next((e for e in rec["evals"] if e["step"] == half), None)
-    return None if mid is None else (rec["final"]["tgt_test"]["acc"] - mid["tgt_test"]["acc"]) * 100
+    return None if mid is None else (score(rec, rec["final"]) - score(rec, mid)) * 100
 
 
 def mean_drift(drifts: list[float] | None) -> tuple[float | None, float | None]:

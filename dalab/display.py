@@ -64,12 +64,16 @@ def pair_name(rec: dict) -> str:
 
 
 def setting(rec: dict) -> str:
-    """A row's data setting, named in the tables: backbone, pretrained weights, step budget, data
-    split, precision and data options (the method's own hyperparameters and source model are the
+    """A row's data setting, named in the tables: backbone, pretrained weights, step budget, the
+    task's label set (:func:`dalab.tasks.tag`), data split, precision and data options (the method's own hyperparameters and source model are the
     row's other key: dalab.tables.method_setting)."""
+    from dalab.tasks import tag
+
     c = rec["config"]
     steps = c.get("steps", "?")
     s = f"{c.get('backbone', '?')}, {steps} step{'' if steps == 1 else 's'}"
+    if tag(c):  # a label-set task: never pooled with another split of the same pair
+        s += f", {tag(c)}"
     if c.get("pretrained"):
         s += f", pretrained {c['pretrained']}"
     if c.get("split_seed", 0):

@@ -55,8 +55,53 @@ CLASSIFICATION_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
 
 def classification_metrics(logits: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
     """Every :data:`CLASSIFICATION_METRICS` entry of the arg-max predictions."""
-    pred = logits.argmax(1).numpy()
+    return metrics_of(labels, logits.argmax(1).numpy())
+
+
+def metrics_of(labels: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """Every :data:`CLASSIFICATION_METRICS` entry of predicted classes ``pred``."""
     return {name: metric(labels, pred) for name, metric in CLASSIFICATION_METRICS.items()}
+
+
+# --------------------------------------------------------------------------- tasks with unknown classes
+
+# A closed-set method on a task whose target has unknown classes (open-set, universal) is scored with
+# the rejection baseline: "unknown" when its max softmax is below a threshold chosen on SOURCE
+# validation data only -- the max-softmax value that this fraction of source-val samples falls below
+# (95% of known-class source samples are accepted, the usual operating point of OOD detection).
+REJECT_QUANTILE = 0.05
+REJECT_RULE = (f"closed-set methods: unknown when the max softmax is below its {REJECT_QUANTILE * 100:.0f}th "
+               f"percentile on source validation (no target label chooses it)")
+
+
+def open_set_metrics(labels: np.ndarray, pred: np.ndarray, k: int) -> dict[str, float]:
+    """Open-set scores of predictions in 0..K (K = "unknown") against labels in 0..K: OS* (mean
+    per-class accuracy over the known classes present), UNK (recall of the unknown class), the
+    H-score (their harmonic mean; Fu et al., ECCV 2020) and OS (per-class mean over the known classes
+    and unknown). NaN where a part is undefined (no known or no unknown sample)."""
+    recalls = [float(np.mean(pred[labels == c] == c)) for c in np.unique(labels) if c < k]
+    os_star = float(np.mean(recalls)) if recalls else float("nan")
+    unk = float(np.mean(pred[labels == k] == k)) if np.any(labels == k) else float("nan")
+    h = 0.0 if os_star + unk == 0 else 2 * os_star * unk / (os_star + unk)
+    os_ = float(np.mean(recalls + [unk]))
+    return {"os_star": os_star, "unk": unk, "h_score": float(h), "os": os_}
+
+
+def rejection_threshold(src_val_logits: torch.Tensor) -> float:
+    """The rejection baseline's threshold: the :data:`REJECT_QUANTILE` quantile of the max softmax
+    over source validation (a closed-set model's, K classes)."""
+    conf = torch.softmax(src_val_logits.float(), 1).max(1).values
+    return float(torch.quantile(conf, REJECT_QUANTILE))
+
+
+def open_predictions(logits: torch.Tensor, k: int, threshold: float | None) -> np.ndarray:
+    """Predicted classes in 0..K: a method that decides "unknown" itself gives K + 1 scores (argmax);
+    a closed-set one gives K, and is "unknown" below the rejection ``threshold``."""
+    if logits.shape[1] == k + 1:
+        return logits.argmax(1).numpy()
+    conf, pred = torch.softmax(logits.float(), 1).max(1)
+    pred[conf < threshold] = k
+    return pred.numpy()
 
 
 # --------------------------------------------------------------------------- without labels
@@ -108,14 +153,28 @@ def unsupervised_scores(logits: torch.Tensor) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- one evaluation point
 
-def evaluate(method, data: dict) -> dict[str, Any]:
+def evaluate(method, data: dict, label_set=None) -> dict[str, Any]:
     """Metrics on every labeled split (:data:`LABELED_SPLITS`), label-free scores on target train
-    (``data["tgt_train"]``), with the method in eval mode (its mode is restored after)."""
+    (``data["tgt_train"]``), with the method in eval mode (its mode is restored after). On a task
+    whose target has unknown classes (``label_set``: a :class:`dalab.tasks.LabelSet`) the target
+    splits also get :func:`open_set_metrics`, of predictions that include "unknown"
+    (:func:`open_predictions`), and the point records the rejection threshold a closed-set method used."""
     was_training = method.training
     method.eval()
     out: dict[str, Any] = {}
-    for name in LABELED_SPLITS:
-        out[name] = classification_metrics(*predict_split(method, data[name]))
+    preds = {name: predict_split(method, data[name]) for name in LABELED_SPLITS}
+    if label_set is not None and label_set.has_unknown:
+        k = label_set.num_known
+        threshold = None if getattr(method, "open_set", False) else rejection_threshold(preds["src_val"][0])
+        out["src_val"] = classification_metrics(*preds["src_val"])
+        for name in LABELED_SPLITS[1:]:
+            logits, labels = preds[name]
+            pred = open_predictions(logits, k, threshold)
+            out[name] = {**metrics_of(labels, pred), **open_set_metrics(labels, pred, k)}
+        out["reject_threshold"] = threshold
+    else:
+        for name, (logits, labels) in preds.items():
+            out[name] = classification_metrics(logits, labels)
     out["tgt_train_unsup"] = unsupervised_scores(predict_split(method, data["tgt_train"])[0])
     method.train(was_training)
     return out

@@ -132,15 +132,16 @@ def budget_curve(records: list[dict], stem: str | Path, rule: str = "last", base
     import matplotlib.pyplot as plt
 
     from dalab import display
-    from dalab.selection import RULES, select
     from dalab.display import pair_name
+    from dalab.selection import RULES, select
+    from dalab.tasks import score
 
     by: dict[str, dict[str, dict[str, list[float]]]] = {}
     for r in records:
         p = select(r, rule)
         if p is not None:
             by.setdefault(pair_name(r), {}).setdefault(r["method"]["name"], {}).setdefault(
-                r["method"]["budget"], []).append(p["tgt_test"]["acc"] * 100)
+                r["method"]["budget"], []).append(score(r, p) * 100)
     budgets = sorted({b for m in by.values() for bs in m.values() for b in bs},
                      key=lambda b: (b == "all", int(b) if b.isdigit() else 0))
     x = {b: i for i, b in enumerate(budgets)}

@@ -1,7 +1,7 @@
 """Source pretraining, shared by every method that starts from a source-trained model.
 
 The source model of a run is defined once, by :func:`source_config`: the ``source_only`` run of
-the same pair, seed, backbone, pretrained weights, step budget, evaluation schedule, split and
+the same task (pair and label set), seed, backbone, pretrained weights, step budget, evaluation schedule, split and
 precision, with the run's *source hyperparameters* (``RunConfig.source_hparams``: in a benchmark,
 the spec's hparams for ``all`` and ``source_only``; ``dalab run --source-set NAME=VALUE``) and the
 run's input standardisation. In a benchmark grid the ``source_only`` row and the starting point of
@@ -34,7 +34,7 @@ def source_config(cfg: RunConfig) -> RunConfig:
         raise DalabError(f"method {cfg.method!r} with these hyperparameters does not start from a source model")
     return RunConfig("source_only", cfg.source, cfg.target, seed=cfg.seed, budget="0", steps=cfg.steps,
                      eval_every=cfg.eval_every, backbone=cfg.backbone, pretrained=cfg.pretrained,
-                     split_seed=cfg.split_seed, precision=cfg.precision, hparams=hp)
+                     split_seed=cfg.split_seed, precision=cfg.precision, hparams=hp, classes=cfg.classes)
 
 
 def source_pretrained(cfg: RunConfig, runs_dir: str | Path, opts: RunOptions,

@@ -86,6 +86,9 @@ class RunConfig:
     hparams: dict[str, Any] = field(default_factory=dict)  # overrides of the defaults
     # overrides of the source_only run a method with init_from_source starts from (else ignored)
     source_hparams: dict[str, Any] = field(default_factory=dict)
+    # the task's label-set split (dalab.tasks.LabelSet.key(): shared / source_private / target_private
+    # class indices); None = closed-set over all classes, and then not part of the canonical config
+    classes: dict[str, list[int]] | None = None
 
     def source_run_hparams(self, hp: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """The hyperparameter overrides of the ``source_only`` run this run starts from (None if it
@@ -124,6 +127,11 @@ class RunConfig:
         src = self.source_run_hparams(hp)
         d["source_hparams"] = (keyed_hparams(METHODS["source_only"], resolve_hparams(METHODS["source_only"], src))
                                if src is not None else None)
+        if self.classes is None:  # closed-set over all classes: the key (and id) every earlier run has
+            del d["classes"]
+        else:
+            from dalab.tasks import LabelSet
+            d["classes"] = LabelSet.from_key(self.classes).key()
         return d
 
     def run_id(self) -> str:
@@ -133,8 +141,10 @@ class RunConfig:
 
 def key_id(key: dict[str, Any]) -> str:
     """The run id of a canonical config (:meth:`RunConfig.key`, what a record stores as ``config``)."""
+    from dalab.tasks import id_tag
+
     h = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{key['method']}__{key['source']}-{key['target']}__b{key['budget']}__s{key['seed']}__{h}"
+    return f"{key['method']}__{key['source']}-{key['target']}{id_tag(key)}__b{key['budget']}__s{key['seed']}__{h}"
 
 
 def run_dir(runs_dir: str | os.PathLike, run_id: str) -> Path:

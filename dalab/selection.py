@@ -1,7 +1,8 @@
 """Model-selection rules: the one registry that tables, specs, CLI help and the README read.
 
 A rule picks one evaluation point (checkpoint) of a run from what was recorded at that point;
-reported numbers are always target-TEST accuracy at the picked checkpoint. The same rule picks
+reported numbers are always the target-TEST headline metric at the picked checkpoint (accuracy; on
+label-set tasks the setting's metric, :data:`dalab.tasks.HEADLINE`). The same rule picks
 among hyperparameter trials (dalab.tables). A rule that reads target labels is an ORACLE: an upper
 bound for model selection, never an unsupervised-adaptation result; every table and figure says so.
 
@@ -21,7 +22,8 @@ class Rule:
     display: str                       # short name for tables and figures
     description: str                   # one line: what it picks
     needs_target_labels: bool          # True: an oracle (reads target-validation labels)
-    score: Callable[[dict], float]     # evaluation point -> score; the highest wins (ties: later step)
+    # (evaluation point, the task's headline metric) -> score; the highest wins (ties: later step)
+    score: Callable[[dict, str], float]
 
     @property
     def label(self) -> str:
@@ -35,17 +37,22 @@ class Rule:
                 if self.needs_target_labels else f"{self.description} (no target labels)")
 
 
-def _unsup(key: str) -> Callable[[dict], float]:
-    return lambda ev: ev["tgt_train_unsup"][key]
+def _unsup(key: str) -> Callable[[dict, str], float]:
+    return lambda ev, metric: ev["tgt_train_unsup"][key]
+
+
+def _src_val(ev: dict, metric: str) -> float:
+    return ev["src_val"]["acc"]  # source validation has no unknown class: accuracy in every setting
 
 
 _RULES = (
-    Rule("last", "Last", "last checkpoint of the fixed step budget", False, lambda ev: ev["src_val"]["acc"]),
-    Rule("src_val", "Source val", "best source-validation accuracy", False, lambda ev: ev["src_val"]["acc"]),
+    Rule("last", "Last", "last checkpoint of the fixed step budget", False, _src_val),
+    Rule("src_val", "Source val", "best source-validation accuracy", False, _src_val),
     Rule("im", "IM", "best information-maximisation score on unlabeled target train", False, _unsup("im")),
     Rule("entropy", "Entropy", "lowest prediction entropy on unlabeled target train", False, _unsup("entropy")),
     Rule("snd", "SND", "best soft-neighbourhood density on unlabeled target train", False, _unsup("snd")),
-    Rule("oracle", "Oracle", "best target-validation accuracy", True, lambda ev: ev["tgt_val"]["acc"]),
+    Rule("oracle", "Oracle", "best target-validation accuracy (the setting's metric)", True,
+         lambda ev, metric: ev["tgt_val"][metric]),
 )
 RULES: dict[str, Rule] = {r.name: r for r in _RULES}
 RULE_NAMES: tuple[str, ...] = tuple(RULES)
@@ -68,8 +75,9 @@ def markdown() -> str:
     return "\n".join(lines)
 
 
-def selection_score(ev: dict, rule: str) -> float:
-    return RULES[rule].score(ev)
+def selection_score(ev: dict, rule: str, metric: str = "acc") -> float:
+    """What ``rule`` maximises at evaluation point ``ev`` of a run whose headline metric is ``metric``."""
+    return RULES[rule].score(ev, metric)
 
 
 def select(record: dict, rule: str) -> dict | None:
@@ -80,10 +88,13 @@ def select(record: dict, rule: str) -> dict | None:
         return None
     if rule == "last":
         return evals[-1] if record.get("status") == "done" and evals else None
-    finite = [e for e in evals if math.isfinite(selection_score(e, rule))]
+    from dalab.tasks import headline
+
+    metric = headline(record)
+    finite = [e for e in evals if math.isfinite(selection_score(e, rule, metric))]
     if not finite:
         return None
-    return max(reversed(finite), key=lambda e: selection_score(e, rule))
+    return max(reversed(finite), key=lambda e: selection_score(e, rule, metric))
 
 
 # A run "at chance" finished (did not diverge) but never learned its source task: its final

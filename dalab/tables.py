@@ -31,6 +31,8 @@ from dalab import convergence, display
 from dalab.display import pair_name, setting  # noqa: F401 -- record keys, re-exported
 from dalab.render import Cell, Table
 from dalab.selection import CHANCE_MARK, CHANCE_NOTE, RULES, n_at_chance, select, selection_score
+from dalab.evaluation import REJECT_RULE
+from dalab.tasks import HEADLINE, headline, score, setting_of
 from dalab.utils import atomic_write_text
 
 __all__ = ["RULE_TEXT", "aggregate", "build_table", "explain", "load_records", "pair_name", "run_command",
@@ -111,7 +113,7 @@ def aggregate(records: Iterable[dict], rule: str,
         for pair, trials in by_pair.items():
             def trial_score(recs):
                 pts = [select(r, rule) for r in recs]
-                vals = [selection_score(p, rule) for p in pts if p is not None]
+                vals = [selection_score(p, rule, headline(r)) for p, r in zip(pts, recs) if p is not None]
                 return statistics.mean(vals) if vals else -math.inf
             best = max(sorted(trials), key=lambda k: trial_score(trials[k]))
             recs = sorted(trials[best], key=lambda r: r["config"]["seed"])
@@ -119,7 +121,7 @@ def aggregate(records: Iterable[dict], rule: str,
             for r in recs:
                 p = select(r, rule)
                 runs.append({"run_id": r["run_id"], "seed": r["config"]["seed"], "status": r.get("status"),
-                             "step": p["step"] if p else None, "acc": p["tgt_test"]["acc"] * 100 if p else None,
+                             "step": p["step"] if p else None, "acc": score(r, p) * 100 if p else None,
                              "record": r})
             ok = [x for x in runs if x["acc"] is not None]
             chosen = json.loads(best)  # the trial's method setting
@@ -266,7 +268,9 @@ def build_table(records: list[dict], rule: str, pairs: list[str] | None = None, 
     # across pairs: Friedman + Nemenyi over the rows without target labels that have every pair
     unsup = [r for r in table if r["budget"] == "0" and r["avg"] is not None]
     fr = friedman({r["display"]: [r["means"][p] for p in pairs] for r in unsup}) if len(pairs) >= 2 else None
+    label_sets = sorted({setting_of(x["record"]) for r in table for c in r["cells"].values() for x in c["runs"]})
     return {"rule": rule, "pairs": pairs, "rows": table, "n": nmax, "settings": settings, "baseline": baseline,
+            "label_sets": label_sets,
             "baseline_display": next(iter(base_rows.values()))["display"] if len(base_rows) == 1 else display.method(baseline),
             "has_baseline": bool(base_rows), "friedman": fr}
 
@@ -307,7 +311,9 @@ def caption(t: dict) -> str:
     """The short caption of a rule's table: metric, seeds, setting, selection rule."""
     rule = RULES[t["rule"]]
     settings = t.get("settings", [])
-    return (f"Target test accuracy (%), mean ± std over {_plural(t['n'], 'seed')}"
+    metrics = list(dict.fromkeys(HEADLINE[s][1] for s in t.get("label_sets", ["closed"])))
+    metric = metrics[0] if len(metrics) == 1 else "headline metric of each row's setting (" + " / ".join(metrics) + ")"
+    return (f"Target test {metric} (%), mean ± std over {_plural(t['n'], 'seed')}"
             + (f" ({settings[0]})" if len(settings) == 1 else "")
             + f"; checkpoint: {rule.label}" + ("" if rule.needs_target_labels else " (no target labels)") + ".")
 
@@ -327,6 +333,8 @@ def table_notes(t: dict, cd_file: str = "") -> list[str]:
         else:
             notes.append(f"No significance marks: the paired test needs ≥ {MIN_SEEDS} seeds per cell "
                          f"(here {n}).")
+    if any(HEADLINE[s][0] == "h_score" for s in t.get("label_sets", [])):
+        notes.append(f"Unknown target classes: methods built for them (OSBP, OVANet) decide 'unknown' themselves; {REJECT_RULE}.")
     if any(c["convergence"].mark for c in cells):
         notes.append(convergence.RULE_TEXT + ".")
     if any(c.get("n_failed") for c in cells):
@@ -452,7 +460,7 @@ def runs_csv(records: list[dict], rules: Iterable[str]) -> str:
                f"{rec['train']['steps_per_s']:.1f}", json.dumps(rec["config"]["hparams"], sort_keys=True)]
         for rule in rules:
             p = select(rec, rule)
-            row += [p["step"], f"{p['tgt_test']['acc'] * 100:.2f}"] if p else ["", ""]
+            row += [p["step"], f"{score(rec, p) * 100:.2f}"] if p else ["", ""]
         w.writerow(row + [run_command(rec)])
     return buf.getvalue()
 

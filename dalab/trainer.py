@@ -128,8 +128,26 @@ def validate(cfg: RunConfig) -> Prepared:
     if src_hp is not None:  # the source model's overrides must be valid too
         resolve_hparams(get_method("source_only"), src_hp)
     _check_data_options(cfg, method_cls, hp)
+    _check_label_set(cfg, method_cls, budget)
     method_cls.check_run(cfg, hp)
     return Prepared(cfg, method_cls, hp, budget)
+
+
+def _check_label_set(cfg: RunConfig, method_cls: type, budget: int | None) -> None:
+    """The task's label set parses, the method runs on its setting, and no target label of an
+    unknown class could reach the method (no labeled target budget where the target has them)."""
+    from dalab.methods import METHODS
+    from dalab.tasks import of_config
+
+    ls = of_config(dataclasses.asdict(cfg))
+    setting = ls.setting if ls else "closed"
+    if setting not in method_cls.settings:
+        fits = [n for n, c in METHODS.items() if setting in c.settings and c.family != "baseline"][:6]
+        raise Unsupported(f"method {cfg.method!r} runs on {'/'.join(method_cls.settings)} tasks, not {setting}; "
+                          f"use another setting (--setting / --classes) or a method for {setting} tasks: {', '.join(fits)}")
+    if ls is not None and ls.has_unknown and budget != 0:
+        raise Unsupported(f"target-label budget {cfg.budget!r} on a {setting} task would hand the method labels of "
+                          f"unknown classes; use --budget 0 (labeled target data is supported on closed and partial tasks)")
 
 
 def _check_domains_and_backbone(cfg: RunConfig) -> None:
@@ -224,14 +242,16 @@ class Task:
     """The task's data: both domains on the device, the labeled target subset of the label budget
     (indices into target train), and the data options applied (the record's ``data.options``)."""
 
-    src: Any  # dalab.datasets.base.DomainSplits
+    src: Any  # dalab.datasets.base.DomainSplits (restricted and relabeled to the label set's classes)
     tgt: Any
     lab_idx: np.ndarray
     options: dict[str, Any]
+    label_set: Any = None  # a dalab.tasks.LabelSet, or None (closed-set over all classes)
 
     @property
     def num_classes(self) -> int:
-        return self.src.num_classes
+        """K: the classes the model predicts (the source's; a target label K is "unknown")."""
+        return self.label_set.num_known if self.label_set else self.src.num_classes
 
     def eval_splits(self) -> dict[str, Any]:
         """What every evaluation point scores (:func:`dalab.evaluation.evaluate`)."""
@@ -241,17 +261,24 @@ class Task:
 
 def load_task(run: Run) -> Task:
     """Stage 2: load both domains (the split is fixed by ``split_seed``), check they share their
-    classes, apply standardisation and resolve augmentation, and pick the label budget's samples."""
-    from dalab.datasets.base import check_same_classes, labeled_indices, load_domain
+    classes, keep each side's classes of the task's label set (relabeled: :mod:`dalab.tasks`),
+    apply standardisation and resolve augmentation, and pick the label budget's samples."""
+    from dalab.datasets.base import check_same_classes, labeled_indices, load_domain, restrict_classes
+    from dalab.tasks import of_config
 
     cfg, o = run.cfg, run.o
     src = load_domain(cfg.source, cfg.split_seed, run.dev, root=o.data_root)
     tgt = load_domain(cfg.target, cfg.split_seed, run.dev, root=o.data_root)
     check_same_classes(src, tgt)
+    ls = of_config(dataclasses.asdict(cfg))
+    if ls is not None:
+        ls.check(src.classes)
+        src = restrict_classes(src, ls.source_lut(src.num_classes))
+        tgt = restrict_classes(tgt, ls.target_lut(tgt.num_classes), unknown_label=ls.num_known)
     options = set_up_data_options(run.hp, {"source": src, "target": tgt})
     lab_idx = labeled_indices(tgt.train.labels.cpu().numpy(), cfg.budget, cfg.split_seed)
     runs.check_stop()  # a stop asked for while the data loaded: nothing to save yet
-    return Task(src, tgt, lab_idx, options)
+    return Task(src, tgt, lab_idx, options, ls)
 
 
 def set_up_data_options(hp: dict, domains) -> dict[str, Any]:
@@ -581,7 +608,7 @@ class Loop:
         averaged = (self.average.swapped_in() if self.average is not None and step < self.run_.cfg.steps
                     else nullcontext())
         with averaged, self.method.deployed(self.tgt_inputs):  # e.g. AdaBN's target statistics at every point
-            ev = {"step": step, **evaluate(self.method, self.task.eval_splits())}
+            ev = {"step": step, **evaluate(self.method, self.task.eval_splits(), self.task.label_set)}
         self.history.eval_time += time.perf_counter() - t_eval
         self.history.evals.append(ev)
         self.out.evaluation(ev)

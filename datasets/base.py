@@ -275,6 +275,24 @@ def check_same_classes(source: DomainSplits, target: DomainSplits) -> None:
                      f"{len(target.classes)} classes; {what}); both domains need the same class folders/labels")
 
 
+def restrict_classes(dom: DomainSplits, lut: np.ndarray, unknown_label: int | None = None) -> DomainSplits:
+    """``dom`` with only the samples whose class ``lut`` maps to a label (>= 0), relabeled through
+    ``lut`` (a task's label set: :meth:`dalab.tasks.LabelSet.source_lut` / ``target_lut``). Its
+    class list is the new labels' names in order, ``unknown`` for ``unknown_label``."""
+    import dataclasses
+
+    names = {new: "unknown" if new == unknown_label else dom.classes[old]
+             for old, new in enumerate(lut.tolist()) if new >= 0}
+    parts = {}
+    for role, split in zip(SPLITS, dom.splits()):
+        y = split.labels.cpu().numpy()
+        keep = np.flatnonzero(lut[y] >= 0)
+        sub = split.subset(keep)
+        sub.labels = torch.as_tensor(lut[y[keep]], dtype=torch.int64, device=sub.labels.device)
+        parts[role] = sub
+    return dataclasses.replace(dom, classes=[names[i] for i in sorted(names)], **parts)
+
+
 _BUILT: dict[str, DomainData] = {}
 _FINGERPRINTS: dict[str, str] = {}
 

@@ -15,6 +15,18 @@ Pair = tuple[str, str]
 DEFAULT_PAIRS: list[Pair] = [("mnist5k", "ucidigits"), ("ucidigits", "mnist5k"),
                              ("syndigits", "mnist5k"), ("mnist5k", "mnistm5k")]
 
+# The label-set splits of the digits tasks (class indices = the digits), one per setting other than
+# closed-set (dalab.tasks.LabelSet); a task is a pair with one of these (``setting:`` in a spec,
+# ``--setting`` in ``dalab run``). Open-set follows OSBP's digit experiments (digits 0-4 known,
+# 5-9 the target's unknown), partial keeps half of the classes in the target as PADA's protocol
+# keeps a third of Office-31's, and universal splits the classes 4 / 3 / 3 (shared / source-private
+# / target-private), UAN's proportions on Office-31 (10 / 10 / 11).
+LABEL_SETS: dict[str, dict[str, range | tuple[int, ...]]] = {
+    "partial": {"shared": range(0, 5), "source_private": range(5, 10)},
+    "openset": {"shared": range(0, 5), "target_private": range(5, 10)},
+    "universal": {"shared": range(0, 4), "source_private": range(4, 7), "target_private": range(7, 10)},
+}
+
 
 def _all_pairs(prefix: str, domains: tuple[str, ...]) -> list[Pair]:
     """Every ordered pair of distinct domains of one dataset (the Office protocol)."""

@@ -11,6 +11,7 @@ declares
 - what else its run must give it: ``init_from_source`` (it starts from the source model),
   ``needs_batchnorm`` (a backbone with BatchNorm); :meth:`Method.check_run` turns these, and any
   check a method adds, into one-line errors before anything is trained or written,
+- what it never changes: :meth:`Method.frozen` (frozen weights, kept BatchNorm statistics),
 
 and implements ``update(batch, step) -> dict`` (its losses and optimizer step). ``predict(x)``
 returns logits and ``features(x)`` the representation validators and plots use. The trainer owns
@@ -258,6 +259,14 @@ class Method(nn.Module):
     # statistics; a method that trains only BatchNorm parameters has nothing else to train)
     needs_batchnorm: ClassVar[str] = ""
 
+    # the label-set settings it runs on (dalab.tasks.SETTINGS). A closed-set method runs on every
+    # setting: on partial tasks unchanged, on open-set and universal ones behind the rejection baseline
+    # (unknown when its max softmax is below a threshold chosen on SOURCE validation data)
+    settings: ClassVar[tuple[str, ...]] = ("closed", "partial", "openset", "universal")
+    # True: the method decides "unknown" itself -- ``predict(x)`` returns K + 1 scores (K = the
+    # source classes), the last one "unknown", and the argmax is the method's decision (OSBP, OVANet)
+    open_set: ClassVar[bool] = False
+
     @classmethod
     def starts_from_source(cls, hp: Mapping[str, Any]) -> bool:
         """Whether a run with resolved hyperparameters ``hp`` starts from the source-pretrained
@@ -282,6 +291,22 @@ class Method(nn.Module):
                     if bn and BACKBONE_INPUT[b] == BACKBONE_INPUT[cfg.backbone]]
             raise Unsupported(f"method {cls.name!r} needs a backbone with BatchNorm ({cls.needs_batchnorm}), but "
                               f"{cfg.backbone!r} has none; use --backbone {' or '.join(fits)} (in a spec: backbone:)")
+
+    def frozen(self) -> list[str]:
+        """The names (as in ``state_dict()``) of the weights and statistics this method, once built,
+        never changes: its frozen parameters and the BatchNorm statistics it keeps. Not frozen: a
+        part without gradients that another rule moves (an EMA teacher, a snapshot taken at a refresh).
+        tests/test_methods.py checks every declared name bitwise after updates and the end hook.
+        Default: none. A method that freezes parts returns ``self.frozen_names(module, ...)``."""
+        return []
+
+    def frozen_names(self, *modules: nn.Module, statistics: bool = True, but: Iterable[nn.Module] = ()) -> list[str]:
+        """The ``state_dict()`` names of the parameters of ``modules`` and, with ``statistics``, of
+        their buffers (BatchNorm statistics), leaving out those of the submodules ``but`` (parts
+        trained inside a frozen module): what :meth:`frozen` returns."""
+        keep = {id(t) for m in modules for t in (*m.parameters(), *(m.buffers() if statistics else ()))}
+        keep -= {id(t) for m in but for t in (*m.parameters(), *m.buffers())}
+        return [k for k, v in self.state_dict(keep_vars=True).items() if id(v) in keep]
 
     def __init__(self, net: nn.Module, num_classes: int, hp: Mapping[str, Any], total_steps: int):
         super().__init__()
