@@ -74,6 +74,9 @@ class ADDA(Method):
         self.src_encoder.eval()  # source BatchNorm statistics stay frozen too
         return self
 
+    def frozen(self):
+        return self.frozen_names(self.src_encoder, self.net.head)  # M_s and the source classifier C
+
     def optimizers(self):
         extra = {"betas": (self.hp.adam_beta1, 0.999)} if self.hp.optimizer == "adam" else {}
         return {"T": [{"params": list(self.net.backbone.parameters()), "lr_mult": self.hp.backbone_lr_mult, **extra}],

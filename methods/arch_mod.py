@@ -88,6 +88,11 @@ class ArchMod(Method):
         self.net.backbone.eval()  # source BatchNorm statistics while the new parts learn
         return self
 
+    def frozen(self):
+        # the source weights, not the adapters in them; their statistics only without AdaBN
+        adapters = [m.adapter for m in self.net.backbone.modules() if isinstance(m, ResidualAdapter)]
+        return self.frozen_names(self.net.backbone, statistics=not self.hp.adabn, but=adapters)
+
     def update(self, batch: Batch, step: int):
         cls_loss = F.cross_entropy(self.predict(batch.x_src), batch.y_src)
         out = {"cls_loss": cls_loss}

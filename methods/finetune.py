@@ -46,8 +46,8 @@ class Finetune(Method):
 
     def build(self):
         blocks = backbone_blocks(self.net.backbone)
-        self.frozen = blocks[: max(len(blocks) - self.hp.blocks, 0)] if self.hp.blocks >= 0 else []
-        for b in self.frozen:
+        self.frozen_blocks = blocks[: max(len(blocks) - self.hp.blocks, 0)] if self.hp.blocks >= 0 else []
+        for b in self.frozen_blocks:
             freeze(b)
         self.trained = [p for p in self.net.parameters() if p.requires_grad]
         for i, p in enumerate(self.trained):  # buffers: they move with .to(device) and checkpoint
@@ -62,9 +62,12 @@ class Finetune(Method):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for b in self.frozen:
+        for b in self.frozen_blocks:
             b.eval()
         return self
+
+    def frozen(self):
+        return self.frozen_names(*self.frozen_blocks)
 
     def update(self, batch: Batch, step: int):
         cls_loss = F.cross_entropy(self.predict(batch.x_tgt_lab), batch.y_tgt_lab)

@@ -56,6 +56,9 @@ class FrozenFeatures(Method):
         self.net.backbone.eval()  # frozen BatchNorm statistics too
         return self
 
+    def frozen(self):
+        return self.frozen_names(self.net.backbone)
+
     def update(self, batch: Batch, step: int):
         with torch.no_grad():
             f = self.features(batch.x_tgt_lab)

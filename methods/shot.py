@@ -105,6 +105,9 @@ class SHOT(Method):
         self.snapshot.eval()  # always eval-mode features, as the refresh computed them
         return self
 
+    def frozen(self):
+        return self.frozen_names(self.hypothesis)  # not the snapshot: each refresh retakes it
+
     def _snapshot_g(self, x: Tensor) -> Tensor:
         """g(x) of the snapshot (eval mode; the backbone under bf16 autocast in a bf16 run)."""
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):

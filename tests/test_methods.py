@@ -15,10 +15,14 @@ BUDGET_FOR = {"0": 0, "k": 2, "all": None}
 CASES = [(name, kind) for name, cls in sorted(METHODS.items()) for kind in cls.label_budgets]
 
 
-def make(name: str, steps: int = 10, **over):
+def make(name: str, steps: int = 10, backbone: str | None = None, **over):
+    """The method on ``backbone``; by default on the one its declaration needs (``lenet_bn`` when it
+    needs BatchNorm, else ``lenet``)."""
     torch.manual_seed(0)
     cls = METHODS[name]
-    return cls(build_classifier("lenet", 10), 10, resolve_hparams(cls, over), steps)
+    hp = resolve_hparams(cls, over)
+    backbone = backbone or ("lenet_bn" if cls.batchnorm_needed(hp) else "lenet")
+    return cls(build_classifier(backbone, 10), 10, hp, steps)
 
 
 def batch_for(cls, kind: str, seed: int = 0) -> Batch:
@@ -106,31 +110,49 @@ def test_target_use_matches_declaration(name, kind):
         assert grad_diff == 0.0 and pred_diff == 0.0, f"{name} declares no target data but depends on it"
 
 
-FROZEN = {"frozen_features": {}, "arch_mod": {"adapters": True}, "finetune": {"blocks": 1}}
+def _freezing_cases() -> list[tuple[str, dict]]:
+    """(method, overrides) whose built method declares frozen state (``Method.frozen``), read off
+    the registry: each method at its defaults, and each other value of one of its "choice"
+    hyperparameters that changes what it freezes (e.g. finetune ``blocks=1``, arch_mod ``adapters``)."""
+    cases = []
+    for name, cls in sorted(METHODS.items()):
+        seen = [make(name, backbone="lenet_bn").frozen()]
+        if seen[0]:
+            cases.append((name, {}))
+        for key, h in sorted(cls.hparams.items()):
+            for value in (v for v in (h.space[1] if h.space and h.space[0] == "choice" else ()) if v != h.default):
+                names = make(name, backbone="lenet_bn", **{key: value}).frozen()
+                if names and names not in seen:
+                    seen.append(names)
+                    cases.append((name, {key: value}))
+    return cases
 
 
-@pytest.mark.parametrize("name,over", sorted(FROZEN.items()))
+def _case_id(v) -> str:
+    return v if isinstance(v, str) else ",".join(f"{k}={x}" for k, x in v.items()) or "defaults"
+
+
+@pytest.mark.parametrize("name,over", _freezing_cases(), ids=_case_id)
 def test_frozen_parts_stay_bitwise_unchanged(name, over):
-    """Frozen weights (requires_grad False) are bitwise identical after updates and the end hook;
-    frozen_features also keeps its BatchNorm statistics; the trained parts do move."""
-    m = make(name, **over)
+    """What a method declares frozen (``Method.frozen``: weights, kept BatchNorm statistics) is
+    bitwise identical after updates and the end hook, on a BatchNorm backbone; declared weights take
+    no gradient; the trained parts do move."""
+    m = make(name, backbone="lenet_bn", **over)
     kind = "k" if "k" in m.label_budgets else m.label_budgets[0]
-    frozen = {k: p.detach().clone() for k, p in m.named_parameters() if not p.requires_grad}
+    state = m.state_dict(keep_vars=True)
+    frozen = {k: state[k].detach().clone() for k in m.frozen()}
     trained = {k: p.detach().clone() for k, p in m.named_parameters() if p.requires_grad}
-    stats = {k: v.clone() for k, v in m.net.backbone.state_dict().items() if "running" in k}
     assert frozen and trained
+    grads = [k for k, p in m.named_parameters() if k in frozen and p.requires_grad]
+    assert not grads, f"{name}: declared frozen, but take gradients: {grads}"
     m.train()
     for step in range(1, 4):
         m.update(batch_for(type(m), kind, seed=step), step)
     m.on_train_end(*_end_data(batch_for(type(m), kind)))
-    for k, p in m.named_parameters():
-        if k in frozen:
-            assert torch.equal(p, frozen[k]), f"{name}: frozen {k} changed"
+    after = m.state_dict()
+    for k, v in frozen.items():
+        assert torch.equal(after[k], v), f"{name}: frozen {k} changed"
     assert any(not torch.equal(p, trained[k]) for k, p in m.named_parameters() if k in trained)
-    if name == "frozen_features":
-        for k, v in m.net.backbone.state_dict().items():
-            if k in stats:
-                assert torch.equal(v, stats[k]), f"{name}: BatchNorm statistic {k} changed"
 
 
 def test_logreg_probe_fits_labeled_target():

@@ -3,11 +3,17 @@ trained once, its weights loaded by every method with ``init_from_source``."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
 import torch
 
 import dalab.trainer as trainer
+from dalab.methods import METHODS, resolve_hparams
+from dalab.methods.nets import build_classifier
 from dalab.pretrain import source_config
 from dalab.trainer import RunConfig, train
+from dalab.utils import DalabError
 
 
 def test_pretraining_runs_once_and_is_reused(runs_dir, monkeypatch):
@@ -43,10 +49,40 @@ def test_pretraining_runs_once_and_is_reused(runs_dir, monkeypatch):
     assert rec["run_id"] == src_id and rec["method"]["init_from"] is None
 
 
-def test_which_methods_start_from_source():
-    from dalab.methods import METHODS, resolve_hparams
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_the_source_model_follows_the_declaration(name):
+    """Read off the registry: a method that starts from the source model (``starts_from_source`` at
+    its defaults) has the source_only run of its pair, seed and backbone as its source model, names
+    that model's hyperparameters in its run id, and keeps the source backbone it is built on (its
+    ``build()`` adds to the network, it does not re-create it); a method that starts from scratch
+    has no source model, and source hyperparameters are not part of its id."""
+    cls = METHODS[name]
+    hp = resolve_hparams(cls, {})
+    cfg = RunConfig(name, "toy_a", "toy_b", budget="0" if "0" in cls.label_budgets else "2", steps=4,
+                    backbone="lenet_bn" if cls.batchnorm_needed(hp) else "lenet")
+    other_source = replace(cfg, source_hparams={"lr": 0.03})
+    if not cls.starts_from_source(hp):
+        with pytest.raises(DalabError, match="does not start from a source model"):
+            source_config(cfg)
+        assert other_source.run_id() == cfg.run_id()
+        return
+    src = source_config(cfg)
+    assert (src.method, src.source, src.target, src.seed, src.backbone) == ("source_only", "toy_a", "toy_b", 0,
+                                                                            cfg.backbone)
+    assert other_source.run_id() != cfg.run_id()
+    torch.manual_seed(0)
+    net = build_classifier(cfg.backbone, 10)
+    source = {k: v.clone() for k, v in net.backbone.state_dict().items()}
+    m = cls(net, 10, hp, 4)
+    kept = m.net.backbone.state_dict()
+    assert set(source) <= set(kept), f"{name} renamed parts of the source backbone"
+    for k, v in source.items():
+        assert torch.equal(kept[k], v), f"{name}'s build() changed the source backbone's {k}"
 
-    starts = {n for n, c in METHODS.items() if c.starts_from_source(resolve_hparams(c, {}))}
-    assert starts == {"finetune", "frozen_features", "arch_mod", "adda", "shot"}  # two-phase methods
+
+def test_an_option_can_turn_the_source_start_off():
     ff = METHODS["frozen_features"]
+    assert ff.starts_from_source(resolve_hparams(ff, {}))
     assert not ff.starts_from_source(resolve_hparams(ff, {"features": "backbone_init"}))
+    assert RunConfig("frozen_features", "toy_a", "toy_b", budget="2",
+                     hparams={"features": "backbone_init"}).source_run_hparams() is None
