@@ -481,6 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--command", default=None, help=argparse.SUPPRESS)  # the command named in table headers
     pb.set_defaults(fn=cmd_bench)
 
+    _add_table_parser(sub)
+    return p
+
+
+def _add_table_parser(sub) -> None:
+    """`dalab table`: its options (build_parser's longest part, kept apart so each reads on one screen)."""
     from dalab.selection import RULES
     pt = sub.add_parser("table", help="Markdown/LaTeX/CSV tables, significance and CD diagrams from run records",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -507,7 +513,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "setting is its own row")
     pt.add_argument("--command", default=None, help=argparse.SUPPRESS)
     pt.set_defaults(fn=cmd_table)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
