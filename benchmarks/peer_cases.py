@@ -125,4 +125,15 @@ HAND_CHECKED = {
     "arch_mod": "its AdaBN step after training (torch's update_bn; pytorch-adapt's AdaBN needs domain-specific "
                 "BatchNorm layers) is checked by hand in tests/test_method_losses.py "
                 "(test_arch_mod_adabn_statistics_by_hand)",
+    "pada": "no PADA in pytorch-adapt 0.0.83; the class weights (target predictions averaged, max-normalised) and "
+            "the update's weighted losses (source CE and source domain term weighted by gamma_y, target term "
+            "unweighted; zero-weight classes do not reach the gradient) are checked by hand in "
+            "tests/test_labelset_methods.py (test_pada_*); the rest of the update is DANN's",
+    "osbp": "no OSBP in pytorch-adapt 0.0.83; the adversarial BCE of p(unknown) against t and the full update (the "
+            "target term reversed into the backbone only) are checked by hand in tests/test_labelset_methods.py "
+            "(test_osbp_adversarial_term_is_bce_of_p_unknown_against_t, "
+            "test_osbp_update_reverses_the_target_gradient_into_the_backbone_only)",
+    "ovanet": "no OVANet in pytorch-adapt 0.0.83; the hard-negative OVA loss, the open-set entropy, the update's "
+              "terms on the source and target parts, and predict's decision rule are checked by hand in "
+              "tests/test_labelset_methods.py (test_ova_loss_*, test_open_entropy_*, test_ovanet_*)",
 }
