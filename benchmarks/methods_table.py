@@ -113,10 +113,38 @@ def counts_markdown() -> str:
     return "\n".join(lines)
 
 
-BLOCKS = {"methods": markdown, "shared-hparams": shared_hparams_markdown, "data-options": data_options_markdown,
-          "selection-rules": selection_rules_markdown, "counts": counts_markdown}
+SETTING_SPECS = ("digits_partial.yaml", "digits_openset.yaml", "digits_universal.yaml")
+
+
+def settings_markdown() -> str:
+    """The README's settings table: per label-set setting, its spec, split, headline metric, methods,
+    grid size and the measured time of its last `dalab bench` (the spec's timing.json), if any."""
+    import json
+
+    from dalab.bench import BenchSpec, expand, resolve_methods
+    from dalab.methods import METHODS
+    from dalab.tasks import HEADLINE, label_set
+
+    lines = ["| setting | spec | classes (shared:source-private:target-private) | headline metric | methods | runs "
+             "| last measured |", "|---|---|---|---|---|---|---|"]
+    for name in SETTING_SPECS:
+        spec = BenchSpec.from_yaml(Path(__file__).resolve().parent / name)
+        ls = label_set(spec.setting, spec.classes)
+        own = [f"**{m}**" if "closed" not in METHODS[m].settings else m for m in resolve_methods(spec)]
+        timing = ROOT / spec.out / "timing.json"
+        took = "not run yet"
+        if timing.is_file():
+            t = json.loads(timing.read_text())
+            took = f"{t['runs']} runs in {t['wall_s'] / 60:.0f} min, {t['workers']} workers"
+        lines.append(f"| {spec.setting} | `benchmarks/{name}` | `{ls.text()}` | {HEADLINE[spec.setting][1]} | "
+                     f"{', '.join(own)} | {len(expand(spec))} | {took} |")
+    return "\n".join(lines)
+
+
+BLOCKS = {"settings": settings_markdown, "methods": markdown, "shared-hparams": shared_hparams_markdown,
+          "data-options": data_options_markdown, "selection-rules": selection_rules_markdown, "counts": counts_markdown}
 # where each generated block lives (paths relative to the repository)
-FILES = {"README.md": ("counts", "methods"), "docs/methods.md": ("shared-hparams", "data-options"),
+FILES = {"README.md": ("counts", "settings", "methods"), "docs/methods.md": ("shared-hparams", "data-options"),
          "docs/benchmarks.md": ("selection-rules",)}
 
 

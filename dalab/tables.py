@@ -426,6 +426,9 @@ def run_command(rec: dict, runs_dir: str | Path | None = None) -> str:
         parts += ["--pretrained", c["pretrained"]]
     if c.get("precision", "auto") != "auto":
         parts += ["--precision", c["precision"]]
+    if c.get("classes"):  # a label-set task: its split, as --classes takes it
+        from dalab.tasks import of_config
+        parts += ["--classes", of_config(c).text()]
     if runs_dir is not None:
         parts += ["--runs-dir", str(runs_dir)]
     hp, src = dict(c.get("hparams") or {}), dict(c.get("source_hparams") or {})
@@ -571,7 +574,8 @@ def explain(records: list[dict], method: str, pair: str, rule: str = "last", bas
         if c["n_failed"]:
             line += f"; {c['n_failed']} run(s) without a checkpoint under this rule (†)"
         out.append(line)
-        out.append(f"  {'run id':<48} {'seed':>4} {'status':<8} {'step':>6} {'tgt_test acc':>12}")
+        metric = f"tgt_test {headline(c['runs'][0]['record'])}"
+        out.append(f"  {'run id':<48} {'seed':>4} {'status':<8} {'step':>6} {metric:>12}")
         for x in c["runs"]:
             acc = f"{x['acc']:.2f}" if x["acc"] is not None else "—"
             step = str(x["step"]) if x["step"] is not None else "—"

@@ -159,6 +159,8 @@ def test_open_set_run_records_open_set_metrics(runs_dir, capsys):
             assert 0 <= ev[split]["h_score"] <= 1
         assert set(ev["src_val"]) == {"acc", "bal_acc", "macro_f1"}
         assert 0 < ev["reject_threshold"] <= 1 and math.isfinite(ev["reject_threshold"])
+    from dalab.tables import run_command
+    assert "--classes 0-4::5-9" in run_command(rec)  # --explain's command reproduces the same run id
 
 
 # --------------------------------------------------------------------------- bad input
