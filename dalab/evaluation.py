@@ -59,8 +59,12 @@ def classification_metrics(logits: torch.Tensor, labels: np.ndarray) -> dict[str
 
 
 def metrics_of(labels: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    """Every :data:`CLASSIFICATION_METRICS` entry of predicted classes ``pred``."""
-    return {name: metric(labels, pred) for name, metric in CLASSIFICATION_METRICS.items()}
+    """Every :data:`CLASSIFICATION_METRICS` entry of predicted classes ``pred``. A prediction of a
+    class the split does not have (a source-private class on a partial target, "unknown" on source
+    validation) is an error like any other; sklearn's warning about it is expected and silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return {name: metric(labels, pred) for name, metric in CLASSIFICATION_METRICS.items()}
 
 
 # --------------------------------------------------------------------------- tasks with unknown classes
