@@ -49,7 +49,8 @@ def markdown() -> str:
     from dalab.bench import DEFAULT_EVAL_POINTS, BenchSpec
 
     rows = ["| key | type | default | meaning |", "|---|---|---|---|",
-            "| `extends` | path | — | another spec file (relative to this one) whose keys this one starts from; "
+            "| `extends` | path | — | another spec file (relative to this one) whose keys this one starts from "
+            "(`hparams` merge per method); "
             "the keys this file gives win, the others keep the other file's value or their default |"]
     for f in fields(BenchSpec):
         d = f.metadata.get("shown") or f"`{_yaml(_default(f))}`"

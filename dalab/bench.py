@@ -151,7 +151,8 @@ class BenchSpec:
                                  f"extends no further")
             parent = cls._read(p.parent / base, depth + 1)
             cls.from_dict(dict(parent), str(p.parent / base))  # the parent is a valid spec on its own
-            raw = {**parent, **raw}
+            hp = {**parent.get("hparams", {}), **raw.get("hparams", {})}  # per method: a method's entry wins
+            raw = {**parent, **raw, **({"hparams": hp} if hp else {})}
         return raw
 
     @classmethod

@@ -139,6 +139,11 @@ def test_extends_starts_from_the_parent_spec(tmp_path):
     main_job, long = BenchSpec.from_yaml(SPECS / "digits.yaml"), BenchSpec.from_yaml(SPECS / "digits_long.yaml")
     assert long.hparams == main_job.hparams and long.pairs == main_job.pairs and long.backbone == main_job.backbone
     assert long.steps == 4 * main_job.steps and long.runs_dir != main_job.runs_dir
+    # hparams merge per method: the child adds or replaces a method's entry, the others stay
+    (tmp_path / "sub" / "more.yaml").write_text("extends: ../base.yaml\nhparams: {cdan: {lr: 0.03}}\n")
+    assert BenchSpec.from_yaml(tmp_path / "sub" / "more.yaml").hparams == {"dann": {"trade_off": 0.3}, "cdan": {"lr": 0.03}}
+    (tmp_path / "sub" / "over.yaml").write_text("extends: ../base.yaml\nhparams: {dann: {lr: 0.03}}\n")
+    assert BenchSpec.from_yaml(tmp_path / "sub" / "over.yaml").hparams == {"dann": {"lr": 0.03}}
 
 
 @pytest.mark.parametrize("text, msg", [("extends: missing.yaml\n", "not found"),
