@@ -10,7 +10,7 @@ RUNS ?= results/runs
 MAIN_RUNS ?= results/digits/runs
 JOBS ?= 2
 
-.PHONY: setup test tables bench bench-long dann-vs-source protocol augment-bench budget-curve results-index speed clean-runs docs
+.PHONY: setup test tables bench bench-long bench-partial bench-openset bench-universal dann-vs-source protocol augment-bench budget-curve results-index speed clean-runs docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ tables: setup
 # records are committed under results/digits_long/runs, so it can be completed over several sittings)
 bench-long: setup
 	$(VENV)/bin/dalab bench benchmarks/digits_long.yaml --jobs $(JOBS) --command "make bench-long"
+
+# The label-set settings (issue 24): the main job's pairs and budget as partial / open-set / universal tasks
+# -> results/<setting>/ (resumable; records committed under results/<setting>/runs)
+bench-partial bench-openset bench-universal: bench-%: setup
+	$(VENV)/bin/dalab bench benchmarks/digits_$*.yaml --jobs $(JOBS) --command "make bench-$*"
 
 # Issue-2 check: source-only vs DANN on mnist5k -> ucidigits, 3 seeds, lenet and lenet_bn -> results/dann_vs_source_only.md
 dann-vs-source: setup
