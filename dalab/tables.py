@@ -188,6 +188,29 @@ def setting_labels(rows: list[dict]) -> None:
                 r["display"] = f"{r['display']} ({r['label']})"
 
 
+def _mark_and_rank(table: list[dict], pairs: list[str]) -> None:
+    """Within each label-budget group of ``table``'s rows (rows that see the same target labels
+    compete with each other): ``mark[col]`` = best / second / "" per pair and the average, and
+    ``rank`` = the row's mean rank over the pairs (1 = best; ties share their average rank; None
+    unless the row has every pair)."""
+    for budget in sorted({r["budget"] for r in table}):
+        group = [r for r in table if r["budget"] == budget]
+        for col in pairs + ["avg"]:
+            vals = sorted({(r["means"][col] if col != "avg" else r["avg"]) for r in group} - {None}, reverse=True)
+            for r in group:
+                v = r["means"][col] if col != "avg" else r["avg"]
+                r.setdefault("mark", {})[col] = ("best" if vals and v == vals[0] else
+                                                 "second" if len(vals) > 1 and v == vals[1] else "")
+        for p in pairs:
+            vals = sorted((r["means"][p] for r in group if r["means"][p] is not None), reverse=True)
+            for r in group:
+                if r["means"][p] is not None:
+                    pos = [i + 1 for i, v in enumerate(vals) if v == r["means"][p]]
+                    r.setdefault("ranks", []).append(statistics.mean(pos))
+    for r in table:
+        r["rank"] = statistics.mean(r["ranks"]) if len(r.get("ranks", [])) == len(pairs) else None
+
+
 def build_table(records: list[dict], rule: str, pairs: list[str] | None = None, baseline: str = BASELINE,
                 methods: Iterable[str] | None = None, budgets: Iterable[str] | None = None,
                 groups: dict[str, RowGroup] | None = None) -> dict[str, Any]:
@@ -244,22 +267,7 @@ def build_table(records: list[dict], rule: str, pairs: list[str] | None = None, 
         table = [r for r in table if r["method"] in keep_m or r["display"] in keep_m]
     if keep_b is not None:
         table = [r for r in table if r["budget"] in keep_b]
-    for budget in sorted({r["budget"] for r in table}):
-        group = [r for r in table if r["budget"] == budget]
-        for col in pairs + ["avg"]:
-            vals = sorted({(r["means"][col] if col != "avg" else r["avg"]) for r in group} - {None}, reverse=True)
-            for r in group:
-                v = r["means"][col] if col != "avg" else r["avg"]
-                r.setdefault("mark", {})[col] = ("best" if vals and v == vals[0] else
-                                                 "second" if len(vals) > 1 and v == vals[1] else "")
-        for p in pairs:  # rank within the budget group (1 = best; ties share their average rank)
-            vals = sorted((r["means"][p] for r in group if r["means"][p] is not None), reverse=True)
-            for r in group:
-                if r["means"][p] is not None:
-                    pos = [i + 1 for i, v in enumerate(vals) if v == r["means"][p]]
-                    r.setdefault("ranks", []).append(statistics.mean(pos))
-    for r in table:
-        r["rank"] = statistics.mean(r["ranks"]) if len(r.get("ranks", [])) == len(pairs) else None
+    _mark_and_rank(table, pairs)
     nmax = max((len(c["accs"]) for r in table for c in r["cells"].values()), default=0)
     settings = sorted({r["setting"] for r in table})
     if len(settings) > 1:  # several settings in one folder: name each row's, never pool them
