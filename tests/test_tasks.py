@@ -184,13 +184,15 @@ def test_bad_label_sets_one_line_exit_2_nothing_written(extra, needle, runs_dir,
     assert not runs_dir.exists() or not any(p.is_dir() for p in runs_dir.iterdir())
 
 
-def test_method_for_another_setting_is_refused(monkeypatch, runs_dir, capsys):
-    from dalab.methods import get_method
-
-    monkeypatch.setattr(get_method("dann"), "settings", ("openset", "universal"))
-    args = ["run", "--method", "dann", "--source", "toy_a", "--target", "toy_b", "--steps", "2", "--quiet",
-            "--backbone", "lenet_bn", "--runs-dir", str(runs_dir)]
+@pytest.mark.parametrize("method,extra,needle", [
+    ("osbp", [], "runs on openset/universal tasks, not closed"),
+    ("ovanet", ["--setting", "partial"], "runs on openset/universal tasks, not partial"),
+    ("pada", ["--setting", "openset"], "runs on partial tasks, not openset"),
+])
+def test_method_for_another_setting_is_refused(method, extra, needle, runs_dir, capsys):
+    args = ["run", "--method", method, "--source", "toy_a", "--target", "toy_b", "--steps", "2", "--quiet",
+            "--backbone", "lenet_bn", "--runs-dir", str(runs_dir), *extra]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert "runs on openset/universal tasks, not closed" in err and "\n" not in err
+    assert needle in err and "\n" not in err
     assert not runs_dir.exists()
