@@ -112,7 +112,10 @@ class OVANet(Method):
         return self.net.head[-1](z), self.ova(z).view(len(z), 2, self.num_classes)
 
     def predict(self, x: Tensor) -> Tensor:
-        return ovanet_scores(*self.heads(self.features(x)))
+        """The log of :func:`ovanet_scores`: logit-like K + 1 outputs (their softmax is the scores
+        normalised), so the label-free validators that read predictions as logits (IM, entropy,
+        SND) see a distribution; the argmax, OVANet's decision, is the scores'."""
+        return torch.log(ovanet_scores(*self.heads(self.features(x))).clamp_min(1e-30))
 
     def update(self, batch: Batch, step: int):
         n = len(batch.x_src)
