@@ -1,6 +1,7 @@
 """A run's folder, owned by this module and nowhere else.
 
-``<runs_dir>/<run_id>/`` holds ``record.json`` (strict JSON, written atomically), ``checkpoint.pt``
+``<runs_dir>/<run_id>/`` holds ``record.json`` (a :class:`dalab.record.RunRecord`, strict JSON,
+written atomically by :func:`write_record` and read by :func:`read_record`, nowhere else), ``checkpoint.pt``
 (while the run is unfinished), ``model.pt`` (source-pretrained weights), ``tb/`` (TensorBoard) and,
 written last, a ``done`` marker. Next to the folder, ``<run_id>.claim`` says which process trains
 the run right now, ``<run_id>.failed`` why its last attempt raised.
@@ -33,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import signal
 import socket
@@ -44,9 +44,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from dalab.record import RECORD_VERSION, RunRecord  # noqa: F401 -- RECORD_VERSION re-exported
 from dalab.utils import no_space, resolve_precision, temp_file
 
-RECORD_VERSION = 2  # 2: strict JSON (non-finite numbers stored as null, listed in "nonfinite")
 CLAIM_EMPTY_STALE_S = 5.0
 CLAIM_TTL_S = 15 * 60.0
 CLAIM_HEARTBEAT_S = 60.0
@@ -263,109 +263,23 @@ def load_model(rdir: Path) -> dict | None:
     return load_torch(rdir / "model.pt", "cpu", weights_only=True)
 
 
-# --------------------------------------------------------------------------- records (strict JSON)
+# --------------------------------------------------------------------------- records
 
-RECORD_KEYS = ("run_id", "status", "config", "method", "evals", "train")
-FINISHED = ("done", "diverged")
-EVAL_SPLITS = ("src_val", "tgt_val", "tgt_test")
-_NUMBER = (int, float, type(None))  # non-finite numbers come back as floats, a missing score as None
-
-
-def _damage(rec: dict) -> str | None:
-    """What makes a parsed record unusable (a field of the wrong shape), or None. The fields the
-    tables and selection rules read are checked, so a damaged record is reported as unreadable
-    instead of crashing them."""
-    c, m, t = rec["config"], rec["method"], rec["train"]
-    if not isinstance(c, dict):
-        return "config is not an object"
-    for k, typ in (("method", str), ("source", str), ("target", str), ("seed", int), ("steps", int),
-                   ("budget", (str, int))):
-        if not isinstance(c.get(k), typ):
-            return f"config.{k} is missing or of the wrong type"
-    if not isinstance(m, dict) or not all(isinstance(m.get(k), str) for k in ("name", "family", "budget")):
-        return "method is not an object with name, family and budget"
-    if not isinstance(t, dict):
-        return "train is not an object"
-    if not isinstance(rec.get("hparams", {}), dict):
-        return "hparams is not an object"
-    if not isinstance(rec["evals"], list):
-        return "evals is not a list"
-    points = rec["evals"] + ([rec["final"]] if rec.get("final") is not None else [])
-    for i, ev in enumerate(points):
-        if not isinstance(ev, dict) or not isinstance(ev.get("step"), int):
-            return f"evaluation point {i} has no step"
-        for split in EVAL_SPLITS:
-            if not isinstance(ev.get(split), dict) or not isinstance(ev[split].get("acc"), _NUMBER):
-                return f"evaluation point {i} has no {split} accuracy"
-        unsup = ev.get("tgt_train_unsup", {})
-        if not isinstance(unsup, dict) or not all(isinstance(v, _NUMBER) for v in unsup.values()):
-            return f"evaluation point {i} has malformed label-free scores"
-    return None
-
-
-def _strict(obj: Any, path: str, bad: dict[str, str]) -> Any:
-    """A copy of ``obj`` with every non-finite float replaced by None, its path noted in ``bad``."""
-    if isinstance(obj, dict):
-        return {k: _strict(v, f"{path}/{k}", bad) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict(v, f"{path}/{i}", bad) for i, v in enumerate(obj)]
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):  # numpy / torch scalars
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        bad[path] = repr(obj)  # 'nan', 'inf', '-inf'
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def record_text(record: dict) -> str:
-    """Strict JSON (jq, JavaScript and ``json.loads(..., parse_constant=error)`` accept it):
-    non-finite numbers become null and their JSON-pointer paths are listed in ``"nonfinite"``."""
-    bad: dict[str, str] = {}
-    clean = _strict({k: v for k, v in record.items() if k != "nonfinite"}, "", bad)
-    clean["nonfinite"] = bad
-    return json.dumps(clean, indent=2, sort_keys=True, allow_nan=False) + "\n"
-
-
-def write_record(rdir: Path, record: dict) -> None:
-    text = record_text(record)
+def write_record(rdir: Path, record: RunRecord | dict) -> None:
+    """Write ``record.json`` (:meth:`RunRecord.to_text`, atomically). A dict (a hand-made record)
+    goes through :meth:`RunRecord.from_dict`. A record that would not read back is never written:
+    ValueError names what is wrong with it."""
+    rec = record if isinstance(record, RunRecord) else RunRecord.from_dict(record)
+    text = rec.to_text()
+    RunRecord.from_text(text)
     atomic_save(rdir / "record.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def _restore(rec: dict, bad: dict[str, str]) -> None:
-    for ptr, val in bad.items():
-        *parents, last = ptr.split("/")[1:]
-        node: Any = rec
-        for p in parents:
-            node = node[int(p)] if isinstance(node, list) else node[p]
-        node[int(last) if isinstance(node, list) else last] = float(val)
-
-
-def parse_record(text: str) -> dict:
-    """A record from its text; non-finite numbers come back as floats. ValueError if it is not a
-    complete record (truncated, not JSON, keys missing, unfinished status)."""
-    def no_constants(name):  # old records wrote bare NaN: still readable
-        return float(name)
-    rec = json.loads(text, parse_constant=no_constants)
-    if not isinstance(rec, dict):
-        raise ValueError("not a JSON object")
-    missing = [k for k in RECORD_KEYS if k not in rec]
-    if missing:
-        raise ValueError(f"missing {', '.join(missing)}")
-    if rec["status"] not in FINISHED:
-        raise ValueError(f"status {rec['status']!r}")
-    _restore(rec, rec.get("nonfinite") or {})
-    damage = _damage(rec)
-    if damage:
-        raise ValueError(damage)
-    return rec
-
-
 def read_record(rdir: Path) -> dict | None:
-    """The finished run's record, or None when it is missing or unreadable."""
+    """The finished run's record as the dict the tables and selection rules index
+    (:meth:`RunRecord.to_dict`), or None when it is missing or unreadable."""
     try:
-        return parse_record((rdir / "record.json").read_text(encoding="utf-8"))
+        return RunRecord.from_text((rdir / "record.json").read_text(encoding="utf-8")).to_dict()
     except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
         return None
 

@@ -58,6 +58,7 @@ import torch
 
 from dalab import runs
 from dalab.evaluation import evaluate
+from dalab.record import DataInfo, MethodInfo, Provenance, RunRecord, TrainStats
 from dalab.runs import RECORD_VERSION, Interrupted, RunConfig, RunOptions  # noqa: F401 -- re-exported
 from dalab.utils import DalabError, Unsupported, git_commit, package_versions, seed_everything
 
@@ -674,43 +675,38 @@ def write_results(run: Run, task: Task, built: Built, loop: Loop) -> dict[str, A
     runs.write_record(run.run_dir, record)
     runs.remove_checkpoint(run.run_dir)  # finished: the record holds every evaluation
     runs.mark_done(run.run_dir, loop.history.status)
-    return run.ddp.broadcast(record) if run.ddp else record
+    return run.ddp.broadcast(record.to_dict()) if run.ddp else record.to_dict()
 
 
-def make_record(run: Run, task: Task, built: Built, loop: Loop, wall: float) -> dict[str, Any]:
+def make_record(run: Run, task: Task, built: Built, loop: Loop, wall: float) -> RunRecord:
     """The run record: config, resolved hyperparameters, data, every evaluation point, training
     statistics and provenance (written by :mod:`dalab.runs`)."""
     cfg, cls, o, dev, ddp = run.cfg, run.prep.method_cls, run.o, run.dev, run.ddp
     src, tgt, streams, h = task.src, task.tgt, loop.streams, loop.history
     steps_done = h.diverged_at or cfg.steps
     sizes = lambda d: {"classes": len(d.classes), **{k: len(getattr(d, k)) for k in ("train", "val", "test")}}  # noqa: E731
-    return {
-        "record_version": RECORD_VERSION,
-        "run_id": cfg.run_id(),
-        "status": h.status,
-        "config": cfg.key(),
-        "hparams": run.hp,
-        "method": {"name": cfg.method, "family": cls.family,
-                   "target_data": cls.target_data.value + (" (+ unlabeled for vat)" if streams.vat_only else ""),
-                   "budget": str(cfg.budget), "uses_source": cls.uses_source,
-                   "init_from": built.init_from, "source_config": built.source_key},
-        "data": {"source": {**sizes(src), "fingerprint": src.fingerprint},  # the data this run saw
-                 "target": {**sizes(tgt), "labeled": int(len(task.lab_idx)) if streams.lab is not None else 0,
-                            "fingerprint": tgt.fingerprint},
-                 "options": task.options},
-        "evals": h.evals,
-        "final": h.evals[-1] if h.evals and h.status == "done" else None,
-        "train": {"steps": steps_done, "wall_time_s": wall, "train_time_s": h.train_time,
-                  "eval_time_s": h.eval_time,
-                  "steps_per_s": steps_done / max(h.train_time, 1e-9), "last_losses": h.last_losses,
-                  "diverged_at": h.diverged_at, "resumed_from": h.resumed_from, "precision": built.precision,
-                  "channels_last": built.channels_last, "compile": o.compile,
-                  "distributed": ddp.record_info() if ddp else None},
-        "provenance": {**git_commit(), "versions": package_versions(), "device": str(dev),
-                       "device_name": _device_name(dev), "torch_threads": torch.get_num_threads(),
-                       "deterministic": o.deterministic,
-                       "host": platform.node(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-    }
+    return RunRecord(
+        run_id=cfg.run_id(), status=h.status, config=cfg.key(), hparams=run.hp,
+        method=MethodInfo(name=cfg.method, family=cls.family,
+                          target_data=cls.target_data.value + (" (+ unlabeled for vat)" if streams.vat_only else ""),
+                          budget=str(cfg.budget), uses_source=cls.uses_source,
+                          init_from=built.init_from, source_config=built.source_key),
+        data=DataInfo(source={**sizes(src), "fingerprint": src.fingerprint},  # the data this run saw
+                      target={**sizes(tgt), "labeled": int(len(task.lab_idx)) if streams.lab is not None else 0,
+                              "fingerprint": tgt.fingerprint},
+                      options=task.options),
+        evals=h.evals,
+        final=h.evals[-1] if h.evals and h.status == "done" else None,
+        train=TrainStats(steps=steps_done, wall_time_s=wall, train_time_s=h.train_time, eval_time_s=h.eval_time,
+                         steps_per_s=steps_done / max(h.train_time, 1e-9), last_losses=h.last_losses,
+                         diverged_at=h.diverged_at, resumed_from=h.resumed_from, precision=built.precision,
+                         channels_last=built.channels_last, compile=o.compile,
+                         distributed=ddp.record_info() if ddp else None),
+        provenance=Provenance(**git_commit(), versions=package_versions(), device=str(dev),
+                              device_name=_device_name(dev), torch_threads=torch.get_num_threads(),
+                              deterministic=o.deterministic,
+                              host=platform.node(), finished=time.strftime("%Y-%m-%dT%H:%M:%S%z")),
+    )
 
 
 # --------------------------------------------------------------------------- the run

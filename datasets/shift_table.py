@@ -7,7 +7,6 @@ versus in-domain accuracy (source val), generated from run records, never typed 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -18,12 +17,13 @@ from .pairs import DEFAULT_PAIRS
 def shift_table(runs_dir: str | Path, pairs=DEFAULT_PAIRS, method: str = "source_only") -> str:
     """Markdown table: per pair, last-step tgt_test accuracy of each seed, their mean, src_val, and
     (when such runs exist) the target's own in-domain accuracy from ``target_only`` with all labels."""
+    from dalab.runs import load_records
+
     recs: dict[tuple[str, str], list[dict]] = {}
     oracle: dict[str, list[float]] = {}
-    for f in sorted(Path(runs_dir).glob("*/record.json")):
-        r = json.loads(f.read_text())
+    for r in load_records(runs_dir):
         c = r["config"]
-        if r.get("status") != "done":
+        if r["status"] != "done":
             continue
         if c["method"] == method and c["budget"] == "0":
             recs.setdefault((c["source"], c["target"]), []).append(r)
@@ -53,10 +53,9 @@ def shift_table(runs_dir: str | Path, pairs=DEFAULT_PAIRS, method: str = "source
 def _provenance(runs_dir) -> str:
     """Backbone and code commit(s) of the records, read from the records themselves. Before commit
     82dba15 the backbone called `lenet` had BatchNorm (today's `lenet_bn`)."""
-    import json
-    from pathlib import Path
+    from dalab.runs import load_records
 
-    recs = [json.loads(f.read_text()) for f in Path(runs_dir).glob("*/record.json")]
+    recs = load_records(runs_dir, report=False)  # shift_table has reported unreadable ones
     commits = sorted({(r["provenance"].get("commit") or "?")[:7] for r in recs})
     bbs = sorted({r["config"]["backbone"] for r in recs})
     note = ""

@@ -139,17 +139,18 @@ def test_show_domains_writes_one_grid_per_domain(tmp_path, capsys):
 
 
 def test_shift_table_is_generated_from_records(tmp_path):
-    import json
-
+    from dalab import runs
     from dalab.datasets.shift_table import shift_table
 
     def rec(method, seed, budget, tgt, src):
         d = tmp_path / f"{method}{seed}"
-        d.mkdir()
-        d.joinpath("record.json").write_text(json.dumps({
-            "status": "done", "config": {"method": method, "source": "mnist5k", "target": "ucidigits",
-                                         "seed": seed, "budget": budget, "steps": 10},
-            "final": {"tgt_test": {"acc": tgt}, "src_val": {"acc": src}}}))
+        point = {"step": 10, "src_val": {"acc": src}, "tgt_val": {"acc": tgt}, "tgt_test": {"acc": tgt}}
+        runs.write_record(d, {
+            "run_id": d.name, "status": "done", "method": {"name": method, "family": "baseline", "budget": budget},
+            "config": {"method": method, "source": "mnist5k", "target": "ucidigits", "seed": seed, "budget": budget,
+                       "steps": 10},
+            "evals": [point], "final": point, "train": {"steps": 10}})
+        runs.mark_done(d, "done")
 
     rec("source_only", 0, "0", 0.5, 0.9)
     rec("source_only", 1, "0", 0.7, 1.0)
