@@ -38,14 +38,22 @@ def check_link(name: str) -> str:
     return f"[{text}](results/peer_equivalence.md#{name})"
 
 
+def settings_text(cls) -> str:
+    """The label-set settings a method runs on: "all" for a closed-set method (on open-set and
+    universal tasks behind the rejection baseline), else the list."""
+    from dalab.tasks import SETTINGS
+
+    return "all" if set(cls.settings) == set(SETTINGS) else ", ".join(cls.settings)
+
+
 def markdown() -> str:
-    rows = ["| name | family | target data | label budgets | starts from | update checked | paper |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| name | family | target data | label budgets | settings | starts from | update checked | paper |",
+            "|---|---|---|---|---|---|---|---|"]
     for name, cls in sorted(METHODS.items(), key=lambda kv: (kv[1].family, kv[0])):
         budgets = ", ".join(BUDGET_TEXT[b] for b in cls.label_budgets)
         start = "source_only run" if cls.init_from_source else "scratch"
-        rows.append(f"| `{name}` | {cls.family} | {cls.target_data.value} | {budgets} | {start} | "
-                    f"{check_link(name)} | {paper_link(cls.paper)} |")
+        rows.append(f"| `{name}` | {cls.family} | {cls.target_data.value} | {budgets} | {settings_text(cls)} | "
+                    f"{start} | {check_link(name)} | {paper_link(cls.paper)} |")
     return "\n".join(rows)
 
 

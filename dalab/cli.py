@@ -94,10 +94,12 @@ def cmd_list(args) -> int:
     from dalab.methods import METHODS
 
     print("methods:")
-    print(f"  {'name':<16} {'family':<14} {'target data':<18} {'label budgets':<14} paper")
+    from dalab.benchmarks.methods_table import settings_text
+    print(f"  {'name':<16} {'family':<14} {'target data':<18} {'label budgets':<14} {'settings':<19} paper")
     for name, cls in sorted(METHODS.items(), key=lambda kv: (kv[1].family, kv[0])):
         paper = cls.paper.split(". http")[0] if cls.paper else ""
-        print(f"  {name:<16} {cls.family:<14} {cls.target_data.value:<18} {','.join(cls.label_budgets):<14} {paper}")
+        print(f"  {name:<16} {cls.family:<14} {cls.target_data.value:<18} {','.join(cls.label_budgets):<14} "
+              f"{settings_text(cls):<19} {paper}")
     from dalab.methods.base import DATA_HPARAMS
     print("data options (any method; --set NAME=VALUE, or a spec's hparams/variants):")
     for name, h in DATA_HPARAMS.items():
