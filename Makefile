@@ -10,7 +10,7 @@ RUNS ?= results/runs
 MAIN_RUNS ?= results/digits/runs
 JOBS ?= 2
 
-.PHONY: setup test tables bench bench-long bench-partial bench-openset bench-universal dann-vs-source protocol augment-bench budget-curve results-index speed clean-runs docs
+.PHONY: setup test tables bench bench-long bench-partial bench-openset bench-universal bsp-tuning dann-vs-source protocol augment-bench budget-curve results-index speed clean-runs docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ bench-long: setup
 # -> results/<setting>/ (resumable; records committed under results/<setting>/runs)
 bench-partial bench-openset bench-universal: bench-%: setup
 	$(VENV)/bin/dalab bench benchmarks/digits_$*.yaml --jobs $(JOBS) --command "make bench-$*"
+
+# Issue-23 check: DANN with and without the BSP option on the tuning pairs -> results/bsp_tuning/
+bsp-tuning: setup
+	$(VENV)/bin/dalab bench benchmarks/bsp_tuning.yaml --jobs $(JOBS) --command "make bsp-tuning"
 
 # Issue-2 check: source-only vs DANN on mnist5k -> ucidigits, 3 seeds, lenet and lenet_bn -> results/dann_vs_source_only.md
 dann-vs-source: setup
