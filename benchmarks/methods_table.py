@@ -96,6 +96,14 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository (benchmarks/ sit
 MAIN_SPEC = "digits.yaml"
 
 
+def _load_note(t: dict) -> str:
+    """What a timing.json says about the machine's load at the grid's end, when other work shared it."""
+    load, cores = t.get("load_avg_15min"), t.get("cpu_cores")
+    if load is None or cores is None:
+        return " (the machine's load was not recorded)"
+    return f" (15-minute load average {load:.1f} on {cores} cores: other work shared them)" if load > cores + 0.5 else ""
+
+
 def counts_markdown() -> str:
     """The counts and measured times the README states: from the registry, the main spec's grid and
     the main job's results/digits/timing.json (written by `dalab bench` at the end of a grid)."""
@@ -117,7 +125,7 @@ def counts_markdown() -> str:
         lines.append(f"Last measured (`results/digits/timing.json`, `{t.get('command', '?')}`): {t['runs']} runs "
                      f"trained in {t['wall_s']:.0f} s ({t['wall_s'] / 60:.0f} min) by {t['workers']} workers; "
                      f"training {100 * t['train_s'] / total:.0f} %, evaluation {100 * t['eval_s'] / total:.0f} % "
-                     f"of their time; grid efficiency {t['efficiency']:.2f}.")
+                     f"of their time; grid efficiency {t['efficiency']:.2f}" + _load_note(t) + ".")
     return "\n".join(lines)
 
 
@@ -143,7 +151,7 @@ def settings_markdown() -> str:
         took = "not run yet"
         if timing.is_file():
             t = json.loads(timing.read_text())
-            took = f"{t['runs']} runs in {t['wall_s'] / 60:.0f} min, {t['workers']} workers"
+            took = f"{t['runs']} runs in {t['wall_s'] / 60:.0f} min, {t['workers']} workers{_load_note(t)}"
         lines.append(f"| {spec.setting} | `benchmarks/{name}` | `{ls.text()}` | {HEADLINE[spec.setting][1]} | "
                      f"{', '.join(own)} | {len(expand(spec))} | {took} |")
     return "\n".join(lines)

@@ -299,7 +299,12 @@ def cmd_bench(args) -> int:
                            args.jobs if args.launcher == "local" else 1)
         print(format_time_split(split))
         Path(spec.out).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(Path(spec.out) / "timing.json", {**split, "command": args.command or f"dalab bench {args.spec}"})
+        import os
+        # the machine's load when the grid ended: a time measured while other work shared the cores says so
+        load = {"cpu_cores": os.cpu_count(), "load_avg_15min": round(os.getloadavg()[2], 2)} \
+            if hasattr(os, "getloadavg") else {}
+        atomic_write_json(Path(spec.out) / "timing.json",
+                          {**split, **load, "command": args.command or f"dalab bench {args.spec}"})
     for path in write_grid_tables(spec, grid, groups, args.command or f"dalab bench {args.spec}", records):
         print(f"wrote {path}")
     missing, reasons = grid_report(rd, grid)

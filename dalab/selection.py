@@ -109,13 +109,25 @@ def at_chance(record: dict, margin: float = CHANCE_MARGIN) -> bool:
     1 / num_classes + ``margin`` (a network that never learned the source: e.g. the BatchNorm-free
     ``lenet`` at a short budget). False for diverged runs (marked † instead) and for records that
     do not say how many classes there are."""
-    if record.get("status") != "done":
+    if record.get("status") != "done" or not _learns_source(record):
         return False
     k = ((record.get("data") or {}).get("source") or {}).get("classes")
     final = record.get("final") or ((record.get("evals") or [None])[-1])
     if not k or not final or "src_val" not in final:
         return False
     return final["src_val"]["acc"] <= 1.0 / k + margin
+
+
+def _learns_source(record: dict) -> bool:
+    """Whether the run's network was trained on source labels (it trains with source data, or starts
+    from the source model): a target-only run never saw a source image, so its source accuracy says
+    nothing. Read from the registry (records before target_only declared ``uses_source = False``
+    still say True)."""
+    from dalab.methods import METHODS
+
+    m = record.get("method") or {}
+    cls = METHODS.get(m.get("name"))
+    return bool(m.get("init_from")) or (cls.uses_source if cls is not None else m.get("uses_source", True))
 
 
 def n_at_chance(records) -> int:

@@ -21,6 +21,7 @@ class TargetOnly(Method):
     paper = "Upper bound (supervised on target labels)."
     target_data = TargetData.LABELED
     label_budgets = ("k", "all")
+    uses_source = False  # its batches carry no source data (the trainer builds no source stream)
 
     def update(self, batch: Batch, step: int):
         loss = F.cross_entropy(self.predict(batch.x_tgt_lab), batch.y_tgt_lab)

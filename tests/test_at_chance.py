@@ -27,6 +27,8 @@ def test_at_chance_is_final_source_accuracy_near_one_over_classes():
     assert not at_chance(_rec("source_only", 0, 0.9, 0.6))
     assert not at_chance(_rec("source_only", 0, 0.1, 0.1, status="diverged"))  # marked † instead
     assert at_chance(_rec("source_only", 0, 0.52, 0.5, classes=2)) and not at_chance(_rec("x", 0, 0.6, 0.5, classes=2))
+    # a target-only run never saw a source image: its source accuracy is not a failure to learn
+    assert not at_chance(_rec("target_only", 0, 0.1, 0.9))
     rec = _rec("source_only", 0, 0.1, 0.1)
     del rec["data"]
     assert not at_chance(rec)  # a record that does not say how many classes: never flagged
