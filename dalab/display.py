@@ -13,13 +13,17 @@ def method(name: str) -> str:
     return METHODS[name].display if name in METHODS else name
 
 
-def failure(name: str) -> str:
+def failure(name: str, settings=("closed",)) -> str:
     """A method's documented failure under dalab's protocol (``known_failure``), "" if none: the
-    footnote every results table prints under the method's rows."""
+    footnote a results table of the label-set ``settings`` prints under the method's rows (a note
+    given per setting only where the table holds that setting)."""
     from dalab.methods import METHODS
 
     # the method's own declaration only: a subclass (IM extends entropy minimisation) does not inherit it
-    return vars(METHODS[name]).get("known_failure", "") if name in METHODS else ""
+    note = vars(METHODS[name]).get("known_failure", "") if name in METHODS else ""
+    if isinstance(note, dict):
+        return " ".join(f"({s}) {note[s]}" if len(settings) > 1 else note[s] for s in settings if s in note)
+    return note
 
 
 def domain(name: str) -> str:

@@ -32,7 +32,7 @@ from dalab.display import pair_name, setting  # noqa: F401 -- record keys, re-ex
 from dalab.render import Cell, Table
 from dalab.selection import CHANCE_MARK, CHANCE_NOTE, RULES, n_at_chance, select, selection_score
 from dalab.evaluation import REJECT_RULE
-from dalab.tasks import HEADLINE, headline, score, setting_of
+from dalab.tasks import HEADLINE, headline, metric_names, score, setting_of
 from dalab.utils import atomic_write_text
 
 __all__ = ["RULE_TEXT", "aggregate", "build_table", "explain", "load_records", "pair_name", "run_command",
@@ -319,8 +319,7 @@ def caption(t: dict) -> str:
     """The short caption of a rule's table: metric, seeds, setting, selection rule."""
     rule = RULES[t["rule"]]
     settings = t.get("settings", [])
-    metrics = list(dict.fromkeys(HEADLINE[s][1] for s in t.get("label_sets", ["closed"])))
-    metric = metrics[0] if len(metrics) == 1 else "headline metric of each row's setting (" + " / ".join(metrics) + ")"
+    metric = metric_names(t.get("label_sets", ["closed"]))[0]
     return (f"Target test {metric} (%), mean ± std over {_plural(t['n'], 'seed')}"
             + (f" ({settings[0]})" if len(settings) == 1 else "")
             + f"; checkpoint: {rule.label}" + ("" if rule.needs_target_labels else " (no target labels)") + ".")
@@ -352,7 +351,8 @@ def table_notes(t: dict, cd_file: str = "") -> list[str]:
     if any(c["accs"] and len(c["accs"]) < n for c in cells):
         notes.append("(n=k): cells with fewer seeds.")
     notes.append(friedman_note(t, cd_file))
-    failures = {m: text for m in dict.fromkeys(r["method"] for r in rows) if (text := display.failure(m))}
+    failures = {m: text for m in dict.fromkeys(r["method"] for r in rows)
+                if (text := display.failure(m, t.get("label_sets", ["closed"])))}
     for name, text in sorted(failures.items(), key=lambda kv: display.method(kv[0])):
         notes.append(f"‡ {display.method(name)}: {text}")
     return notes
@@ -369,7 +369,8 @@ def to_table(t: dict, cd_file: str = "", caption_text: str | None = None, label:
                 title=f"Selection rule: `{rule.name}` — {rule.text}", caption=cap, notes=table_notes(t, cd_file),
                 label=label or f"tab:{rule.name}", marks_note="per label-budget group")
     budget = None
-    failures = {m for m in dict.fromkeys(r["method"] for r in t["rows"]) if display.failure(m)}
+    failures = {m for m in dict.fromkeys(r["method"] for r in t["rows"])
+                if display.failure(m, t.get("label_sets", ["closed"]))}
     for r in t["rows"]:
         if r["budget"] != budget:
             budget = r["budget"]
@@ -455,6 +456,13 @@ def run_command(rec: dict, runs_dir: str | Path | None = None) -> str:
     return cmd
 
 
+def _csv_metric(records: list[dict]) -> str:
+    """The metric column name of runs.csv: the records' headline metric (``acc`` for closed-set), or
+    ``headline`` when they mix settings with different ones."""
+    keys = {headline(r) for r in records}
+    return keys.pop() if len(keys) == 1 else "headline" if keys else "acc"
+
+
 def runs_csv(records: list[dict], rules: Iterable[str]) -> str:
     """One row per run: identity, status, speed, the checkpoint + target-test accuracy per rule, and
     the command that reproduces it."""
@@ -463,7 +471,7 @@ def runs_csv(records: list[dict], rules: Iterable[str]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["run_id", "method", "display", "family", "target_data", "budget", "source", "target", "seed", "status",
                 "steps", "wall_time_s", "steps_per_s", "hparams"]
-               + [f"{r}_{k}" for r in rules for k in ("step", "tgt_test_acc")] + ["command"])
+               + [f"{r}_{k}" for r in rules for k in ("step", f"tgt_test_{_csv_metric(records)}")] + ["command"])
     for rec in sorted(records, key=lambda r: r["run_id"]):
         row = [rec["run_id"], rec["method"]["name"], display.method(rec["method"]["name"]), rec["method"]["family"],
                rec["method"]["target_data"], rec["method"]["budget"], rec["config"]["source"], rec["config"]["target"],

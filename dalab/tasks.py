@@ -50,7 +50,19 @@ HEADLINE: dict[str, tuple[str, str]] = {
     "openset": ("h_score", "H-score (harmonic mean of OS* and UNK)"),
     "universal": ("h_score", "H-score (harmonic mean of OS* and UNK)"),
 }
+# a metric's short name (figure axes, CSV columns): key of HEADLINE's first element -> name
+METRIC_SHORT: dict[str, str] = {"acc": "accuracy", "bal_acc": "per-class accuracy", "h_score": "H-score"}
 ROLES = ("shared", "source_private", "target_private")
+
+
+def metric_names(settings) -> tuple[str, str]:
+    """(long, short) name of the headline metric of tables holding ``settings`` (one name when they
+    share it, else "headline metric ..." naming each)."""
+    keys = list(dict.fromkeys(HEADLINE[s][0] for s in settings)) or ["acc"]
+    if len(keys) == 1:
+        return next(HEADLINE[s][1] for s in HEADLINE if HEADLINE[s][0] == keys[0]), METRIC_SHORT[keys[0]]
+    both = " / ".join(METRIC_SHORT[k] for k in keys)
+    return f"headline metric of each row's setting ({both})", "headline metric"
 
 
 @dataclass(frozen=True)

@@ -246,8 +246,9 @@ class Method(nn.Module):
     display: ClassVar[str] = ""                    # name in tables and figures ("CDAN+E"); default: the registry name
     paper: ClassVar[str] = ""                      # "Authors, Title, Venue Year. URL"
     # a documented failure under dalab's protocol (one sentence, reason and where it was measured):
-    # kept, not hidden -- every results table marks the method's rows and prints it as a footnote
-    known_failure: ClassVar[str] = ""
+    # kept, not hidden -- every results table marks the method's rows and prints it as a footnote.
+    # A mapping {setting: text} limits a note to the tables of those label-set settings (dalab.tasks)
+    known_failure: ClassVar[str | dict[str, str]] = ""
     target_data: ClassVar[TargetData] = TargetData.NONE
     label_budgets: ClassVar[tuple[str, ...]] = ("0",)
     hparams: ClassVar[dict[str, HParam]] = {}

@@ -446,6 +446,9 @@ def test_a_documented_failure_marks_the_row_and_prints_its_footnote():
 
     assert display.failure("entropy_min") and not display.failure("dann")
     assert not display.failure("im")   # IM subclasses entropy minimisation: the note is not inherited
+    # a note given per label-set setting shows only in that setting's tables
+    assert not display.failure("mcc") and display.failure("mcc", ["openset"])
+    assert display.failure("mcc", ["closed", "openset"]).startswith("(openset) ")
     accs = {PAIRS[0]: [60.0, 61.0, 62.0], PAIRS[1]: [70.0, 71.0, 69.0]}
     recs = (_cell_records("source_only", accs, "baseline") + _cell_records("dann", accs)
             + _cell_records("entropy_min", {PAIRS[0]: [30.0, 31.0, 32.0], PAIRS[1]: [40.0, 41.0, 39.0]},
