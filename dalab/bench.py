@@ -711,6 +711,20 @@ def time_split(records: list[dict], wall_s: float, workers: int) -> dict[str, fl
             "efficiency": train / total}
 
 
+def write_timing(spec: "BenchSpec", records: list[dict], wall_s: float, workers: int, command: str) -> None:
+    """Print where the grid's time went and write it to ``<out>/timing.json`` (the README's measured
+    times read it), with the machine's 15-minute load average and core count when the grid ended, so a
+    time measured while other work shared the cores says so."""
+    from dalab.utils import atomic_write_json
+
+    split = time_split(records, wall_s, workers)
+    print(format_time_split(split))
+    load = ({"cpu_cores": os.cpu_count(), "load_avg_15min": round(os.getloadavg()[2], 2)}
+            if hasattr(os, "getloadavg") else {})
+    Path(spec.out).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(spec.out) / "timing.json", {**split, **load, "command": command})
+
+
 def format_time_split(t: dict[str, float]) -> str:
     total = t["wall_s"] * t["workers"]
     parts = ", ".join(f"{k[:-2]} {t[k]:.0f} s ({100 * t[k] / max(total, 1e-9):.0f}%)"

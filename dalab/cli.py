@@ -290,21 +290,11 @@ def cmd_bench(args) -> int:
               f"(marked {CHANCE_MARK} in the tables): {', '.join(chance[:3])}{' ...' if len(chance) > 3 else ''}; "
               f"the network never learned the source task (too few steps, the lr, or the BatchNorm-free lenet: "
               f"try backbone: lenet_bn)")
-    trained = {rid for rid, st in results if st in ("done", "diverged")}
+    trained = [r for r in records if r["run_id"] in {rid for rid, st in results if st in ("done", "diverged")}]
     if trained:
-        from dalab.bench import format_time_split, time_split
-        from dalab.utils import atomic_write_json
-
-        split = time_split([r for r in records if r["run_id"] in trained], wall,
-                           args.jobs if args.launcher == "local" else 1)
-        print(format_time_split(split))
-        Path(spec.out).mkdir(parents=True, exist_ok=True)
-        import os
-        # the machine's load when the grid ended: a time measured while other work shared the cores says so
-        load = {"cpu_cores": os.cpu_count(), "load_avg_15min": round(os.getloadavg()[2], 2)} \
-            if hasattr(os, "getloadavg") else {}
-        atomic_write_json(Path(spec.out) / "timing.json",
-                          {**split, **load, "command": args.command or f"dalab bench {args.spec}"})
+        from dalab.bench import write_timing
+        write_timing(spec, trained, wall, args.jobs if args.launcher == "local" else 1,
+                     args.command or f"dalab bench {args.spec}")
     for path in write_grid_tables(spec, grid, groups, args.command or f"dalab bench {args.spec}", records):
         print(f"wrote {path}")
     missing, reasons = grid_report(rd, grid)

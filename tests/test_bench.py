@@ -95,6 +95,7 @@ def test_bench_runs_skips_finished_and_writes_tables(tmp_path, capsys):
     assert t["runs"] == 4 and 0 < t["efficiency"] <= 1 and t["train_s"] > 0 and t["eval_s"] > 0
     parts = t["train_s"] + t["eval_s"] + t["setup_s"] + t["orchestration_s"]
     assert abs(parts - t["wall_s"] * t["workers"]) < 1e-6 * parts + 1e-6  # the split covers the wall time
+    assert t["cpu_cores"] >= 1 and t["load_avg_15min"] >= 0  # the machine's load, beside the times it explains
     assert main(["bench", str(p)]) == 0  # everything done: nothing re-run
     assert "0 runs attempted" in capsys.readouterr().out
     assert main(["bench", str(p), "--dry-run"]) == 0
