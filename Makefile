@@ -10,7 +10,7 @@ RUNS ?= results/runs
 MAIN_RUNS ?= results/digits/runs
 JOBS ?= 2
 
-.PHONY: setup test tables bench bench-long bench-partial bench-openset bench-universal bsp-tuning dann-vs-source protocol augment-bench budget-curve results-index speed clean-runs docs
+.PHONY: setup test tables bench bench-long bench-partial bench-openset bench-universal bsp-tuning pada-tuning dann-vs-source protocol augment-bench budget-curve results-index speed clean-runs docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ bench-partial bench-openset bench-universal: bench-%: setup
 # Issue-23 check: DANN with and without the BSP option on the tuning pairs -> results/bsp_tuning/
 bsp-tuning: setup
 	$(VENV)/bin/dalab bench benchmarks/bsp_tuning.yaml --jobs $(JOBS) --command "make bsp-tuning"
+
+# Issue-24 defect hunt: PADA as in the partial table, at half the trade-off and with the authors' weighted
+# mean, on the tuning pairs as partial tasks -> results/pada_tuning/
+pada-tuning: setup
+	$(VENV)/bin/dalab bench benchmarks/pada_tuning.yaml --jobs $(JOBS) --command "make pada-tuning"
 
 # Issue-2 check: source-only vs DANN on mnist5k -> ucidigits, 3 seeds, lenet and lenet_bn -> results/dann_vs_source_only.md
 dann-vs-source: setup

@@ -24,7 +24,7 @@ from pathlib import Path
 SPECS = {"digits.yaml": "make bench", "digits_long.yaml": "make bench-long", "label_budget.yaml": "make budget-curve",
          "augment.yaml": "make augment-bench", "digits_partial.yaml": "make bench-partial",
          "digits_openset.yaml": "make bench-openset", "digits_universal.yaml": "make bench-universal",
-         "bsp_tuning.yaml": "make bsp-tuning"}
+         "bsp_tuning.yaml": "make bsp-tuning", "pada_tuning.yaml": "make pada-tuning"}
 COMPARED = ("table.md", "table.csv", "runs.csv")  # text outputs compared by --check (figures are not byte-stable)
 # committed tables a module writes from a folder of committed records: file -> (module, records folder)
 MODULE_TABLES = {"results/domains/source_only.md": ("dalab.datasets.shift_table", "results/domains/runs")}

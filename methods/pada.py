@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Batch, register
+from .base import Batch, HParam, register
 from .dann import DANN
 from .layers import dann_lambda, domain_bce, domain_logits
 
@@ -58,7 +58,11 @@ class PADA(DANN):
     paper = "Cao et al., Partial Adversarial Domain Adaptation, ECCV 2018. https://arxiv.org/abs/1808.04205"
     settings = ("partial",)
     refresh_every = "epoch"
-    hparams = dict(DANN.hparams)  # trade_off = 1 and the GRL schedule are also the paper's
+    hparams = {**DANN.hparams,  # trade_off = 1 and the GRL schedule are also the paper's
+               "loss_norm": HParam("mean", None, "how the weighted source terms are averaged: mean = the paper's "
+                                   "(1/n_s) sum_i gamma_i l_i; weighted_mean = the authors' code's sum_i gamma_i l_i / "
+                                   "sum_i gamma_i (keeps the classification loss at full scale when gamma is small)",
+                                   choices=("mean", "weighted_mean"), keyed_at_default=False)}
 
     def build(self):
         super().build()
@@ -81,9 +85,14 @@ class PADA(DANN):
         lam = dann_lambda(self.progress(step), self.hp.gamma)
         f_s, f_t = self.features_st(batch.x_src, batch.x_tgt)
         w = self.sample_weights(batch.y_src)
-        cls_loss = (w * F.cross_entropy(self.net.head(f_s), batch.y_src, reduction="none")).mean()
+        ce = F.cross_entropy(self.net.head(f_s), batch.y_src, reduction="none")
+        if self.hp.loss_norm == "mean":  # the paper: (1/n_s) sum_i gamma_{y_i} l_i
+            cls_loss, w_s = (w * ce).mean(), w / len(w)
+        else:  # the authors' code: sum_i gamma_{y_i} l_i / sum_i gamma_{y_i}
+            w_s = w / w.sum().clamp_min(1e-12)
+            cls_loss = (w_s * ce).sum()
         d_s, d_t = domain_logits(self.disc, f_s, f_t, lam, self.hp.disc_bn_stats == "split")
-        domain_loss = domain_bce(d_s, d_t, w_s=w / len(w))  # source term: (1/n_s) sum_i gamma_{y_i} BCE_i
+        domain_loss = domain_bce(d_s, d_t, w_s=w_s)  # the source term weighted the same way
         loss = cls_loss + self.hp.trade_off * domain_loss
         self.step(loss)
         return {"loss": loss, "cls_loss": cls_loss, "domain_loss": domain_loss, "lambda": lam,

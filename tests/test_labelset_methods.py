@@ -89,10 +89,12 @@ def test_pada_class_weights_are_the_max_normalised_mean_target_prediction():
     assert torch.allclose(m.sample_weights(soft), (gamma[0] + gamma[1]) / 2, atol=1e-6)
 
 
-def test_pada_losses_are_gamma_weighted_on_source_only():
+@pytest.mark.parametrize("loss_norm", ["mean", "weighted_mean"])
+def test_pada_losses_are_gamma_weighted_on_source_only(loss_norm):
     """The logged losses equal the paper's weighted objective from the weights before the step:
-    cls = mean_i gamma_{y_i} CE_i, domain = 1/2 (mean_i gamma_{y_i} BCE(d_i, 1) + mean_j BCE(d_j, 0))."""
-    m = make("pada", lr=1e-8, **SGD_PLAIN)
+    cls = mean_i gamma_{y_i} CE_i, domain = 1/2 (mean_i gamma_{y_i} BCE(d_i, 1) + mean_j BCE(d_j, 0));
+    with ``loss_norm=weighted_mean`` (the authors' code) the source means divide by sum_i gamma_{y_i}."""
+    m = make("pada", lr=1e-8, loss_norm=loss_norm, **SGD_PLAIN)
     m.class_weight.copy_(torch.tensor([1.0, 0.5, 0.0, 0.25]))
     b = batch()
     ref = copy.deepcopy(m)
@@ -103,8 +105,9 @@ def test_pada_losses_are_gamma_weighted_on_source_only():
         ce = -torch.log_softmax(ref.net.head(f_s), 1).gather(1, b.y_src[:, None]).squeeze(1)
         d_s, d_t = ref.disc(f_s).squeeze(1), ref.disc(f_t).squeeze(1)
         bce_s, bce_t = torch.log1p(torch.exp(-d_s)), torch.log1p(torch.exp(d_t))  # -log sigma(d), -log(1 - sigma(d))
-        cls_loss = (w * ce).mean()
-        domain_loss = 0.5 * ((w * bce_s).mean() + bce_t.mean())
+        norm = len(w) if loss_norm == "mean" else w.sum()
+        cls_loss = (w * ce).sum() / norm
+        domain_loss = 0.5 * ((w * bce_s).sum() / norm + bce_t.mean())
     assert math.isclose(float(out["cls_loss"]), float(cls_loss), rel_tol=1e-5)
     assert math.isclose(float(out["domain_loss"]), float(domain_loss), rel_tol=1e-5)
     assert math.isclose(float(out["loss"]), float(cls_loss + domain_loss), rel_tol=1e-5)  # trade_off = 1
