@@ -76,8 +76,8 @@ def setting(rec: dict) -> str:
     c = rec["config"]
     steps = c.get("steps", "?")
     s = f"{c.get('backbone', '?')}, {steps} step{'' if steps == 1 else 's'}"
-    if tag(c):  # a label-set task: never pooled with another split of the same pair
-        s += f", {tag(c)}"
+    if task := tag(c):  # a label-set task: never pooled with another split of the same pair
+        s += f", {task}"
     if c.get("pretrained"):
         s += f", pretrained {c['pretrained']}"
     if c.get("split_seed", 0):

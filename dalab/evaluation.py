@@ -99,9 +99,10 @@ def rejection_threshold(src_val_logits: torch.Tensor) -> float:
 
 
 def open_predictions(logits: torch.Tensor, k: int, threshold: float | None) -> np.ndarray:
-    """Predicted classes in 0..K: a method that decides "unknown" itself gives K + 1 scores (argmax);
-    a closed-set one gives K, and is "unknown" below the rejection ``threshold``."""
-    if logits.shape[1] == k + 1:
+    """Predicted classes in 0..K: ``threshold`` None = a method that decides "unknown" itself
+    (``Method.open_set``: K + 1 scores, argmax); otherwise a closed-set one's K logits, "unknown"
+    below the rejection ``threshold``."""
+    if threshold is None:
         return logits.argmax(1).numpy()
     conf, pred = torch.softmax(logits.float(), 1).max(1)
     pred[conf < threshold] = k

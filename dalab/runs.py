@@ -102,6 +102,12 @@ class RunConfig:
             return None
         return {**self.source_hparams, "standardize": hp["standardize"]}
 
+    def label_set(self):
+        """The task's :class:`dalab.tasks.LabelSet`, or None (closed-set over all classes)."""
+        from dalab.tasks import LabelSet
+
+        return LabelSet.from_key(self.classes) if self.classes else None
+
     def for_device(self, device: str) -> "RunConfig":
         """This config with its precision resolved for ``device`` (``--device``): what the run will
         compute in there, which the id names. An unresolved ``auto`` is resolved for the default
@@ -130,8 +136,7 @@ class RunConfig:
         if self.classes is None:  # closed-set over all classes: the key (and id) every earlier run has
             del d["classes"]
         else:
-            from dalab.tasks import LabelSet
-            d["classes"] = LabelSet.from_key(self.classes).key()
+            d["classes"] = self.label_set().key()
         return d
 
     def run_id(self) -> str:

@@ -341,7 +341,9 @@ def table_notes(t: dict, cd_file: str = "") -> list[str]:
             notes.append(f"No significance marks: the paired test needs ≥ {MIN_SEEDS} seeds per cell "
                          f"(here {n}).")
     if any(HEADLINE[s][0] == "h_score" for s in t.get("label_sets", [])):
-        notes.append(f"Unknown target classes: methods built for them (OSBP, OVANet) decide 'unknown' themselves; {REJECT_RULE}.")
+        from dalab.methods import METHODS
+        own = ", ".join(display.method(n) for n, c in METHODS.items() if c.open_set)
+        notes.append(f"Unknown target classes: methods built for them ({own}) decide 'unknown' themselves; {REJECT_RULE}.")
     if any(c["convergence"].mark for c in cells):
         notes.append(convergence.RULE_TEXT + ".")
     if any(c.get("n_failed") for c in cells):
@@ -466,12 +468,12 @@ def _csv_metric(records: list[dict]) -> str:
 def runs_csv(records: list[dict], rules: Iterable[str]) -> str:
     """One row per run: identity, status, speed, the checkpoint + target-test accuracy per rule, and
     the command that reproduces it."""
-    rules = list(rules)
+    rules, metric = list(rules), _csv_metric(records)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["run_id", "method", "display", "family", "target_data", "budget", "source", "target", "seed", "status",
                 "steps", "wall_time_s", "steps_per_s", "hparams"]
-               + [f"{r}_{k}" for r in rules for k in ("step", f"tgt_test_{_csv_metric(records)}")] + ["command"])
+               + [f"{r}_{k}" for r in rules for k in ("step", f"tgt_test_{metric}")] + ["command"])
     for rec in sorted(records, key=lambda r: r["run_id"]):
         row = [rec["run_id"], rec["method"]["name"], display.method(rec["method"]["name"]), rec["method"]["family"],
                rec["method"]["target_data"], rec["method"]["budget"], rec["config"]["source"], rec["config"]["target"],

@@ -138,9 +138,8 @@ def _check_label_set(cfg: RunConfig, method_cls: type, budget: int | None) -> No
     """The task's label set parses, the method runs on its setting, and no target label of an
     unknown class could reach the method (no labeled target budget where the target has them)."""
     from dalab.methods import METHODS
-    from dalab.tasks import of_config
 
-    ls = of_config(dataclasses.asdict(cfg))
+    ls = cfg.label_set()
     setting = ls.setting if ls else "closed"
     if setting not in method_cls.settings:
         fits = [n for n, c in METHODS.items() if setting in c.settings and c.family != "baseline"][:6]
@@ -251,8 +250,9 @@ class Task:
 
     @property
     def num_classes(self) -> int:
-        """K: the classes the model predicts (the source's; a target label K is "unknown")."""
-        return self.label_set.num_known if self.label_set else self.src.num_classes
+        """K: the classes the model predicts, the source's (kept to the label set's source classes by
+        :func:`load_task`); a target label K is "unknown"."""
+        return self.src.num_classes
 
     def eval_splits(self) -> dict[str, Any]:
         """What every evaluation point scores (:func:`dalab.evaluation.evaluate`)."""
@@ -265,13 +265,12 @@ def load_task(run: Run) -> Task:
     classes, keep each side's classes of the task's label set (relabeled: :mod:`dalab.tasks`),
     apply standardisation and resolve augmentation, and pick the label budget's samples."""
     from dalab.datasets.base import check_same_classes, labeled_indices, load_domain, restrict_classes
-    from dalab.tasks import of_config
 
     cfg, o = run.cfg, run.o
     src = load_domain(cfg.source, cfg.split_seed, run.dev, root=o.data_root)
     tgt = load_domain(cfg.target, cfg.split_seed, run.dev, root=o.data_root)
     check_same_classes(src, tgt)
-    ls = of_config(dataclasses.asdict(cfg))
+    ls = cfg.label_set()
     if ls is not None:
         ls.check(src.classes)
         src = restrict_classes(src, ls.source_lut(src.num_classes))
