@@ -10,7 +10,7 @@ RUNS ?= results/runs
 MAIN_RUNS ?= results/digits/runs
 JOBS ?= 2
 
-.PHONY: setup test tables bench bench-long bench-partial bench-openset bench-universal bsp-tuning pada-tuning dann-vs-source protocol augment-bench budget-curve results-index speed clean-runs docs
+.PHONY: setup test tables bench bench-long bench-partial bench-openset bench-universal bench-tta bench-tta-continual bsp-tuning pada-tuning dann-vs-source protocol augment-bench budget-curve results-index speed clean-runs docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,16 @@ bench-long: setup
 # -> results/<setting>/ (resumable; records committed under results/<setting>/runs)
 bench-partial bench-openset bench-universal: bench-%: setup
 	$(VENV)/bin/dalab bench benchmarks/digits_$*.yaml --jobs $(JOBS) --command "make bench-$*"
+
+# Test-time adaptation (issue 26): the main job's source models adapted on target streams, each batch predicted
+# before the method adapts on it -> results/tta/ (online accuracy) and results/tta_continual/ (resumable; records
+# committed under results/tta/runs); results/tta/final.md puts the final models beside the offline UDA methods
+bench-tta: setup
+	$(VENV)/bin/dalab bench benchmarks/digits_tta.yaml --jobs $(JOBS) --command "make bench-tta"
+	$(PY) -m dalab.benchmarks.tta_report
+
+bench-tta-continual: setup
+	$(VENV)/bin/dalab bench benchmarks/digits_tta_continual.yaml --jobs $(JOBS) --command "make bench-tta-continual"
 
 # Issue-23 check: DANN with and without the BSP option on the tuning pairs -> results/bsp_tuning/
 bsp-tuning: setup

@@ -59,7 +59,8 @@ class BenchSpec:
                      help="the grid's name: printed by `dalab bench`, and part of a declared search's identity")
     methods: list[str] | str = _key(
         "all", type="list of method names, or `all`",
-        help="methods to run (`dalab list`); `all` = every registered method, source_only first")
+        help="methods to run (`dalab list`); `all` = every registered method that runs on the spec's setting, "
+             "source_only first, test-time methods left out (a spec lists them by name: benchmarks/digits_tta.yaml)")
     pairs: list[list[str]] | str = _key(
         "default", type="`default`, a benchmark name, or a list of [source, target]",
         help="domain pairs: `default` = the offline digits pairs; a benchmark name from `dalab list` "
@@ -101,6 +102,9 @@ class BenchSpec:
                        help="random search: trial 0 is the defaults, trials 1..n-1 seeded draws from each "
                             "hyperparameter's search space; the selection rule picks per pair, one table row")
     search_seed: int = _key(0, type="integer", help="seed of the random search's draws")
+    baseline: str = _key("source_only", type="method name",
+                         help="the row every other row is compared with (Δ, significance marks), per data setting "
+                              "(a test-time spec: no_adapt, the source model on the same stream)")
     selection: list[str] = _key(type="list of rule names", factory=lambda: list(RULES),
                                 help="selection rules, one table each: " + ", ".join(RULES))
     runs_dir: str = _key("results/runs", type="folder",
@@ -174,6 +178,9 @@ class BenchSpec:
 
         if not isinstance(self.name, str) or not self.name.strip():
             bad("name", f"must be a non-empty string, got {self.name!r}")
+        from dalab.methods import METHODS
+        if self.baseline not in METHODS:
+            bad("baseline", f"must name a registered method, got {self.baseline!r}")
         for name in ("steps", "eval_every", "trials"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -229,8 +236,9 @@ def resolve_methods(spec: BenchSpec) -> list[str]:
     from dalab.methods import METHODS, get_method
 
     if spec.methods == "all":
-        # every method that runs on the spec's setting (a method made for another one is left out)
-        return sorted((n for n, c in METHODS.items() if spec.setting in c.settings),
+        # every method that runs on the spec's setting (a method made for another one is left out);
+        # test-time methods adapt on streams, a protocol of their own: a spec lists them by name
+        return sorted((n for n, c in METHODS.items() if spec.setting in c.settings and not c.test_time),
                       key=lambda n: (n != "source_only", METHODS[n].family, n))
     if not isinstance(spec.methods, list):
         raise DalabError(f"field 'methods' must be 'all' or a list of method names, got {spec.methods!r}")
@@ -385,7 +393,8 @@ def write_grid_tables(spec: BenchSpec, grid, groups: dict, command: str, records
 
     pairs = list(dict.fromkeys(f"{c.source}→{c.target}" for c, _ in grid))
     records = grid_records(spec, grid) if records is None else records
-    return write_tables(records, spec.out, spec.selection, command, pairs, plots=plots, groups=groups)
+    return write_tables(records, spec.out, spec.selection, command, pairs, plots=plots, groups=groups,
+                        baseline=spec.baseline)
 
 
 # --------------------------------------------------------------------------- run states

@@ -85,7 +85,17 @@ def setting(rec: dict) -> str:
     prec = rec.get("train", {}).get("precision")
     if prec and prec != "fp32":
         s += f", {prec}"
+    from dalab.tasks import test_time
+    if test_time(rec):  # a test-time run: its stream is part of the data it sees (dalab.streams)
+        from dalab.streams import StreamOptions
+        s += f", stream {StreamOptions.of({**_stream_defaults(), **rec.get('hparams', {})}, c['target']).text()}"
     from dalab.methods.base import DATA_HPARAMS
     hp = rec.get("hparams", {})
     opts = [f"{k}={hp[k]}" for k in DATA_HPARAMS if k in hp and hp[k] != DATA_HPARAMS[k].default]
     return s + (", " + ", ".join(opts) if opts else "")
+
+
+def _stream_defaults() -> dict:
+    from dalab.streams import _hparams
+
+    return {k: h.default for k, h in _hparams().items()}

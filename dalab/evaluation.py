@@ -20,10 +20,19 @@ EVAL_BATCH = 256  # cache-friendly on CPU (1024 was 2x slower on LeNet), plenty 
 LABELED_SPLITS = ("src_val", "tgt_val", "tgt_test")  # scored with labels; target train never is
 
 
+EVAL_ORDER_SEED = 0  # the order in which a batch-dependent model (Method.batch_statistics) sees a split
+
+
 @torch.inference_mode()
 def predict_split(method, split, batch_size: int = EVAL_BATCH) -> tuple[torch.Tensor, np.ndarray]:
     """Logits (float32, CPU) and labels of a whole split (in the method's precision); device-side
-    results are moved to the host once, at the end."""
+    results are moved to the host once, at the end. A model whose predictions depend on the batch
+    (``Method.batch_statistics``: test-batch BatchNorm statistics) sees the split in a seeded random
+    order (:data:`EVAL_ORDER_SEED`), in batches of its stream's batch size: never in the split's
+    storage order (mnist5k is stored sorted by class), which would hand it one-class batches."""
+    if getattr(method, "batch_statistics", False):
+        gen = torch.Generator().manual_seed(EVAL_ORDER_SEED)
+        split, batch_size = split.subset(torch.randperm(len(split), generator=gen).numpy()), method.hp.batch_size
     logits, labels = [], []
     for x, y in split.batches(batch_size):
         logits.append(method.predict(x).float())

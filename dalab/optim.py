@@ -94,6 +94,49 @@ class Optimization:
             o.step()
         self.steps_taken += 1
 
+    def sharpness_aware_step(self, loss_at: Callable[[], Tensor | None], names: Iterable[str],
+                             rho: float) -> tuple[Tensor | None, Tensor | None]:
+        """One sharpness-aware minimisation step (SAM; Foret et al., ICLR 2021) of the named
+        optimizers' parameters w: backpropagate ``loss_at()`` at w, move to the worst nearby point
+        w + e, e = rho g / ||g||, backpropagate ``loss_at()`` there, go back to w and step with the
+        gradient taken at w + e. ``loss_at`` may return None (nothing to learn from): at the first
+        call no step at all, at the second no step either (the weights are restored). Returns the
+        two losses (None where there was none)."""
+        opts = [self.optimizers[n] for n in names]
+        params = [p for o in opts for g in o.param_groups for p in g["params"]]
+        first = loss_at()
+        if first is None:
+            return None, None
+        for p in self.params:
+            p.grad = None
+        first.backward()
+        moved = [p for p in params if p.grad is not None]
+        if self.grad_sync is not None:
+            self.grad_sync(moved)
+        with torch.no_grad():
+            norm = torch.norm(torch.stack([p.grad.norm(2) for p in moved]), 2) if moved else torch.zeros(())
+            eps = [p.grad * (rho / (norm + 1e-12)) for p in moved]
+            for p, e in zip(moved, eps):
+                p.add_(e)
+        for p in self.params:
+            p.grad = None
+        second = loss_at()
+        if second is not None:
+            second.backward()
+        with torch.no_grad():
+            for p, e in zip(moved, eps):
+                p.sub_(e)
+        if second is None:
+            return first, None
+        if self.grad_sync is not None:
+            self.grad_sync(params)
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        for o in opts:
+            o.step()
+        self.steps_taken += 1
+        return first, second
+
     @property
     def lr(self) -> float:
         """The current LR of the first optimizer's last group (the head's, for logging)."""

@@ -32,7 +32,7 @@ from dalab.display import pair_name, setting  # noqa: F401 -- record keys, re-ex
 from dalab.render import Cell, Table
 from dalab.selection import CHANCE_MARK, CHANCE_NOTE, RULES, n_at_chance, select, selection_score
 from dalab.evaluation import REJECT_RULE
-from dalab.tasks import HEADLINE, headline, metric_names, score, setting_of
+from dalab.tasks import HEADLINE, SPLIT_NAMES, headline, headline_split, metric_names, score, setting_of
 from dalab.utils import atomic_write_text
 
 __all__ = ["RULE_TEXT", "aggregate", "build_table", "explain", "load_records", "pair_name", "run_command",
@@ -98,12 +98,13 @@ def _trial_key(rec: dict) -> str:
     return json.dumps(method_setting(rec), sort_keys=True)
 
 
-def aggregate(records: Iterable[dict], rule: str,
-              groups: dict[str, RowGroup] | None = None) -> dict[tuple, dict[str, dict]]:
+def aggregate(records: Iterable[dict], rule: str, groups: dict[str, RowGroup] | None = None,
+              split: str | None = None) -> dict[tuple, dict[str, dict]]:
     """{row_key: {pair: cell}} under ``rule``; a cell is {"accs", "seeds", "runs" (run_id, seed,
     step, acc, record per run of the chosen trial), "n_failed", "hparams", "n_trials", "trials"}.
     A row holds one setting; only the runs of a search declared in ``groups`` hold several
-    (trials), and each cell takes the trial the rule prefers."""
+    (trials), and each cell takes the trial the rule prefers. ``split``: the split the cells report
+    (default: each record's headline split, :func:`dalab.tasks.headline_split`)."""
     by_row: dict[tuple, dict[str, dict[str, list[dict]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in records:
         by_row[row_key(r, groups)][pair_name(r)][_trial_key(r)].append(r)
@@ -121,7 +122,7 @@ def aggregate(records: Iterable[dict], rule: str,
             for r in recs:
                 p = select(r, rule)
                 runs.append({"run_id": r["run_id"], "seed": r["config"]["seed"], "status": r.get("status"),
-                             "step": p["step"] if p else None, "acc": score(r, p) * 100 if p else None,
+                             "step": p["step"] if p else None, "acc": score(r, p, split) * 100 if p else None,
                              "record": r})
             ok = [x for x in runs if x["acc"] is not None]
             chosen = json.loads(best)  # the trial's method setting
@@ -213,7 +214,7 @@ def _mark_and_rank(table: list[dict], pairs: list[str]) -> None:
 
 def build_table(records: list[dict], rule: str, pairs: list[str] | None = None, baseline: str = BASELINE,
                 methods: Iterable[str] | None = None, budgets: Iterable[str] | None = None,
-                groups: dict[str, RowGroup] | None = None) -> dict[str, Any]:
+                groups: dict[str, RowGroup] | None = None, split: str | None = None) -> dict[str, Any]:
     """Rows grouped by label budget then family, columns = pairs + average + Δ + average rank.
     One row per method and setting (``setting_labels`` names what differs); only the runs of a
     search a spec declares (``groups``) are pooled into one row. Best and second-best are marked
@@ -222,7 +223,7 @@ def build_table(records: list[dict], rule: str, pairs: list[str] | None = None, 
     budget) still defines Δ and the significance marks."""
     from dalab.stats import MIN_SEEDS, friedman, paired_test
 
-    agg = aggregate(records, rule, groups)
+    agg = aggregate(records, rule, groups, split)
     pairs = pairs or _pair_order({p for v in agg.values() for p in v})
     budget_order = lambda b: (b != "0", b == "all", int(b) if b.isdigit() else 0)  # noqa: E731
     # within a budget: the baseline first, then by family; within a method the plainest setting first
@@ -277,8 +278,10 @@ def build_table(records: list[dict], rule: str, pairs: list[str] | None = None, 
     unsup = [r for r in table if r["budget"] == "0" and r["avg"] is not None]
     fr = friedman({r["display"]: [r["means"][p] for p in pairs] for r in unsup}) if len(pairs) >= 2 else None
     label_sets = sorted({setting_of(x["record"]) for r in table for c in r["cells"].values() for x in c["runs"]})
+    splits = {split} if split else {headline_split(x["record"]) for r in table for c in r["cells"].values()
+                                    for x in c["runs"]}
     return {"rule": rule, "pairs": pairs, "rows": table, "n": nmax, "settings": settings, "baseline": baseline,
-            "label_sets": label_sets,
+            "label_sets": label_sets, "split": splits.pop() if len(splits) == 1 else "tgt_test",
             "baseline_display": next(iter(base_rows.values()))["display"] if len(base_rows) == 1 else display.method(baseline),
             "has_baseline": bool(base_rows), "friedman": fr}
 
@@ -320,7 +323,7 @@ def caption(t: dict) -> str:
     rule = RULES[t["rule"]]
     settings = t.get("settings", [])
     metric = metric_names(t.get("label_sets", ["closed"]))[0]
-    return (f"Target test {metric} (%), mean ± std over {_plural(t['n'], 'seed')}"
+    return (f"{SPLIT_NAMES[t.get('split', 'tgt_test')]} {metric} (%), mean ± std over {_plural(t['n'], 'seed')}"
             + (f" ({settings[0]})" if len(settings) == 1 else "")
             + f"; checkpoint: {rule.label}" + ("" if rule.needs_target_labels else " (no target labels)") + ".")
 
@@ -459,10 +462,10 @@ def run_command(rec: dict, runs_dir: str | Path | None = None) -> str:
 
 
 def _csv_metric(records: list[dict]) -> str:
-    """The metric column name of runs.csv: the records' headline metric (``acc`` for closed-set), or
-    ``headline`` when they mix settings with different ones."""
-    keys = {headline(r) for r in records}
-    return keys.pop() if len(keys) == 1 else "headline" if keys else "acc"
+    """The metric column name of runs.csv: the records' headline split and metric (``tgt_test_acc``
+    for closed-set, ``online_acc`` for test-time runs), or ``headline`` where they mix."""
+    splits, metrics = {headline_split(r) for r in records} or {"tgt_test"}, {headline(r) for r in records} or {"acc"}
+    return f"{splits.pop() if len(splits) == 1 else 'headline'}_{metrics.pop() if len(metrics) == 1 else 'headline'}"
 
 
 def runs_csv(records: list[dict], rules: Iterable[str]) -> str:
@@ -473,7 +476,7 @@ def runs_csv(records: list[dict], rules: Iterable[str]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["run_id", "method", "display", "family", "target_data", "budget", "source", "target", "seed", "status",
                 "steps", "wall_time_s", "steps_per_s", "hparams"]
-               + [f"{r}_{k}" for r in rules for k in ("step", f"tgt_test_{metric}")] + ["command"])
+               + [f"{r}_{k}" for r in rules for k in ("step", metric)] + ["command"])
     for rec in sorted(records, key=lambda r: r["run_id"]):
         row = [rec["run_id"], rec["method"]["name"], display.method(rec["method"]["name"]), rec["method"]["family"],
                rec["method"]["target_data"], rec["method"]["budget"], rec["config"]["source"], rec["config"]["target"],
@@ -592,7 +595,7 @@ def explain(records: list[dict], method: str, pair: str, rule: str = "last", bas
         if c["n_failed"]:
             line += f"; {c['n_failed']} run(s) without a checkpoint under this rule (†)"
         out.append(line)
-        metric = f"tgt_test {headline(c['runs'][0]['record'])}"
+        metric = f"{headline_split(c['runs'][0]['record'])} {headline(c['runs'][0]['record'])}"
         out.append(f"  {'run id':<48} {'seed':>4} {'status':<8} {'step':>6} {metric:>12}")
         for x in c["runs"]:
             acc = f"{x['acc']:.2f}" if x["acc"] is not None else "—"

@@ -231,10 +231,32 @@ def headline(record: Mapping[str, Any]) -> str:
     return HEADLINE[setting_of(record)][0]
 
 
-def score(record: Mapping[str, Any], ev: Mapping[str, Any], split: str = "tgt_test") -> float:
-    """The record's headline metric (:func:`headline`) at evaluation point ``ev`` on ``split``, as
-    a fraction: what every table cell, figure and convergence mark reads."""
-    return ev[split][headline(record)]
+def test_time(record: Mapping[str, Any]) -> bool:
+    """Whether a record is a test-time adaptation run (a method with ``test_time``, adapting on a
+    stream: dalab.streams), read from the registry (a record of unknown code: from its points)."""
+    from dalab.methods import METHODS
+
+    cls = METHODS.get((record.get("method") or {}).get("name"))
+    if cls is not None:
+        return bool(cls.test_time)
+    return any("online" in ev for ev in record.get("evals") or [])
+
+
+def headline_split(record: Mapping[str, Any]) -> str:
+    """The split a record's tables report: ``tgt_test`` (the model after training, on target test),
+    or ``online`` for a test-time run (its predictions on the stream, each made before the model
+    adapted on that batch)."""
+    return "online" if test_time(record) else "tgt_test"
+
+
+SPLIT_NAMES = {"tgt_test": "Target test", "online": "Online (each stream batch predicted before adapting on it)"}
+
+
+def score(record: Mapping[str, Any], ev: Mapping[str, Any], split: str | None = None) -> float:
+    """The record's headline metric (:func:`headline`) at evaluation point ``ev`` on ``split``
+    (default: the record's :func:`headline_split`), as a fraction: what every table cell, figure and
+    convergence mark reads."""
+    return ev[split or headline_split(record)][headline(record)]
 
 
 def tag(config: Mapping[str, Any]) -> str:

@@ -247,6 +247,8 @@ class Task:
     lab_idx: np.ndarray
     options: dict[str, Any]
     label_set: Any = None  # a dalab.tasks.LabelSet, or None (closed-set over all classes)
+    # a test-time run's stream: (domain name, its train split) in stream order, the task's target first
+    stream: list[tuple[str, Any]] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -275,10 +277,35 @@ def load_task(run: Run) -> Task:
         ls.check(src.classes)
         src = restrict_classes(src, ls.source_lut(src.num_classes))
         tgt = restrict_classes(tgt, ls.target_lut(tgt.num_classes), unknown_label=ls.num_known)
-    options = set_up_data_options(run.hp, {"source": src, "target": tgt})
+    domains = {"source": src, "target": tgt}
+    stream = None
+    if run.prep.method_cls.test_time:  # the stream's further target domains (continual TTA)
+        stream = _stream_domains(run, tgt)
+        domains.update({f"stream {name}": dom for name, dom in stream[1:]})
+    options = set_up_data_options(run.hp, domains)
     lab_idx = labeled_indices(tgt.train.labels.cpu().numpy(), cfg.budget, cfg.split_seed)
     runs.check_stop()  # a stop asked for while the data loaded: nothing to save yet
-    return Task(src, tgt, lab_idx, options, ls)
+    return Task(src, tgt, lab_idx, options, ls,
+                [(name, dom.train) for name, dom in stream] if stream is not None else None)
+
+
+def _stream_domains(run: Run, tgt) -> list[tuple[str, Any]]:
+    """A test-time run's stream domains, loaded (the task's target first, already loaded), each with
+    the target's classes and at least one stream batch of samples."""
+    from dalab.datasets.base import check_same_classes, load_domain
+    from dalab.streams import StreamOptions
+
+    opts = StreamOptions.of(run.hp, run.cfg.target)
+    out = [(opts.domains[0], tgt)]
+    for name in opts.domains[1:]:
+        dom = load_domain(name, run.cfg.split_seed, run.dev, root=run.o.data_root)
+        check_same_classes(tgt, dom)
+        out.append((name, dom))
+    for name, dom in out:
+        if opts.batch_size > len(dom.train):
+            raise DalabError(f"batch_size={opts.batch_size} is larger than the stream's {name!r} target set "
+                             f"({len(dom.train)} samples); use --set batch_size=N with N <= {len(dom.train)}")
+    return out
 
 
 def set_up_data_options(hp: dict, domains) -> dict[str, Any]:
@@ -545,6 +572,7 @@ class Loop:
         # re-iterable target-train inputs for the method's hooks, only if it declared unlabeled target data
         self.tgt_inputs = _Inputs(task.tgt.train) if streams.tgt is not None else None
         self.refresh = refresh_period(run.prep.method_cls.refresh_every, len(task.tgt.train), run.hp["batch_size"])
+        self.steps = run.cfg.steps  # the run's last step (a stream run: its number of batches)
 
     def run(self) -> None:
         """Train to the step budget (from the checkpoint, when resuming one); ends early on
@@ -623,6 +651,67 @@ class Loop:
                 "rng": _get_rng_state(), "average": self.average.state_dict() if self.average is not None else None})
 
 
+class StreamLoop(Loop):
+    """Stage 5 of a test-time run (:mod:`dalab.streams`): for each batch of the target stream, the
+    method's prediction is recorded FIRST (eval mode, no gradient), then the method adapts on that
+    batch (``adapt_steps`` training steps; the batch holds target inputs only, never a source
+    sample or a label), then, on an episodic stream, it is reset to the source model. The online
+    metrics over the whole stream (and per stream domain) join the final evaluation point as its
+    ``online`` split: a TTA record's headline (:func:`dalab.tasks.score`). A stream run is short and
+    not checkpointed: a stop ends it, and the next attempt starts the stream over."""
+
+    def __init__(self, run: Run, task: Task, built: Built, streams: Streams):
+        from dalab.streams import StreamOptions, length
+
+        super().__init__(run, task, built, streams)
+        self.opts = StreamOptions.of(run.hp, run.cfg.target)
+        self.steps = length([len(split) for _, split in task.stream], self.opts)
+        self.predicted: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (domain, predictions, labels)
+
+    def run(self) -> None:
+        from dalab import streams
+        from dalab.methods.base import Batch
+
+        run, h, method = self.run_, self.history, self.method
+        method.on_train_start(self.tgt_inputs)  # the source model, remembered for resets
+        for step, (domain, x, y) in enumerate(streams.batches(self.task.stream, self.opts, run.cfg.seed), 1):
+            t_step = time.perf_counter()
+            method.eval()
+            with torch.no_grad():
+                logits = method.stream_predict(x, step)
+            method.train()
+            self.predicted.append((domain, logits.argmax(1).cpu(), y.cpu()))
+            for _ in range(self.opts.adapt_steps):
+                batch = Batch(None, None, x_tgt=x)  # the trainer's guarantee: no source data, no label
+                out = method.train_step(batch, step)
+            if self.opts.reset == "episodic":
+                method.reset()
+            h.train_time += time.perf_counter() - t_step
+            if not self.guard.step_ok(out, step):
+                self._diverged(step, out)
+                return
+            if runs.stop_requested() is not None and step < self.steps:
+                self.out.close()
+                raise Interrupted(runs.stop_requested(), step)
+            if step % run.o.log_every == 0 or step == self.steps:
+                h.last_losses = self._floats(out)
+                self.out.losses(step, h.last_losses)
+            self.out.advance()
+
+    def evaluate(self, step: int) -> None:
+        """The final evaluation point, with the stream's online metrics (the ``online`` split)."""
+        from dalab.evaluation import metrics_of
+
+        super().evaluate(step)
+        pred = torch.cat([p for _, p, _ in self.predicted]).numpy()
+        labels = torch.cat([y for _, _, y in self.predicted]).numpy()
+        domains = np.concatenate([[d] * len(p) for d, p, _ in self.predicted])
+        ev = self.history.evals[-1]
+        ev["online"] = {**metrics_of(labels, pred), "samples": int(len(labels)), "batches": len(self.predicted)}
+        if len(self.opts.domains) > 1:
+            ev["online_domains"] = {d: metrics_of(labels[domains == d], pred[domains == d]) for d in self.opts.domains}
+
+
 def resume(loop: Loop) -> int:
     """Restore a loop from its run's checkpoint when there is a readable one (an unreadable one is
     moved aside): the step it was written after, or 0."""
@@ -658,7 +747,7 @@ def finish(run: Run, task: Task, built: Built, loop: Loop) -> None:
     labeled = _Inputs(task.tgt.train.subset(task.lab_idx), labels=True) if loop.streams.lab is not None else None
     built.method.on_train_end(loop.tgt_inputs, labeled)
     if run.main:
-        loop.evaluate(run.cfg.steps)
+        loop.evaluate(loop.steps)
 
 
 def write_results(run: Run, task: Task, built: Built, loop: Loop) -> dict[str, Any]:
@@ -682,7 +771,7 @@ def make_record(run: Run, task: Task, built: Built, loop: Loop, wall: float) -> 
     statistics and provenance (written by :mod:`dalab.runs`)."""
     cfg, cls, o, dev, ddp = run.cfg, run.prep.method_cls, run.o, run.dev, run.ddp
     src, tgt, streams, h = task.src, task.tgt, loop.streams, loop.history
-    steps_done = h.diverged_at or cfg.steps
+    steps_done = h.diverged_at or loop.steps
     sizes = lambda d: {"classes": len(d.classes), **{k: len(getattr(d, k)) for k in ("train", "val", "test")}}  # noqa: E731
     return RunRecord(
         run_id=cfg.run_id(), status=h.status, config=cfg.key(), hparams=run.hp,
@@ -752,7 +841,7 @@ def _train(cfg: RunConfig, runs_dir: Path, run_dir: Path, o: RunOptions) -> dict
     run = start_run(cfg, runs_dir, run_dir, o)
     task = load_task(run)
     built = build_method(run, task)
-    loop = Loop(run, task, built, build_streams(run, task))
+    loop = (StreamLoop if run.prep.method_cls.test_time else Loop)(run, task, built, build_streams(run, task))
     with runs.graceful_stop():  # a signal asks for a stop, taken (with a checkpoint) at the next sync point
         loop.run()
         finish(run, task, built, loop)

@@ -75,3 +75,10 @@ def toy_a() -> DomainData:
 def toy_b() -> DomainData:
     """Tiny synthetic domain B (240 images): A shifted and inverted, for tests."""
     return _toy(3, invert=True)
+
+
+@register_domain(family="toy", hidden=True, display="Toy C")
+def toy_c() -> DomainData:
+    """Tiny synthetic domain C (240 images): A shifted further, not inverted (a third domain for
+    tests of streams through several target domains)."""
+    return _toy(6, invert=False)

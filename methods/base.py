@@ -367,6 +367,12 @@ class Method(nn.Module):
 
     # optional hooks the trainer calls
     uses_source: ClassVar[bool] = True   # False: source-free adaptation, batches carry no source data
+    # True: a test-time method (methods/test_time.py): it adapts on a stream of target batches, each
+    # predicted before the method adapts on it (dalab.streams, dalab.trainer.StreamLoop)
+    test_time: ClassVar[bool] = False
+    # True: predictions depend on the batch (BatchNorm with the test batch's statistics): every
+    # evaluation draws its batches in a seeded random order (dalab.evaluation.predict_split)
+    batch_statistics: ClassVar[bool] = False
     # refresh(): every K steps (an int), once per pass over target train ("epoch"), or never (None)
     refresh_every: ClassVar[int | str | None] = None
 
@@ -470,6 +476,13 @@ class Method(nn.Module):
                 loss = loss + extra
                 self._extra_logs.update(logs)
         self.optim.step(loss, names, retain_graph)
+
+    def step_sharpness_aware(self, loss_at, rho: float, *names: str):
+        """A sharpness-aware step (:meth:`dalab.optim.Optimization.sharpness_aware_step`) of the
+        named optimizers (default: all): ``loss_at()`` is evaluated at the weights and at their
+        worst neighbour within radius ``rho``. Returns the two losses. The run's extra terms (VAT,
+        BSP) do not join it."""
+        return self.optim.sharpness_aware_step(loss_at, names or tuple(self.optim.optimizers), rho)
 
     def _steps_backbone(self, names: tuple[str, ...]) -> bool:
         """Whether stepping these optimizers updates the backbone: the extra terms regularise the
