@@ -129,11 +129,12 @@ def counts_markdown() -> str:
     return "\n".join(lines)
 
 
-SETTING_SPECS = ("digits_partial.yaml", "digits_openset.yaml", "digits_universal.yaml")
+SETTING_SPECS = ("digits_partial.yaml", "digits_openset.yaml", "digits_universal.yaml", "digits_tta.yaml",
+                 "digits_tta_continual.yaml")
 
 
 def settings_markdown() -> str:
-    """The README's settings table: per label-set setting, its spec, split, headline metric, methods,
+    """The README's settings table: per setting (label-set, test-time), its spec, split, headline metric, methods,
     grid size and the measured time of its last `dalab bench` (the spec's timing.json), if any."""
     import json
 
@@ -146,13 +147,19 @@ def settings_markdown() -> str:
     for name in SETTING_SPECS:
         spec = BenchSpec.from_yaml(Path(__file__).resolve().parent / name)
         ls = label_set(spec.setting, spec.classes)
-        own = [f"**{m}**" if "closed" not in METHODS[m].settings else m for m in resolve_methods(spec)]
+        methods = resolve_methods(spec)
+        own = [f"**{m}**" if "closed" not in METHODS[m].settings else m for m in methods]
+        tta = any(METHODS[m].test_time for m in methods)
+        setting = f"test-time ({spec.setting})" if tta else spec.setting
+        metric = f"online {HEADLINE[spec.setting][1]} (each batch predicted before adapting on it)" if tta \
+            else HEADLINE[spec.setting][1]
         timing = ROOT / spec.out / "timing.json"
         took = "not run yet"
         if timing.is_file():
             t = json.loads(timing.read_text())
             took = f"{t['runs']} runs in {t['wall_s'] / 60:.0f} min, {t['workers']} workers{_load_note(t)}"
-        lines.append(f"| {spec.setting} | `benchmarks/{name}` | `{ls.text()}` | {HEADLINE[spec.setting][1]} | "
+        classes = f"`{ls.text()}`" if ls else "all"
+        lines.append(f"| {setting} | `benchmarks/{name}` | {classes} | {metric} | "
                      f"{', '.join(own)} | {len(expand(spec))} | {took} |")
     return "\n".join(lines)
 

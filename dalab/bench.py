@@ -30,7 +30,7 @@ from dalab import runs
 from dalab.runs import RunConfig, RunOptions, release_claim, run_state, try_claim  # noqa: F401 -- re-exported
 from dalab.progress import clear_line
 from dalab.selection import RULE_NAMES as RULES  # the one registry of selection rules
-from dalab.tasks import score
+from dalab.tasks import headline_split, score
 from dalab.utils import DalabError
 
 
@@ -484,7 +484,7 @@ def work(cfg_dicts: list[dict], runs_dir: str, opts: RunOptions | None = None, t
                                 checkpoint_every=opts.checkpoint_every or cfg.eval_every)
                     runs.clear_failure(rd, rid)
                     acc = score(rec, rec["final"]) * 100 if rec["final"] else float("nan")
-                    print(f"{clear_line()}{worker}{rec['status']:<8} {rid}  tgt_test {acc:5.1f}  "
+                    print(f"{clear_line()}{worker}{rec['status']:<8} {rid}  {headline_split(rec)} {acc:5.1f}  "
                           f"({time.perf_counter() - t0:.0f} s, {rec['train']['steps_per_s']:.0f} steps/s)", flush=True)
                     results[rid] = rec["status"]
                 except (DalabError, KeyboardInterrupt):
