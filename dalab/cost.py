@@ -107,17 +107,38 @@ def _device_label(dev: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+def _test_time(cfg) -> bool:
+    from dalab.methods import get_method
+
+    return get_method(cfg.method).test_time
+
+
+def _run_steps(cfg, domains: dict[str, Any] | None) -> int:
+    """Training steps of a run: its budget, or a test-time run's stream length (adaptation steps per
+    batch included; its domains' sizes from ``domains``, when they are there) -- it evaluates once."""
+    if not _test_time(cfg):
+        return cfg.steps
+    from dalab.methods import get_method, resolve_hparams
+    from dalab.streams import StreamOptions, length
+
+    opts = StreamOptions.of(resolve_hparams(get_method(cfg.method), cfg.hparams), cfg.target)
+    if not domains or any(d not in domains for d in opts.domains):
+        return cfg.steps
+    return length([len(domains[d].train) for d in opts.domains], opts) * opts.adapt_steps
+
+
 def estimate(spec, grid, states: list[str], domains: dict[str, Any] | None = None, jobs: int = 1,
              device: str = "auto", probe_steps: int = 3, step_time: float | None = None) -> list[str]:
     """Lines saying what the not-done runs of ``grid`` cost: runs, steps, and wall time from a
     probe (``probe_steps`` timed steps) or the stated ``step_time`` seconds per step."""
     todo = [cfg for (cfg, _), st in zip(grid, states) if st != "done"]
-    steps = sum(c.steps for c in todo)
+    run_steps = {c.run_id(): _run_steps(c, domains) for c in todo}
+    steps = sum(run_steps.values())
     lines = [f"cost: {len(todo)} runs to do, {steps:,} training steps"
-             + (f" ({todo[0].steps:,} per run)" if todo and len({c.steps for c in todo}) == 1 else "")]
+             + (f" ({steps // len(todo):,} per run)" if todo and len(set(run_steps.values())) == 1 else "")]
     if not todo or (step_time is None and probe_steps <= 0):
         return lines
-    evals_per_run = {c.run_id(): math.ceil(c.steps / c.eval_every) for c in todo}
+    evals_per_run = {c.run_id(): 1 if _test_time(c) else math.ceil(c.steps / c.eval_every) for c in todo}
     eval_images = None
     if domains:
         per_pair = {}
