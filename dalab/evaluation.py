@@ -5,12 +5,17 @@ labeled split, and label-free scores on target train.
 record's ``evals`` (``src_val`` / ``tgt_val`` / ``tgt_test``: :data:`CLASSIFICATION_METRICS`;
 ``tgt_train_unsup``: :data:`UNSUPERVISED_SCORES`). Both are registries: a new metric (an open-set
 H-score) or a new label-free validator is one entry there, and every later record carries it; the
-model-selection rules of :mod:`dalab.selection` read these recorded numbers by name.
+model-selection rules of :mod:`dalab.selection` read these recorded numbers by name. A validator
+names what it reads by its parameters (:class:`ValidatorInputs`), and evaluation computes only
+what some validator reads (backbone features, MixVal's mixed-sample pass).
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable
 
 import numpy as np
@@ -23,21 +28,72 @@ LABELED_SPLITS = ("src_val", "tgt_val", "tgt_test")  # scored with labels; targe
 EVAL_ORDER_SEED = 0  # the order in which a batch-dependent model (Method.batch_statistics) sees a split
 
 
+@dataclass
+class SplitOutputs:
+    """One pass of the model over a split: logits (float32, CPU) and labels, in the order the model
+    saw the samples; on request its backbone features (``Method.features``: float32, CPU) and
+    MixVal's probe (:class:`dalab.validators.MixProbe`)."""
+
+    logits: torch.Tensor
+    labels: np.ndarray
+    features: torch.Tensor | None = None
+    mix: Any = None
+
+
+def _predict_with_features(method, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and ``method.features(x)`` of one batch in ONE forward pass where ``predict`` goes
+    through ``features`` (the base class's ``head(features(x))``, MCD, OVANet): ``features`` is
+    wrapped for the call and what it returns is kept. A ``predict`` that does not call it once on
+    ``x`` (a teacher network) costs a second call, so the features are always ``method.features(x)``."""
+    seen: list[torch.Tensor] = []
+    real, own = method.features, vars(method).get("features")
+    method.features = lambda inp: seen.append(real(inp)) or seen[-1]  # an instance attribute shadows the method
+    try:
+        logits = method.predict(x)
+    finally:
+        if own is None:
+            del method.features
+        else:
+            method.features = own
+    f = seen[0] if len(seen) == 1 and len(seen[0]) == len(x) else method.features(x)
+    return logits.float(), f.float()
+
+
 @torch.inference_mode()
-def predict_split(method, split, batch_size: int = EVAL_BATCH) -> tuple[torch.Tensor, np.ndarray]:
-    """Logits (float32, CPU) and labels of a whole split (in the method's precision); device-side
-    results are moved to the host once, at the end. A model whose predictions depend on the batch
-    (``Method.batch_statistics``: test-batch BatchNorm statistics) sees the split in a seeded random
-    order (:data:`EVAL_ORDER_SEED`), in batches of its stream's batch size: never in the split's
-    storage order (mnist5k is stored sorted by class), which would hand it one-class batches."""
-    if getattr(method, "batch_statistics", False):
+def forward_split(method, split, batch_size: int = EVAL_BATCH, features: bool = False, mix=None,
+                  shuffle: bool = False) -> SplitOutputs:
+    """The model over a whole split (in its precision); device-side results are moved to the host
+    once, at the end. ``features``: keep the backbone features of the same pass; ``mix``: a
+    :class:`dalab.validators.MixProbe` that probes every batch. A model whose predictions depend on
+    the batch (``Method.batch_statistics``: test-batch BatchNorm statistics) sees the split in a
+    seeded random order (:data:`EVAL_ORDER_SEED`), in batches of its stream's batch size: never in
+    the split's storage order (mnist5k is stored sorted by class), which would hand it one-class
+    batches. ``shuffle`` asks for that order for any model (MixVal pairs samples of one batch)."""
+    batch_dependent = getattr(method, "batch_statistics", False)
+    if batch_dependent or shuffle:
         gen = torch.Generator().manual_seed(EVAL_ORDER_SEED)
-        split, batch_size = split.subset(torch.randperm(len(split), generator=gen).numpy()), method.hp.batch_size
-    logits, labels = [], []
+        split = split.subset(torch.randperm(len(split), generator=gen).numpy())
+        if batch_dependent:
+            batch_size = method.hp.batch_size
+    logits, labels, feats = [], [], []
     for x, y in split.batches(batch_size):
-        logits.append(method.predict(x).float())
+        if features:
+            z, f = _predict_with_features(method, x)
+            feats.append(f)
+        else:
+            z = method.predict(x).float()
+        if mix is not None:
+            mix.add(method.predict, x, z)
+        logits.append(z)
         labels.append(y)
-    return torch.cat(logits).cpu(), torch.cat(labels).cpu().numpy()
+    return SplitOutputs(torch.cat(logits).cpu(), torch.cat(labels).cpu().numpy(),
+                        torch.cat(feats).cpu() if features else None, mix)
+
+
+def predict_split(method, split, batch_size: int = EVAL_BATCH) -> tuple[torch.Tensor, np.ndarray]:
+    """Logits (float32, CPU) and labels of a whole split: :func:`forward_split`'s."""
+    out = forward_split(method, split, batch_size)
+    return out.logits, out.labels
 
 
 # --------------------------------------------------------------------------- with labels
@@ -149,20 +205,124 @@ def _pytorch_adapt_validator(name: str) -> Callable[[dict[str, torch.Tensor]], f
     return score
 
 
-# label-free validators, higher is better: name -> score of target-train predictions, given as
-# {"logits": ..., "preds": softmax(logits)} (pytorch-adapt's form). A selection rule picks by one.
-UNSUPERVISED_SCORES: dict[str, Callable[[dict[str, torch.Tensor]], float]] = {
-    "im": _pytorch_adapt_validator("IMValidator"),             # Shi & Sha 2012 (pytorch-adapt)
-    "entropy": _pytorch_adapt_validator("EntropyValidator"),   # negative entropy (pytorch-adapt)
-    "snd": lambda split: snd_score(split["preds"]),            # Saito et al. 2021
+class ValidatorInputs:
+    """What a label-free validator may read at one evaluation point, each computed once, on first
+    use. A validator names what it reads by its parameters (as pytorch-adapt's validators declare
+    the splits they need): ``split`` (target-train ``{"logits", "preds"}``, pytorch-adapt's form),
+    ``logits``, ``preds`` (softmax), ``features`` (target-train backbone features), ``clusters``
+    (their k-means clusters, k = the number of model outputs), ``weights`` (importance weights of
+    source-val samples: a domain classifier on source-val vs target-train features), ``src_losses``
+    (per-sample cross-entropy on source validation), ``mix`` (MixVal's probe of the target-train
+    pass). NO TARGET LABEL is among them: the only labels are source validation's. An input that
+    is not available (None: no features were computed) makes the validator's score NaN."""
+
+    def __init__(self, logits: torch.Tensor, features: torch.Tensor | None = None,
+                 src_val: SplitOutputs | None = None, mix=None):
+        self.logits, self.features, self.mix = logits, features, mix
+        self._src_val = src_val
+
+    @cached_property
+    def preds(self) -> torch.Tensor:
+        return torch.softmax(self.logits, 1)
+
+    @cached_property
+    def split(self) -> dict[str, torch.Tensor]:
+        return {"logits": self.logits, "preds": self.preds}
+
+    @cached_property
+    def clusters(self) -> np.ndarray | None:
+        from dalab.validators import kmeans_clusters
+        return None if self.features is None else kmeans_clusters(self.features, self.logits.shape[1])
+
+    @cached_property
+    def weights(self) -> np.ndarray | None:
+        from dalab.validators import importance_weights
+        src = self._src_val
+        if self.features is None or src is None or src.features is None:
+            return None
+        return importance_weights(src.features, self.features)
+
+    @cached_property
+    def src_losses(self) -> np.ndarray | None:
+        src = self._src_val
+        if src is None:
+            return None
+        return torch.nn.functional.cross_entropy(src.logits, torch.as_tensor(src.labels), reduction="none").numpy()
+
+
+VALIDATOR_INPUTS = ("split", "logits", "preds", "features", "clusters", "weights", "src_losses", "mix")
+_NEEDS_TARGET_FEATURES = {"features", "clusters", "weights"}
+
+
+def _bnm(preds):
+    from dalab.validators import bnm_score
+    return bnm_score(preds)
+
+
+def _agreement(how: str) -> Callable:
+    def score(preds, clusters):
+        from dalab.validators import cluster_agreement
+        return cluster_agreement(preds, clusters, how)
+    return score
+
+
+def _neg_risk(**kw) -> Callable:
+    def score(weights, src_losses):
+        from dalab.validators import dev_risk
+        return -dev_risk(weights, src_losses, **kw)
+    return score
+
+
+# label-free validators, higher is better: name -> score of what it reads (its parameters, from
+# ValidatorInputs); a risk is recorded negated. The math and the papers: dalab.validators.
+# A selection rule (dalab.selection) picks by one.
+UNSUPERVISED_SCORES: dict[str, Callable[..., float]] = {
+    "im": _pytorch_adapt_validator("IMValidator"),  # information maximisation, Shi & Sha 2012 (pytorch-adapt)
+    "entropy": _pytorch_adapt_validator("EntropyValidator"),  # negative mean prediction entropy (pytorch-adapt)
+    "snd": lambda preds: snd_score(preds),        # soft neighbourhood density, Saito et al. 2021
+    "bnm": _bnm,                                  # batch nuclear norm, Cui et al. 2020, normalised to [0, 1]
+    "class_ami": _agreement("ami"),               # ClassAMI, Musgrave et al. 2022
+    "v_measure": _agreement("v_measure"),         # V-measure, Ericsson et al. 2023
+    "dev": _neg_risk(),                           # -DEV risk, You et al. 2019
+    "devn": _neg_risk(normalize=True),            # -DEVN risk, Musgrave et al. 2022
+    "iwv": _neg_risk(control_variate=False),      # -importance-weighted validation risk, Sugiyama et al. 2007
+    "mixval": lambda mix: mix.score(),            # MixVal, Hu et al. 2023
 }
 UNSUPERVISED_VALIDATORS = tuple(UNSUPERVISED_SCORES)
+# recorded as the negative of a quantity people read the other way round (logged under both names)
+NEGATED_SCORES = ("entropy", "dev", "devn", "iwv")
 
 
-def unsupervised_scores(logits: torch.Tensor) -> dict[str, float]:
-    """Every :data:`UNSUPERVISED_SCORES` entry of target-train logits. No target label is touched."""
-    split = {"logits": logits, "preds": torch.softmax(logits, 1)}
-    return {name: score(split) for name, score in UNSUPERVISED_SCORES.items()}
+def validator_reads(fn: Callable) -> tuple[str, ...]:
+    """The :class:`ValidatorInputs` a validator reads (its parameter names)."""
+    from dalab.utils import DalabError
+
+    names = tuple(inspect.signature(fn).parameters)
+    bad = [n for n in names if n not in VALIDATOR_INPUTS]
+    if bad:
+        raise DalabError(f"a label-free validator reads {', '.join(bad)}; it may read: {', '.join(VALIDATOR_INPUTS)}")
+    return names
+
+
+def validator_needs() -> set[str]:
+    """Every input some registered validator reads."""
+    return {n for fn in UNSUPERVISED_SCORES.values() for n in validator_reads(fn)}
+
+
+def unsupervised_scores(logits: torch.Tensor, features: torch.Tensor | None = None,
+                        src_val: SplitOutputs | None = None, mix=None) -> dict[str, float]:
+    """Every :data:`UNSUPERVISED_SCORES` entry, from target-train logits (and features, MixVal's
+    probe) and source validation's outputs. No target label is touched. scikit-learn's thread pools
+    are held to torch's thread count (a bench worker's budget)."""
+    from threadpoolctl import threadpool_limits
+
+    inputs = ValidatorInputs(logits, features, src_val, mix)
+    out = {}
+    with threadpool_limits(torch.get_num_threads()):
+        for name, fn in UNSUPERVISED_SCORES.items():
+            args = {n: getattr(inputs, n) for n in validator_reads(fn)}
+            out[name] = float("nan") if any(v is None for v in args.values()) else float(fn(**args))
+    return out
 
 
 # --------------------------------------------------------------------------- one evaluation point
@@ -173,23 +333,31 @@ def evaluate(method, data: dict, label_set=None) -> dict[str, Any]:
     whose target has unknown classes (``label_set``: a :class:`dalab.tasks.LabelSet`) the target
     splits also get :func:`open_set_metrics`, of predictions that include "unknown"
     (:func:`open_predictions`), and the point records the rejection threshold a closed-set method used."""
+    from dalab.validators import MixProbe
+
     was_training = method.training
     method.eval()
     out: dict[str, Any] = {}
-    preds = {name: predict_split(method, data[name]) for name in LABELED_SPLITS}
+    needs = validator_needs()
+    src_features = "weights" in needs
+    preds = {name: forward_split(method, data[name], features=src_features and name == "src_val")
+             for name in LABELED_SPLITS}
     if label_set is not None and label_set.has_unknown:
         k = label_set.num_known
-        threshold = None if getattr(method, "open_set", False) else rejection_threshold(preds["src_val"][0])
-        out["src_val"] = classification_metrics(*preds["src_val"])
+        threshold = None if getattr(method, "open_set", False) else rejection_threshold(preds["src_val"].logits)
+        out["src_val"] = classification_metrics(preds["src_val"].logits, preds["src_val"].labels)
         for name in LABELED_SPLITS[1:]:
-            logits, labels = preds[name]
-            pred = open_predictions(logits, k, threshold)
-            out[name] = {**metrics_of(labels, pred), **open_set_metrics(labels, pred, k)}
+            pred = open_predictions(preds[name].logits, k, threshold)
+            out[name] = {**metrics_of(preds[name].labels, pred), **open_set_metrics(preds[name].labels, pred, k)}
         out["reject_threshold"] = threshold
     else:
-        for name, (logits, labels) in preds.items():
-            out[name] = classification_metrics(logits, labels)
-    out["tgt_train_unsup"] = unsupervised_scores(predict_split(method, data["tgt_train"])[0])
+        for name, o in preds.items():
+            out[name] = classification_metrics(o.logits, o.labels)
+    mix = MixProbe() if "mix" in needs else None
+    tgt = forward_split(method, data["tgt_train"], features=bool(needs & _NEEDS_TARGET_FEATURES), mix=mix,
+                        shuffle=mix is not None)
+    # target train's labels (tgt.labels) go nowhere: the validators get its predictions and features
+    out["tgt_train_unsup"] = unsupervised_scores(tgt.logits, tgt.features, preds["src_val"], tgt.mix)
     method.train(was_training)
     return out
 
@@ -199,12 +367,13 @@ def display_scalars(ev: dict[str, Any]) -> dict[str, float]:
     percent, as every table shows them (records keep fractions), and the label-free scores under
     names that say their sign -- pytorch-adapt's ``entropy`` score is the NEGATIVE mean entropy
     (higher is better, what a selection rule maximises), logged as ``neg_entropy`` beside the
-    entropy itself (``entropy``, >= 0)."""
+    entropy itself (``entropy``, >= 0); the same for the risks (:data:`NEGATED_SCORES`: ``dev``
+    is recorded as -DEV, logged as ``neg_dev`` and ``dev``)."""
     out = {f"{split}/{m}": 100.0 * v for split in LABELED_SPLITS for m, v in ev.get(split, {}).items()}
     for name, v in ev.get("tgt_train_unsup", {}).items():
-        if name == "entropy":
-            out["tgt_train_unsup/neg_entropy"] = v
-            out["tgt_train_unsup/entropy"] = -v
+        if name in NEGATED_SCORES and v is not None:
+            out[f"tgt_train_unsup/neg_{name}"] = v
+            out[f"tgt_train_unsup/{name}"] = -v
         else:
             out[f"tgt_train_unsup/{name}"] = v
     return out

@@ -38,7 +38,13 @@ class Rule:
 
 
 def _unsup(key: str) -> Callable[[dict, str], float]:
-    return lambda ev, metric: ev["tgt_train_unsup"][key]
+    """The recorded label-free score ``key``; NaN where the point lacks it (a record written before
+    that validator existed, or a score stored as null): such a point is not available to the rule,
+    as a non-finite score is not."""
+    def score(ev: dict, metric: str) -> float:
+        v = (ev.get("tgt_train_unsup") or {}).get(key)
+        return float("nan") if v is None else v
+    return score
 
 
 def _src_val(ev: dict, metric: str) -> float:
@@ -51,6 +57,20 @@ _RULES = (
     Rule("im", "IM", "best information-maximisation score on unlabeled target train", False, _unsup("im")),
     Rule("entropy", "Entropy", "lowest prediction entropy on unlabeled target train", False, _unsup("entropy")),
     Rule("snd", "SND", "best soft-neighbourhood density on unlabeled target train", False, _unsup("snd")),
+    Rule("bnm", "BNM", "largest nuclear norm of the target-train prediction matrix (BNM; Cui et al. 2020)",
+         False, _unsup("bnm")),
+    Rule("class_ami", "ClassAMI", "best agreement (adjusted mutual information) of predicted classes with k-means "
+         "clusters of target-train features (Musgrave et al. 2022)", False, _unsup("class_ami")),
+    Rule("v_measure", "V-measure", "best agreement (V-measure) of predicted classes with k-means clusters of "
+         "target-train features (Ericsson et al. 2023)", False, _unsup("v_measure")),
+    Rule("dev", "DEV", "lowest deep-embedded-validation risk: source-val loss weighted by a domain classifier on "
+         "features, with a control variate (You et al. 2019; recorded as -risk)", False, _unsup("dev")),
+    Rule("devn", "DEVN", "lowest DEV risk with max-normalised weights (Musgrave et al. 2022; recorded as -risk)",
+         False, _unsup("devn")),
+    Rule("iwv", "IWV", "lowest importance-weighted source-val loss (Sugiyama et al. 2007; DEV without the "
+         "control variate; recorded as -risk)", False, _unsup("iwv")),
+    Rule("mixval", "MixVal", "best accuracy on mixed target-train samples against their mixed pseudo-labels "
+         "(Hu et al. 2023)", False, _unsup("mixval")),
     Rule("oracle", "Oracle", "best target-validation accuracy (the setting's metric)", True,
          lambda ev, metric: ev["tgt_val"][metric]),
 )
@@ -81,8 +101,9 @@ def selection_score(ev: dict, rule: str, metric: str = "acc") -> float:
 
 
 def select(record: dict, rule: str) -> dict | None:
-    """The evaluation point a rule picks in one run, or None (a diverged run under ``last``, or no
-    evaluation at all). Ties go to the later checkpoint."""
+    """The evaluation point a rule picks in one run, or None (a diverged run, no evaluation at all,
+    or no point with a finite score: e.g. a record written before the rule's validator existed).
+    Ties go to the later checkpoint."""
     evals = record.get("evals") or []
     if record.get("status") != "done":  # diverged (or unfinished): marked † under every rule
         return None

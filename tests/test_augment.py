@@ -62,13 +62,13 @@ def test_augmentation_is_train_only():
 def test_trainer_evaluates_on_unaugmented_inputs(runs_dir, monkeypatch):
     seen = []
     import dalab.evaluation as E
-    real = E.predict_split
+    real = E.forward_split
 
     def spy(method, split, *a, **k):
         seen.append(torch.cat([x for x, _ in split.batches(256)])[:4].clone())
         return real(method, split, *a, **k)
 
-    monkeypatch.setattr(E, "predict_split", spy)
+    monkeypatch.setattr(E, "forward_split", spy)
     cfg = RunConfig("source_only", "mnist5k", "ucidigits", steps=2, eval_every=2,
                     hparams={"augment": "strong"})
     rec = train(cfg, runs_dir, device="cpu", progress=False, tensorboard=False)
