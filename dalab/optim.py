@@ -77,14 +77,25 @@ class Optimization:
 
     def step(self, loss: Tensor, names: Iterable[str], retain_graph: bool = False) -> None:
         """Clear every gradient, backpropagate ``loss``, step the named optimizers only."""
+        opts = self._named(names)
+        self._zero_grad()
+        loss.backward(retain_graph=retain_graph)
+        self._apply(opts)
+
+    def _zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def _named(self, names: Iterable[str]) -> list[torch.optim.Optimizer]:
         opts = []
         for n in names:
             if n not in self.optimizers:
                 raise KeyError(f"no optimizer named {n!r}; this method declares {sorted(self.optimizers)}")
             opts.append(self.optimizers[n])
-        for p in self.params:
-            p.grad = None
-        loss.backward(retain_graph=retain_graph)
+        return opts
+
+    def _apply(self, opts: list[torch.optim.Optimizer]) -> None:
+        """The gradients in place: average them over ranks, clip them, step ``opts``."""
         stepped = [p for o in opts for g in o.param_groups for p in g["params"]]
         if self.grad_sync is not None:
             self.grad_sync(stepped)
@@ -102,13 +113,12 @@ class Optimization:
         gradient taken at w + e. ``loss_at`` may return None (nothing to learn from): at the first
         call no step at all, at the second no step either (the weights are restored). Returns the
         two losses (None where there was none)."""
-        opts = [self.optimizers[n] for n in names]
+        opts = self._named(names)
         params = [p for o in opts for g in o.param_groups for p in g["params"]]
         first = loss_at()
         if first is None:
             return None, None
-        for p in self.params:
-            p.grad = None
+        self._zero_grad()
         first.backward()
         moved = [p for p in params if p.grad is not None]
         if self.grad_sync is not None:
@@ -118,8 +128,7 @@ class Optimization:
             eps = [p.grad * (rho / (norm + 1e-12)) for p in moved]
             for p, e in zip(moved, eps):
                 p.add_(e)
-        for p in self.params:
-            p.grad = None
+        self._zero_grad()
         second = loss_at()
         if second is not None:
             second.backward()
@@ -128,13 +137,7 @@ class Optimization:
                 p.sub_(e)
         if second is None:
             return first, None
-        if self.grad_sync is not None:
-            self.grad_sync(params)
-        if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        for o in opts:
-            o.step()
-        self.steps_taken += 1
+        self._apply(opts)
         return first, second
 
     @property
