@@ -71,11 +71,12 @@ def setting(rec: dict) -> str:
     """A row's data setting, named in the tables: backbone, pretrained weights, step budget, the
     task's label set (:func:`dalab.tasks.tag`), data split, precision and data options (the method's own hyperparameters and source model are the
     row's other key: dalab.tables.method_setting)."""
-    from dalab.tasks import tag
+    from dalab.tasks import tag, test_time
 
     c = rec["config"]
     steps = c.get("steps", "?")
-    s = f"{c.get('backbone', '?')}, {steps} step{'' if steps == 1 else 's'}"
+    # a test-time run's steps are its source model's budget (its own length is its stream's)
+    s = f"{c.get('backbone', '?')}, {'source model ' if test_time(rec) else ''}{steps} step{'' if steps == 1 else 's'}"
     if task := tag(c):  # a label-set task: never pooled with another split of the same pair
         s += f", {task}"
     if c.get("pretrained"):
@@ -85,7 +86,6 @@ def setting(rec: dict) -> str:
     prec = rec.get("train", {}).get("precision")
     if prec and prec != "fp32":
         s += f", {prec}"
-    from dalab.tasks import test_time
     if test_time(rec):  # a test-time run: its stream is part of the data it sees (dalab.streams)
         from dalab.streams import StreamOptions
         s += f", stream {StreamOptions.of({**_stream_defaults(), **rec.get('hparams', {})}, c['target']).text()}"

@@ -65,6 +65,7 @@ def accuracy_figure(table: dict):
     from dalab.tasks import metric_names
 
     metric = metric_names(table.get("label_sets", ["closed"]))[1]
+    split = "online" if table.get("split") == "online" else "target test"  # dalab.tasks.SPLIT_NAMES, short
     pairs, rows = table["pairs"], table["rows"]
     labels = [r["display"] + ("" if r["budget"] == "0" else f" [{r['budget']}]") for r in rows]
     colors = budget_colors(dict.fromkeys(r["budget"] for r in rows))
@@ -83,12 +84,12 @@ def accuracy_figure(table: dict):
         ax.set_title(display.pair_key(p), fontsize=9)
         ax.set_ylim(0, 100)
         if i == 0:  # shared axis: one label, left of the first panel only
-            ax.set_ylabel(f"target test {metric} (%)")
+            ax.set_ylabel(f"{split} {metric} (%)")
     handles = [Patch(color=c, label=display.budget(b)) for b, c in colors.items()]
     if baseline_drawn:
         handles.append(Line2D([], [], color="gray", lw=0.8, ls="--", label=table.get("baseline_display", "Source only")))
     rule = RULES[table["rule"]]
-    what = (f"Target test {metric} per pair and method, mean and std over seeds; selection: {rule.label}")
+    what = (f"{split[:1].upper()}{split[1:]} {metric} per pair and method, mean and std over seeds; selection: {rule.label}")
     fig.suptitle(f"selection: {rule.label}", fontsize=9, y=1.01)
     fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.9), ncol=len(handles), fontsize=8,
                frameon=False)

@@ -271,9 +271,11 @@ def build_table(records: list[dict], rule: str, pairs: list[str] | None = None, 
     _mark_and_rank(table, pairs)
     nmax = max((len(c["accs"]) for r in table for c in r["cells"].values()), default=0)
     settings = sorted({r["setting"] for r in table})
-    if len(settings) > 1:  # several settings in one folder: name each row's, never pool them
+    if len(settings) > 1:  # several settings in one folder: name each row's (what differs), never pool them
+        common = setting_common(settings)
         for r in table:
-            r["display"] = f"{r['display']} ({r['setting']})"
+            if rest := ", ".join(x for x in r["setting"].split(", ") if x not in common):
+                r["display"] = f"{r['display']} ({rest})"
     # across pairs: Friedman + Nemenyi over the rows without target labels that have every pair
     unsup = [r for r in table if r["budget"] == "0" and r["avg"] is not None]
     fr = friedman({r["display"]: [r["means"][p] for p in pairs] for r in unsup}) if len(pairs) >= 2 else None
@@ -284,6 +286,13 @@ def build_table(records: list[dict], rule: str, pairs: list[str] | None = None, 
             "label_sets": label_sets, "split": splits.pop() if len(splits) == 1 else "tgt_test",
             "baseline_display": next(iter(base_rows.values()))["display"] if len(base_rows) == 1 else display.method(baseline),
             "has_baseline": bool(base_rows), "friedman": fr}
+
+
+def setting_common(settings: list[str]) -> list[str]:
+    """The parts (comma-separated, :func:`dalab.display.setting`) every one of ``settings`` has, in
+    order: said once in the caption; each row names only the rest of its setting."""
+    parts = [s.split(", ") for s in settings]
+    return [x for x in parts[0] if all(x in p for p in parts[1:])] if parts else []
 
 
 def _cell_text(c: dict, nmax: int) -> str:
@@ -324,7 +333,7 @@ def caption(t: dict) -> str:
     settings = t.get("settings", [])
     metric = metric_names(t.get("label_sets", ["closed"]))[0]
     return (f"{SPLIT_NAMES[t.get('split', 'tgt_test')]} {metric} (%), mean ± std over {_plural(t['n'], 'seed')}"
-            + (f" ({settings[0]})" if len(settings) == 1 else "")
+            + (f" ({', '.join(setting_common(settings))})" if settings and setting_common(settings) else "")
             + f"; checkpoint: {rule.label}" + ("" if rule.needs_target_labels else " (no target labels)") + ".")
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dalab.tables import RowGroup, build_table, load_records, runs_csv, select, to_csv, to_latex, to_markdown, write_tables
+from dalab.tables import RowGroup, build_table, caption, load_records, runs_csv, select, to_csv, to_latex, to_markdown, write_tables
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -177,8 +177,10 @@ def test_load_records_ignores_partial_runs(tmp_path):
 def test_different_settings_are_never_pooled():
     a = [rec("m", "f", "0", ("a", "b"), s, [ev(1, 0.9, 0.5, 0.50)]) for s in (0, 1)]
     b = [rec("m", "f", "0", ("a", "b"), s, [ev(1, 0.9, 0.5, 0.90), ev(2, 0.9, 0.5, 0.90)]) for s in (0, 1)]
-    rows = build_table(a + b, "last")["rows"]
-    assert sorted(r["display"] for r in rows) == ["m (lenet, 1 step)", "m (lenet, 2 steps)"]
+    t = build_table(a + b, "last")
+    rows = t["rows"]  # each row names what differs; the caption what they share
+    assert sorted(r["display"] for r in rows) == ["m (1 step)", "m (2 steps)"]
+    assert "(lenet)" in caption(t)
     assert sorted(r["cells"]["a→b"]["accs"][0] for r in rows) == [50.0, 90.0]
 
 
