@@ -41,6 +41,11 @@ class CoTTA(TestTimeMethod):
     display = "CoTTA"
     paper = ("Wang, Fink, Van Gool & Dai, Continual Test-Time Domain Adaptation, CVPR 2022. "
              "https://arxiv.org/abs/2203.13591")
+    known_failure = {"closed": ("class-sorted streams: below the source model (53.8 vs 58.8 at batch 64, "
+                                 "results/tta), more than BN adapt (56.0): the teacher's pseudo-labels of "
+                                 "one-class batches, averaged over augmented views each normalised with its own "
+                                 "batch statistics, reinforce the drift; on i.i.d. streams it gains less than BN "
+                                 "adapt (61.5 vs 63.1), while on MNIST-5k -> UCI digits it is the best (73.6)")}
     hparams = {
         **TestTimeMethod.hparams,
         "ema": HParam(0.999, None, "teacher EMA decay (paper: 0.999)", low=0.0, high=1.0),

@@ -41,6 +41,11 @@ class SAR(TestTimeMethod):
     needs_batchnorm = "it adapts the BatchNorm affine parameters, normalising with test-batch statistics"
     paper = ("Niu, Wu, Zhang, Wen, Chen, Zhao & Tan, Towards Stable Test-Time Adaptation in Dynamic Wild "
              "World, ICLR 2023. https://arxiv.org/abs/2302.12400")
+    known_failure = {"closed": ("class-sorted streams: below the source model (55.7 vs 58.8 at batch 64, "
+                                 "results/tta), as BN adapt (56.0): its reliability filter and recovery do not "
+                                 "repair one-class BatchNorm statistics; its paper recommends group- or "
+                                 "layer-norm networks for label-shifted streams, and the digits backbone has "
+                                 "BatchNorm")}
     hparams = {
         **TestTimeMethod.hparams,
         "e_margin": HParam(0.4, None, "reliable samples: entropy < e_margin * ln K (paper: 0.4)", low=0.0, high=1.0),

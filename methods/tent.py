@@ -26,6 +26,10 @@ class Tent(TestTimeMethod):
     needs_batchnorm = "it adapts the BatchNorm affine parameters, normalising with test-batch statistics"
     paper = ("Wang, Shelhamer, Liu, Olshausen & Darrell, Tent: Fully Test-Time Adaptation by Entropy "
              "Minimization, ICLR 2021. https://arxiv.org/abs/2006.10726")
+    known_failure = {"closed": ("class-sorted streams: below the source model (55.7 vs 58.8 at batch 64, "
+                                 "results/tta), as BN adapt (56.0), which takes no gradient step: the one-class "
+                                 "batches' BatchNorm statistics are the cause, the entropy steps add little "
+                                 "either way")}
 
     def update(self, batch, step: int):
         loss = entropy(self.predict(batch.x_tgt)).mean()
