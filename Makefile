@@ -10,7 +10,7 @@ RUNS ?= results/runs
 MAIN_RUNS ?= results/digits/runs
 JOBS ?= 2
 
-.PHONY: setup test tables bench bench-long bench-partial bench-openset bench-universal bench-tta bench-tta-continual bsp-tuning pada-tuning dann-vs-source protocol augment-bench budget-curve results-index speed clean-runs docs
+.PHONY: setup test tables bench bench-long bench-partial bench-openset bench-universal bench-tta bench-tta-continual validators bsp-tuning pada-tuning dann-vs-source protocol augment-bench budget-curve results-index speed clean-runs docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,13 @@ bench-tta: setup
 
 bench-tta-continual: setup
 	$(VENV)/bin/dalab bench benchmarks/digits_tta_continual.yaml --jobs $(JOBS) --command "make bench-tta-continual"
+
+# Validator benchmark (issue 28): a checkpoint pool on the TUNING pairs (methods x random trials x every evaluation
+# point) -> results/validators/ (tables per rule) and results/validators.md (each validator's weighted Spearman
+# with target accuracy, the accuracy it picks and its gap to the oracle's, per pair and averaged; + figure)
+validators: setup
+	$(VENV)/bin/dalab bench benchmarks/validators.yaml --jobs $(JOBS) --command "make validators"
+	$(PY) -m dalab.benchmarks.validators
 
 # Issue-23 check: DANN with and without the BSP option on the tuning pairs -> results/bsp_tuning/
 bsp-tuning: setup
