@@ -102,6 +102,11 @@ class BenchSpec:
                        help="random search: trial 0 is the defaults, trials 1..n-1 seeded draws from each "
                             "hyperparameter's search space; the selection rule picks per pair, one table row")
     search_seed: int = _key(0, type="integer", help="seed of the random search's draws")
+    validators: list[str] | str = _key(
+        "all", type="`all` or a list of validator names",
+        help="label-free validators computed at every evaluation point (dalab.evaluation.UNSUPERVISED_SCORES); "
+             "list fewer to save evaluation time (mixval costs one more pass over target train): a rule of "
+             "`selection` must not need a validator left out")
     baseline: str = _key("source_only", type="method name",
                          help="the row every other row is compared with (Δ, significance marks), per data setting "
                               "(a test-time spec: no_adapt, the source model on the same stream)")
@@ -178,6 +183,14 @@ class BenchSpec:
 
         if not isinstance(self.name, str) or not self.name.strip():
             bad("name", f"must be a non-empty string, got {self.name!r}")
+        from dalab.evaluation import UNSUPERVISED_SCORES
+        if self.validators != "all":
+            if not isinstance(self.validators, list) or not all(v in UNSUPERVISED_SCORES for v in self.validators):
+                bad("validators", f"must be `all` or a list of {', '.join(UNSUPERVISED_SCORES)}, got {self.validators!r}")
+            off = [r for r in (self.selection if isinstance(self.selection, list) else [])
+                   if r in UNSUPERVISED_SCORES and r not in self.validators]
+            if off:
+                bad("validators", f"leaves out {', '.join(off)}, which `selection` picks by; add them or drop the rules")
         from dalab.methods import METHODS
         if self.baseline not in METHODS:
             bad("baseline", f"must name a registered method, got {self.baseline!r}")
@@ -664,6 +677,8 @@ def launch(spec: BenchSpec, grid, launcher: str = "local", jobs: int = 1, opts: 
     """Run every not-done run of ``grid``; returns [(run_id, state)]. ``progress``: keep an
     overall line (runs done / total, failed, ETA) on stdout while the grid runs (:mod:`dalab.progress`)."""
     opts = opts or RunOptions()
+    if spec.validators != "all":  # how the runs evaluate, never what they are (ids unchanged)
+        opts = dataclasses.replace(opts, validators=tuple(spec.validators))
     if launcher not in ("local", "submitit-local", "slurm"):
         raise DalabError(f"unknown launcher {launcher!r}; use local, submitit-local or slurm")
     done = {cfg.run_id() for cfg, _ in grid if runs.is_done(spec.runs_dir, cfg.run_id())}

@@ -304,13 +304,13 @@ def validator_reads(fn: Callable) -> tuple[str, ...]:
     return names
 
 
-def validator_needs() -> set[str]:
-    """Every input some registered validator reads."""
-    return {n for fn in UNSUPERVISED_SCORES.values() for n in validator_reads(fn)}
+def validator_needs(names=None) -> set[str]:
+    """Every input some registered validator (of ``names``; None = all) reads."""
+    return {n for name, fn in UNSUPERVISED_SCORES.items() if names is None or name in names for n in validator_reads(fn)}
 
 
 def unsupervised_scores(logits: torch.Tensor, features: torch.Tensor | None = None,
-                        src_val: SplitOutputs | None = None, mix=None) -> dict[str, float]:
+                        src_val: SplitOutputs | None = None, mix=None, names=None) -> dict[str, float]:
     """Every :data:`UNSUPERVISED_SCORES` entry, from target-train logits (and features, MixVal's
     probe) and source validation's outputs. No target label is touched. scikit-learn's thread pools
     are held to torch's thread count (a bench worker's budget)."""
@@ -320,6 +320,8 @@ def unsupervised_scores(logits: torch.Tensor, features: torch.Tensor | None = No
     out = {}
     with threadpool_limits(torch.get_num_threads()):
         for name, fn in UNSUPERVISED_SCORES.items():
+            if names is not None and name not in names:  # switched off (a spec's `validators:`)
+                continue
             args = {n: getattr(inputs, n) for n in validator_reads(fn)}
             out[name] = float("nan") if any(v is None for v in args.values()) else float(fn(**args))
     return out
@@ -327,18 +329,20 @@ def unsupervised_scores(logits: torch.Tensor, features: torch.Tensor | None = No
 
 # --------------------------------------------------------------------------- one evaluation point
 
-def evaluate(method, data: dict, label_set=None) -> dict[str, Any]:
+def evaluate(method, data: dict, label_set=None, validators=None) -> dict[str, Any]:
     """Metrics on every labeled split (:data:`LABELED_SPLITS`), label-free scores on target train
     (``data["tgt_train"]``), with the method in eval mode (its mode is restored after). On a task
     whose target has unknown classes (``label_set``: a :class:`dalab.tasks.LabelSet`) the target
     splits also get :func:`open_set_metrics`, of predictions that include "unknown"
-    (:func:`open_predictions`), and the point records the rejection threshold a closed-set method used."""
+    (:func:`open_predictions`), and the point records the rejection threshold a closed-set method used.
+    ``validators``: the label-free scores to compute (None = every registered one; a spec can switch
+    expensive ones off, :class:`dalab.runs.RunOptions`); what none of them needs is not computed."""
     from dalab.validators import MixProbe
 
     was_training = method.training
     method.eval()
     out: dict[str, Any] = {}
-    needs = validator_needs()
+    needs = validator_needs(validators)
     src_features = "weights" in needs
     preds = {name: forward_split(method, data[name], features=src_features and name == "src_val")
              for name in LABELED_SPLITS}
@@ -357,7 +361,7 @@ def evaluate(method, data: dict, label_set=None) -> dict[str, Any]:
     tgt = forward_split(method, data["tgt_train"], features=bool(needs & _NEEDS_TARGET_FEATURES), mix=mix,
                         shuffle=mix is not None)
     # target train's labels (tgt.labels) go nowhere: the validators get its predictions and features
-    out["tgt_train_unsup"] = unsupervised_scores(tgt.logits, tgt.features, preds["src_val"], tgt.mix)
+    out["tgt_train_unsup"] = unsupervised_scores(tgt.logits, tgt.features, preds["src_val"], tgt.mix, validators)
     method.train(was_training)
     return out
 

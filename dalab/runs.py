@@ -73,7 +73,7 @@ class RunConfig:
     """Everything that defines a run, and therefore its id."""
 
     method: str
-    source: str
+    source: str                     # one domain, or several joined by "+" (dalab.tasks.source_domains)
     target: str
     seed: int = 0
     budget: str = "0"               # target labels: "0", k per class, or "all"
@@ -101,6 +101,14 @@ class RunConfig:
         if not cls.starts_from_source(hp):
             return None
         return {**self.source_hparams, "standardize": hp["standardize"]}
+
+    @property
+    def sources(self) -> list[str]:
+        """The task's source domains, in order (:func:`dalab.tasks.source_domains`: ``source`` is one
+        domain, or several joined by ``+``)."""
+        from dalab.tasks import source_domains
+
+        return source_domains(self.source)
 
     def label_set(self):
         """The task's :class:`dalab.tasks.LabelSet`, or None (closed-set over all classes)."""
@@ -669,3 +677,6 @@ class RunOptions:
     tensorboard: bool = True            # TensorBoard events under tb/
     log_every: int = 50                 # losses become host floats (and go to TensorBoard) every N steps
     save_model: bool = False            # also write model.pt (always for source_only)
+    # label-free validators computed at every evaluation point (dalab.evaluation.UNSUPERVISED_SCORES);
+    # None = all; a benchmark spec's `validators:` switches expensive ones off (absent from the record)
+    validators: tuple[str, ...] | None = None

@@ -129,6 +129,7 @@ def validate(cfg: RunConfig) -> Prepared:
     if src_hp is not None:  # the source model's overrides must be valid too
         resolve_hparams(get_method("source_only"), src_hp)
     _check_data_options(cfg, method_cls, hp)
+    _check_sources(cfg, method_cls, hp)
     _check_label_set(cfg, method_cls, budget)
     method_cls.check_run(cfg, hp)
     return Prepared(cfg, method_cls, hp, budget)
@@ -150,12 +151,32 @@ def _check_label_set(cfg: RunConfig, method_cls: type, budget: int | None) -> No
                           f"unknown classes; use --budget 0 (labeled target data is supported on closed and partial tasks)")
 
 
+def _check_sources(cfg: RunConfig, method_cls: type, hp: dict[str, Any]) -> None:
+    """The task has as many source domains as the method needs, and a domain-generalization
+    method is given nothing that would hand it target data."""
+    from dalab.methods.base import TargetData
+
+    k = len(cfg.sources)
+    if k < method_cls.min_sources:
+        raise Unsupported(f"method {cfg.method!r} needs at least {method_cls.min_sources} source domains (it reads "
+                          f"each sample's source domain) but this task has {k}; give several with --sources a,b "
+                          f"(a spec: a list as a pair's source, or leave_one_out:)")
+    if method_cls.domain_generalization:
+        if method_cls.target_data is not TargetData.NONE or method_cls.refresh_every is not None:
+            raise DalabError(f"method {cfg.method!r} declares domain generalization but asks for target data; "
+                             f"a DG method's target_data must be none (methods/{cfg.method}.py)")
+        if hp["vat"] > 0:
+            raise Unsupported(f"method {cfg.method!r} is a domain-generalization method: it sees no target data, so "
+                              f"vat={hp['vat']} (a term on target inputs) cannot apply; use vat=0")
+
+
 def _check_domains_and_backbone(cfg: RunConfig) -> None:
-    """Both domains exist and differ, and the backbone exists and takes their images."""
+    """The domains exist, the target is not a source, and the backbone exists and takes their images."""
     from dalab.datasets.base import get_domain
     from dalab.methods.nets import BACKBONE_INPUT, BACKBONE_MIN_SIZE
+    from dalab.tasks import check_sources
 
-    domains = [get_domain(cfg.source), get_domain(cfg.target)]
+    domains = [get_domain(name) for name in check_sources(cfg.source, cfg.target)] + [get_domain(cfg.target)]
     if cfg.source == cfg.target:
         raise DalabError(f"source and target are the same domain {cfg.source!r}: that is not domain adaptation; "
                          f"pick another --target (in-domain accuracy is every record's src_val, or "
@@ -247,8 +268,17 @@ class Task:
     lab_idx: np.ndarray
     options: dict[str, Any]
     label_set: Any = None  # a dalab.tasks.LabelSet, or None (closed-set over all classes)
+    # a multi-source task's source domains (restricted like ``src``, in source order); ``src`` is then
+    # their concatenation (the pooled source: src_val, standardisation, the record). None: one source
+    sources: list[Any] | None = None
     # a test-time run's stream: (domain name, its train split) in stream order, the task's target first
     stream: list[tuple[str, Any]] | None = None
+
+    def source_parts(self) -> list[Any]:
+        """The per-domain parts of the pooled source train split (subsets of ``src.train``, so they
+        carry its standardisation and memory layout), in source order: what the balanced sampler draws."""
+        bounds = np.cumsum([0] + [len(d.train) for d in self.sources])
+        return [self.src.train.subset(np.arange(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
     @property
     def num_classes(self) -> int:
@@ -266,17 +296,21 @@ def load_task(run: Run) -> Task:
     """Stage 2: load both domains (the split is fixed by ``split_seed``), check they share their
     classes, keep each side's classes of the task's label set (relabeled: :mod:`dalab.tasks`),
     apply standardisation and resolve augmentation, and pick the label budget's samples."""
-    from dalab.datasets.base import check_same_classes, labeled_indices, load_domain, restrict_classes
+    from dalab.datasets.base import (check_same_classes, concat_domains, labeled_indices, load_domain,
+                                     restrict_classes)
 
     cfg, o = run.cfg, run.o
-    src = load_domain(cfg.source, cfg.split_seed, run.dev, root=o.data_root)
+    srcs = [load_domain(name, cfg.split_seed, run.dev, root=o.data_root) for name in cfg.sources]
     tgt = load_domain(cfg.target, cfg.split_seed, run.dev, root=o.data_root)
-    check_same_classes(src, tgt)
+    for src in srcs:
+        check_same_classes(src, tgt)
     ls = cfg.label_set()
     if ls is not None:
-        ls.check(src.classes)
-        src = restrict_classes(src, ls.source_lut(src.num_classes))
+        ls.check(tgt.classes)
+        srcs = [restrict_classes(src, ls.source_lut(src.num_classes)) for src in srcs]
         tgt = restrict_classes(tgt, ls.target_lut(tgt.num_classes), unknown_label=ls.num_known)
+    sources = srcs if len(srcs) > 1 else None
+    src = concat_domains(cfg.source, srcs) if sources else srcs[0]
     domains = {"source": src, "target": tgt}
     stream = None
     if run.prep.method_cls.test_time:  # the stream's further target domains (continual TTA)
@@ -286,7 +320,7 @@ def load_task(run: Run) -> Task:
     lab_idx = labeled_indices(tgt.train.labels.cpu().numpy(), cfg.budget, cfg.split_seed)
     runs.check_stop()  # a stop asked for while the data loaded: nothing to save yet
     return Task(src, tgt, lab_idx, options, ls,
-                [(name, dom.train) for name, dom in stream] if stream is not None else None)
+                stream=[(name, dom.train) for name, dom in stream] if stream is not None else None, sources=sources)
 
 
 def _stream_domains(run: Run, tgt) -> list[tuple[str, Any]]:
@@ -369,7 +403,8 @@ def build_method(run: Run, task: Task) -> Built:
     net = build_classifier(cfg.backbone, task.num_classes, cfg.pretrained)
     if init_from:
         net.load_state_dict(init_state)
-    method = run.prep.method_cls(net, task.num_classes, hp, cfg.steps).to(dev)
+    method = run.prep.method_cls(net, task.num_classes, hp, cfg.steps,
+                                 num_sources=len(task.sources or [task.src])).to(dev)
     method.train()
     method.extra_terms = extra_terms(hp, task.num_classes)
     precision = resolve_precision(cfg.precision, dev)
@@ -416,21 +451,28 @@ class Streams:
     lab: Iterator | None
     mixup: Callable | None  # source mixup of (x, y), or None
     vat_only: bool  # unlabeled target inputs drawn only for VAT (the method declares none)
+    # no target data in any batch, ever (a domain-generalization method, or any run that declares
+    # none): build_streams makes no target stream and batch() asserts the batch holds none
+    target_free: bool = False
 
     def batch(self) -> Batch:
-        """One step's :class:`~dalab.methods.base.Batch`: only the data the method declared."""
+        """One step's :class:`~dalab.methods.base.Batch`: only the data the method declared (on a
+        multi-source task the source part is per-domain balanced, with each sample's domain)."""
         from dalab.methods.base import Batch
 
-        xs = ys = None
+        xs = ys = ds = None
         if self.src is not None:
-            xs, ys = next(self.src)
+            xs, ys, *rest = next(self.src)
+            ds = rest[0] if rest else None
             if self.mixup is not None:
                 xs, ys = self.mixup(xs, ys)
-        batch = Batch(xs, ys)
+        batch = Batch(xs, ys, d_src=ds)
         if self.tgt is not None:
             batch.x_tgt = next(self.tgt)[0]           # labels dropped: unsupervised use
         if self.lab is not None:
             batch.x_tgt_lab, batch.y_tgt_lab = next(self.lab)
+        if self.target_free and not (batch.x_tgt is None and batch.x_tgt_lab is None and batch.y_tgt_lab is None):
+            raise AssertionError("trainer bug: a target-free run's batch holds target data")
         return batch
 
     def skip(self, steps: int) -> None:
@@ -454,7 +496,12 @@ def build_streams(run: Run, task: Task) -> Streams:
     # several processes (torchrun): every rank draws the same global batch and keeps its slice
     sample = run.ddp.sampler if run.ddp else (lambda split, *a: split.sampler(*a))
     # a source-free method's adaptation phase is given no source data at all
-    src = sample(task.src.train, bs, gens[0], aug_s) if cls.uses_source else None
+    src = None
+    if cls.uses_source and task.sources is None:
+        src = sample(task.src.train, bs, gens[0], aug_s)
+    elif cls.uses_source:  # per-domain balanced: each domain its own generator (seeded after the three above)
+        src = _balanced([sample(part, bs, torch.Generator().manual_seed(cfg.seed * 1000 + 3 + d), aug_s)
+                         for d, part in enumerate(task.source_parts())])
     unlabeled = cls.target_data in (TargetData.UNLABELED, TargetData.BOTH)
     # VAT regularises on target inputs: with a method that declares none, the run uses them for it
     vat_only = hp["vat"] > 0 and not unlabeled
@@ -464,7 +511,19 @@ def build_streams(run: Run, task: Task) -> Streams:
         lab = sample(task.tgt.train.subset(task.lab_idx), bs, gens[2], aug_t)
     mixup = (functools.partial(mixup_source, num_classes=task.num_classes, alpha=hp["mixup_alpha"])
              if hp["mixup"] == "source" else None)
-    return Streams(src, tgt, lab, mixup, vat_only)
+    target_free = cls.domain_generalization or (cls.target_data is TargetData.NONE and not vat_only)
+    if target_free and (tgt is not None or lab is not None):
+        raise AssertionError(f"trainer bug: a target stream for {cfg.method!r}, which must see no target data")
+    return Streams(src, tgt, lab, mixup, vat_only, target_free)
+
+
+def _balanced(streams: list[Iterator]) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per-domain balanced source batches: one batch from each domain's stream, concatenated in
+    source order, with each sample's domain index (``Batch.d_src``)."""
+    while True:
+        parts = [next(s) for s in streams]
+        yield (torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]),
+               torch.cat([torch.full((len(y),), d, dtype=torch.long, device=y.device) for d, (_, y) in enumerate(parts)]))
 
 
 # --------------------------------------------------------------------------- 5. the loop
@@ -589,6 +648,8 @@ class Loop:
         run, h, last = self.run_, self.history, step == self.run_.cfg.steps
         t_step = time.perf_counter()
         if self.refresh and (step - 1) % self.refresh == 0:  # pseudo-labels, clusters, memory banks
+            if self.streams.target_free:
+                raise AssertionError("trainer bug: a refresh with target inputs in a target-free run")
             self.method.refresh(_Inputs(self.task.tgt.train), step)
         out = self.method.train_step(self.streams.batch(), step)
         if self.average is not None:
@@ -636,7 +697,8 @@ class Loop:
         averaged = (self.average.swapped_in() if self.average is not None and step < self.run_.cfg.steps
                     else nullcontext())
         with averaged, self.method.deployed(self.tgt_inputs):  # e.g. AdaBN's target statistics at every point
-            ev = {"step": step, **evaluate(self.method, self.task.eval_splits(), self.task.label_set)}
+            ev = {"step": step, **evaluate(self.method, self.task.eval_splits(), self.task.label_set,
+                                           self.run_.o.validators)}
         self.history.eval_time += time.perf_counter() - t_eval
         self.history.evals.append(ev)
         self.out.evaluation(ev)
@@ -779,7 +841,8 @@ def make_record(run: Run, task: Task, built: Built, loop: Loop, wall: float) -> 
                           target_data=cls.target_data.value + (" (+ unlabeled for vat)" if streams.vat_only else ""),
                           budget=str(cfg.budget), uses_source=cls.uses_source,
                           init_from=built.init_from, source_config=built.source_key),
-        data=DataInfo(source={**sizes(src), "fingerprint": src.fingerprint},  # the data this run saw
+        data=DataInfo(source={**sizes(src), "fingerprint": src.fingerprint,  # the data this run saw
+                              **_sources_info(task, run.hp, sizes)},
                       target={**sizes(tgt), "labeled": int(len(task.lab_idx)) if streams.lab is not None else 0,
                               "fingerprint": tgt.fingerprint},
                       options=task.options),
@@ -795,6 +858,18 @@ def make_record(run: Run, task: Task, built: Built, loop: Loop, wall: float) -> 
                               deterministic=o.deterministic,
                               host=platform.node(), finished=time.strftime("%Y-%m-%dT%H:%M:%S%z")),
     )
+
+
+def _sources_info(task: Task, hp: dict[str, Any], sizes: Callable) -> dict[str, Any]:
+    """A multi-source record's source side: each domain's sizes and fingerprint, and how batches
+    were drawn from them (dalab.tasks.SAMPLING); nothing for a single-source task (its record is
+    what it always was)."""
+    from dalab.tasks import SAMPLING
+
+    if task.sources is None:
+        return {}
+    return {"domains": {d.name: {**sizes(d), "fingerprint": d.fingerprint} for d in task.sources},
+            "sampling": f"{SAMPLING} ({hp['batch_size']} x {len(task.sources)})"}
 
 
 # --------------------------------------------------------------------------- the run
