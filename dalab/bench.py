@@ -61,10 +61,15 @@ class BenchSpec:
         "all", type="list of method names, or `all`",
         help="methods to run (`dalab list`); `all` = every registered method that runs on the spec's setting, "
              "source_only first, test-time methods left out (a spec lists them by name: benchmarks/digits_tta.yaml)")
-    pairs: list[list[str]] | str = _key(
+    pairs: list[list[Any]] | str = _key(
         "default", type="`default`, a benchmark name, or a list of [source, target]",
         help="domain pairs: `default` = the offline digits pairs; a benchmark name from `dalab list` "
-             "(e.g. digits-extra, office31)")
+             "(e.g. digits-extra, office31); a source may be a list of domains (a multi-source task: "
+             "[[mnist5k, syndigits], ucidigits])")
+    leave_one_out: list[str] | None = _key(
+        None, type="list of >= 3 domain names, or null",
+        help="instead of pairs: each of these domains as the target, all the others as its sources, in the "
+             "listed order (multi-source adaptation and domain generalization; dalab.tasks)")
     setting: str = _key("closed", type="`closed`, `partial`, `openset` or `universal`",
                         help="label-set setting of every task (dalab.tasks): the digits split `dalab list` shows, "
                              "unless `classes` gives one; tables report the setting's headline metric")
@@ -218,8 +223,21 @@ class BenchSpec:
                 bad("variants", f"has a name that is not a non-empty string: {v['name']!r}")
         if not isinstance(self.hparams, dict) or not all(isinstance(v, dict) for v in self.hparams.values()):
             bad("hparams", "must map a method name (or 'all') to {hparam: value}")
-        if isinstance(self.pairs, list) and not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in self.pairs):
-            bad("pairs", f"must be 'default', a benchmark name or a list of [source, target], got {self.pairs!r}")
+        if isinstance(self.pairs, list) and not all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[1], str) and (
+                    isinstance(p[0], str) or isinstance(p[0], list) and p[0] and all(isinstance(x, str) for x in p[0]))
+                for p in self.pairs):
+            bad("pairs", f"must be 'default', a benchmark name or a list of [source, target] (a source: a domain or "
+                         f"a list of domains), got {self.pairs!r}")
+        if self.leave_one_out is not None:
+            loo = self.leave_one_out
+            if not isinstance(loo, list) or len(loo) < 3 or not all(isinstance(d, str) and d for d in loo):
+                bad("leave_one_out", f"must be a list of at least 3 domain names (each target keeps 2 or more "
+                                     f"sources), got {loo!r}")
+            if len(set(loo)) != len(loo):
+                bad("leave_one_out", f"names a domain twice: {loo!r}")
+            if self.pairs != "default":
+                bad("leave_one_out", "replaces 'pairs': give one of the two")
         for name in ("methods", "pairs", "selection"):
             if isinstance(getattr(self, name), list) and not getattr(self, name):
                 bad(name, "is an empty list: the grid would have no runs (and its tables would be empty); "
@@ -229,12 +247,17 @@ class BenchSpec:
                 bad(name, f"must be a folder path, got {getattr(self, name)!r}")
 
 
-def resolve_pairs(pairs: list | str) -> list[tuple[str, str]]:
-    """A spec's pairs: a list of [source, target], "default" (the offline digits benchmark) or the
-    name of a benchmark in ``dalab.datasets.BENCHMARKS`` (e.g. office31)."""
+def resolve_pairs(pairs: list | str, leave_one_out: list[str] | None = None) -> list[tuple[str, str]]:
+    """A spec's tasks as (source, target): a list of [source, target] (a source: one domain, or a
+    list joined into a multi-source task's ``source``, dalab.tasks), "default" (the offline digits
+    benchmark) or the name of a benchmark in ``dalab.datasets.BENCHMARKS`` (e.g. office31); with
+    ``leave_one_out``, each of its domains as target with the others as sources."""
     from dalab.datasets import BENCHMARKS, DEFAULT_PAIRS
     from dalab.datasets.base import closest
+    from dalab.tasks import join_sources
 
+    if leave_one_out is not None:
+        return [(join_sources([d for d in leave_one_out if d != t]), t) for t in leave_one_out]
     if pairs == "default":
         return [tuple(p) for p in DEFAULT_PAIRS]
     if isinstance(pairs, str):
@@ -242,16 +265,21 @@ def resolve_pairs(pairs: list | str) -> list[tuple[str, str]]:
             raise DalabError(f"field 'pairs': unknown benchmark {pairs!r}{closest(pairs, BENCHMARKS)}; use "
                              f"'default', one of {', '.join(BENCHMARKS)}, or a list of [source, target]")
         return [tuple(p) for p in BENCHMARKS[pairs]]
-    return [tuple(p) for p in pairs]
+    return [(join_sources(s) if isinstance(s, list) else s, t) for s, t in pairs]
 
 
 def resolve_methods(spec: BenchSpec) -> list[str]:
     from dalab.methods import METHODS, get_method
 
     if spec.methods == "all":
-        # every method that runs on the spec's setting (a method made for another one is left out);
+        # every method that runs on the spec's setting (a method made for another one is left out)
+        # and on its tasks' number of sources (a multi-source method needs several on every task);
         # test-time methods adapt on streams, a protocol of their own: a spec lists them by name
-        return sorted((n for n, c in METHODS.items() if spec.setting in c.settings and not c.test_time),
+        from dalab.tasks import source_domains
+
+        k = min(len(source_domains(s)) for s, _ in resolve_pairs(spec.pairs, spec.leave_one_out))
+        return sorted((n for n, c in METHODS.items() if spec.setting in c.settings and not c.test_time
+                       and c.min_sources <= k),
                       key=lambda n: (n != "source_only", METHODS[n].family, n))
     if not isinstance(spec.methods, list):
         raise DalabError(f"field 'methods' must be 'all' or a list of method names, got {spec.methods!r}")
@@ -344,7 +372,7 @@ def expand(spec: BenchSpec, skipped: list[str] | None = None, groups: dict | Non
     for key, overrides in spec.hparams.items():
         if key != "all":  # checked even for a method outside the grid (a shared spec lists every method)
             resolve_hparams(get_method(key), overrides)
-    pairs = resolve_pairs(spec.pairs)
+    pairs = resolve_pairs(spec.pairs, spec.leave_one_out)
     classes = classes_key(spec.setting, spec.classes)
     methods = resolve_methods(spec)
     _check_variants(spec, methods)

@@ -171,14 +171,15 @@ INTERRUPTED = "interrupted; rerun the same command to resume"
 
 def cmd_run(args) -> int:
     from dalab import runs
-    from dalab.tasks import classes_key
+    from dalab.tasks import classes_key, join_sources
     from dalab.trainer import RunConfig, train, validate
     from dalab.utils import check_writable
 
     if args.download:
         import os
         os.environ["DALAB_DOWNLOAD"] = "1"  # read by the torchvision-backed domains
-    cfg = RunConfig(method=args.method, source=args.source, target=args.target, seed=args.seed,
+    source = args.source if args.sources is None else join_sources([s.strip() for s in args.sources.split(",")])
+    cfg = RunConfig(method=args.method, source=source, target=args.target, seed=args.seed,
                     budget=args.budget, steps=args.steps, eval_every=args.eval_every,
                     backbone=args.backbone, pretrained=args.pretrained, precision=args.precision,
                     hparams=parse_sets(args.set), source_hparams=parse_sets(args.source_set),
@@ -423,7 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("run", help="train and evaluate one method on one source->target pair")
     pr.add_argument("--method", required=True)
-    pr.add_argument("--source", required=True)
+    side = pr.add_mutually_exclusive_group(required=True)
+    side.add_argument("--source", help="the source domain")
+    side.add_argument("--sources", metavar="A,B,...",
+                      help="several source domains (multi-source adaptation, domain generalization): their order is "
+                           "the domain index each sample carries; batches draw batch_size from each")
     pr.add_argument("--target", required=True)
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--budget", default="0", help="target labels: 0 (unsupervised), k per class, or all")

@@ -34,10 +34,10 @@ def check_inputs(grid, data_root: str | None, pretrained: str | None, backbone: 
     cfgs = [c for c, _ in grid]
     domains: dict[str, Any] = {}
     for cfg in cfgs:
-        for name in (cfg.source, cfg.target):
+        for name in (*cfg.sources, cfg.target):
             if name not in domains:
                 domains[name] = load_domain(name, cfg.split_seed, "cpu", root=data_root)
-    for pair in dict.fromkeys((c.source, c.target) for c in cfgs):
+    for pair in dict.fromkeys((s, c.target) for c in cfgs for s in c.sources):
         check_same_classes(domains[pair[0]], domains[pair[1]])
     if pretrained and backbone.startswith("resnet"):
         from dalab.methods.nets import find_local_weights
@@ -45,7 +45,8 @@ def check_inputs(grid, data_root: str | None, pretrained: str | None, backbone: 
     return domains
 
 
-def _probe_batch(method_cls, hp: dict, shape: tuple[int, ...], num_classes: int, dev: torch.device):
+def _probe_batch(method_cls, hp: dict, shape: tuple[int, ...], num_classes: int, dev: torch.device,
+                 num_sources: int = 1):
     from dalab.methods.base import Batch, TargetData
 
     bs = hp["batch_size"]
@@ -53,6 +54,9 @@ def _probe_batch(method_cls, hp: dict, shape: tuple[int, ...], num_classes: int,
     x = lambda: torch.randn(bs, *shape, generator=g).to(dev)  # noqa: E731
     y = lambda: torch.randint(0, num_classes, (bs,), generator=g).to(dev)  # noqa: E731
     b = Batch(x(), y()) if method_cls.uses_source else Batch(None, None)
+    if method_cls.uses_source and num_sources > 1:  # per-domain balanced: batch_size from each source domain
+        b.x_src, b.y_src = torch.cat([b.x_src] + [x() for _ in range(num_sources - 1)]), y().repeat(num_sources)
+        b.d_src = torch.arange(num_sources, device=dev).repeat_interleave(bs)
     if method_cls.target_data in (TargetData.UNLABELED, TargetData.BOTH):
         b.x_tgt = x()
     if method_cls.target_data in (TargetData.LABELED, TargetData.BOTH):
@@ -71,12 +75,13 @@ def probe(cfg, shape: tuple[int, ...], num_classes: int, device: str = "auto", s
     prep = validate(cfg)
     dev = pick_device(device)
     net = build_classifier(cfg.backbone, num_classes)  # random weights: the time is the same
-    method = prep.method_cls(net, num_classes, prep.hp, max(cfg.steps, warmup + steps)).to(dev)
+    method = prep.method_cls(net, num_classes, prep.hp, max(cfg.steps, warmup + steps),
+                             num_sources=len(cfg.sources)).to(dev)
     method.precision = resolve_precision(cfg.precision, dev)
     if any(isinstance(m, torch.nn.Conv2d) for m in net.backbone.modules()):
         method.to(memory_format=torch.channels_last)
     method.train()
-    batch = _probe_batch(prep.method_cls, prep.hp, shape, num_classes, dev)
+    batch = _probe_batch(prep.method_cls, prep.hp, shape, num_classes, dev, len(cfg.sources))
     if batch.x_src is not None:
         batch.x_src = batch.x_src.contiguous(memory_format=torch.channels_last)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -143,15 +148,16 @@ def estimate(spec, grid, states: list[str], domains: dict[str, Any] | None = Non
     if domains:
         per_pair = {}
         for c in todo:
-            s, t = domains[c.source], domains[c.target]
-            per_pair[(c.source, c.target)] = len(s.val) + len(t.val) + len(t.test) + len(t.train)
+            t = domains[c.target]
+            per_pair[(c.source, c.target)] = (sum(len(domains[s].val) for s in c.sources) + len(t.val)
+                                              + len(t.test) + len(t.train))
         eval_images = sum(evals_per_run[c.run_id()] * per_pair[(c.source, c.target)] for c in todo)
     if step_time is not None:
         step_s, eval_s, how = step_time, None, f"stated {step_time:g} s/step"
     else:
         names = [c.method for c in todo]
         cfg = todo[names.index("dann")] if "dann" in names else todo[0]
-        dom = (domains or {}).get(cfg.source)
+        dom = (domains or {}).get(cfg.sources[0])
         shape = tuple(dom.train.input_shape) if dom is not None else (
             (3, 28, 28) if cfg.backbone.startswith("lenet") else (3, 224, 224))
         ncls = dom.num_classes if dom is not None else 10

@@ -33,8 +33,10 @@ def domain(name: str) -> str:
 
 
 def pair(source: str, target: str) -> str:
-    """``"MNIST-5k → UCI digits"``."""
-    return f"{domain(source)} → {domain(target)}"
+    """``"MNIST-5k → UCI digits"``; several sources: ``"MNIST-5k + SynDigits → MNIST-M-5k"``."""
+    from dalab.tasks import source_domains
+
+    return f"{' + '.join(domain(s) for s in source_domains(source))} → {domain(target)}"
 
 
 def pair_key(key: str) -> str:
@@ -64,6 +66,8 @@ def budget(b: str) -> str:
 # --------------------------------------------------------------------------- what a record's row is
 
 def pair_name(rec: dict) -> str:
+    """A record's task as tables key it: ``source→target``, several sources joined by ``+``
+    (``mnist5k+syndigits+ucidigits→mnistm5k``: dalab.tasks)."""
     return f"{rec['config']['source']}→{rec['config']['target']}"
 
 

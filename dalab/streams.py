@@ -85,6 +85,7 @@ class StreamOptions:
     def check(self, source: str, target: str) -> None:
         """One-line errors for a stream this task cannot have (before anything is loaded)."""
         from dalab.datasets.base import get_domain
+        from dalab.tasks import source_domains
 
         if self.domains[0] != target:
             raise DalabError(f"stream_domains={','.join(self.domains)!r} must start with the task's target {target!r} "
@@ -94,8 +95,8 @@ class StreamOptions:
                              f"several passes over one domain")
         for d in self.domains:
             get_domain(d)  # unknown: one line naming the known ones
-            if d == source:
-                raise DalabError(f"stream_domains includes the source domain {source!r}: a test-time stream is "
+            if d in source_domains(source):
+                raise DalabError(f"stream_domains includes the source domain {d!r}: a test-time stream is "
                                  f"target data only; remove it")
 
     def text(self) -> str:

@@ -442,7 +442,11 @@ def run_command(rec: dict, runs_dir: str | Path | None = None) -> str:
     model a two-phase method starts from as ``--source-set``, writing into ``runs_dir`` (given: the
     folder the record was read from, so the source model found there is reused)."""
     c = rec["config"]
-    parts = ["dalab", "run", "--method", c["method"], "--source", c["source"], "--target", c["target"],
+    from dalab.tasks import source_domains
+
+    srcs = source_domains(c["source"])
+    side = ["--source", c["source"]] if len(srcs) == 1 else ["--sources", ",".join(srcs)]
+    parts = ["dalab", "run", "--method", c["method"], *side, "--target", c["target"],
              "--seed", str(c["seed"]), "--budget", str(c["budget"]), "--steps", str(c["steps"]),
              "--eval-every", str(c["eval_every"]), "--backbone", c["backbone"]]
     if c.get("pretrained"):
@@ -558,8 +562,11 @@ def parse_pair(text: str) -> str:
             break
     else:
         raise DalabError(f"bad pair {text!r}: use SOURCE:TARGET, e.g. mnist5k:ucidigits")
+    from dalab.tasks import join_sources
+
     by_display = {d.display: n for n, d in DOMAINS.items()}
-    return f"{by_display.get(s, s)}→{by_display.get(t, t)}"
+    sources = [by_display.get(x.strip(), x.strip()) for x in s.split("+")]  # several sources: a+b (dalab.tasks)
+    return f"{join_sources(sources)}→{by_display.get(t, t)}"
 
 
 def parse_method(text: str) -> str:

@@ -25,6 +25,18 @@ is allowed, so label K never reaches a method at all.
 
 The named splits of the offline digits benchmark are declared once, beside ``DEFAULT_PAIRS``, in
 :data:`dalab.datasets.pairs.LABEL_SETS`.
+
+The source side (issue 25): a task has one source domain or several. ``RunConfig.source`` names
+them, joined by :data:`SOURCE_SEP` in the task's order (``mnist5k+syndigits+ucidigits``); the
+order is the source domains' index ``0..k-1`` (``Batch.d_src``), so it is part of the run's
+identity. :func:`source_domains` is the one reader of that field and :func:`check_sources` its one
+check (no duplicate, the target not among them). A single-source task's ``source`` is the one
+domain's name, as it always was: its run ids and records are unchanged, and its pair name is
+``source→target``; a multi-source task's pair name is ``a+b+c→target`` (dalab.display.pair_name).
+A multi-source run samples per-domain balanced batches: every step draws ``batch_size`` samples
+from EACH source domain (the hyperparameter is a batch size per domain; DomainBed's convention),
+concatenated in source order; a method that ignores ``d_src`` trains on the pooled batch (the
+"merged sources" baseline), and ``source_only`` there is DomainBed's ERM.
 """
 
 from __future__ import annotations
@@ -144,6 +156,43 @@ class LabelSet:
         lut[list(self.shared)] = np.arange(len(self.shared))
         lut[list(self.target_private)] = self.num_known
         return lut
+
+
+# --------------------------------------------------------------------------- the source side
+
+SOURCE_SEP = "+"  # between the source domains of a multi-source task's ``source``
+SAMPLING = "balanced: batch_size samples from each source domain per step"
+
+
+def source_domains(source: str) -> list[str]:
+    """The source domains a task's ``source`` names, in order (one for a single-source task)."""
+    return str(source).split(SOURCE_SEP)
+
+
+def join_sources(names: Sequence[str]) -> str:
+    """``RunConfig.source`` of a task with these source domains (in this order)."""
+    return SOURCE_SEP.join(names)
+
+
+def check_sources(source: str, target: str) -> list[str]:
+    """The task's source domains, or a one-line DalabError: an empty name, a domain named twice,
+    the target among several sources (a single source equal to the target is the trainer's error)."""
+    names = source_domains(source)
+    if any(not n.strip() for n in names):
+        raise DalabError(f"bad source {source!r}: an empty domain name; give the source domains as a,b,c "
+                         f"(--sources) or joined by {SOURCE_SEP!r}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise DalabError(f"source domain {dup[0]!r} is named twice in {source!r}; name each source domain once")
+    if len(names) > 1 and target in names:
+        raise DalabError(f"the target {target!r} is also one of the sources ({', '.join(names)}): a task adapts to a "
+                         f"domain it has no labels of; drop it from --sources or pick another --target")
+    return names
+
+
+def num_sources(config: Mapping[str, Any]) -> int:
+    """How many source domains a run config or record config has."""
+    return len(source_domains(config["source"]))
 
 
 def _ints(values: Any, role: str) -> list[int]:

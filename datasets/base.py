@@ -293,6 +293,28 @@ def restrict_classes(dom: DomainSplits, lut: np.ndarray, unknown_label: int | No
     return dataclasses.replace(dom, classes=[names[i] for i in sorted(names)], **parts)
 
 
+def concat_domains(name: str, domains: list[DomainSplits]) -> DomainSplits:
+    """Several domains with the same classes as one (a multi-source task's pooled source: dalab.tasks),
+    each split the domains' splits concatenated in order, grey images widened to three channels
+    when the domains differ in channels (the model input is the same: ``to_input`` broadcasts one
+    grey channel to three). Its fingerprint hashes the parts' fingerprints, in order."""
+    first = domains[0]
+    for d in domains[1:]:
+        check_same_classes(first, d)
+    if not all(isinstance(s, TensorSplit) for d in domains for s in d.splits()):
+        raise DalabError(f"several source domains ({', '.join(d.name for d in domains)}) are supported for tensor "
+                         f"(digits) domains only, not image folders yet; use one source domain")
+    channels = max(d.train.images.shape[1] for d in domains)
+    parts = {}
+    for i, role in enumerate(SPLITS):
+        splits = [d.splits()[i] for d in domains]
+        images = torch.cat([s.images.expand(-1, channels, -1, -1) for s in splits])
+        parts[role] = TensorSplit(images, torch.cat([s.labels for s in splits]), splits[0].device)
+    fp = hashlib.sha256(json.dumps([d.fingerprint for d in domains]).encode()).hexdigest()[:16]
+    return DomainSplits(name, list(first.classes), **parts, origin="+".join(d.origin or d.name for d in domains),
+                        fingerprint=f"sha256:{fp}")
+
+
 _BUILT: dict[str, DomainData] = {}
 _FINGERPRINTS: dict[str, str] = {}
 

@@ -63,6 +63,10 @@ class Batch:
     x_tgt: Tensor | None = None        # unlabeled target inputs (target train, labels never given)
     x_tgt_lab: Tensor | None = None    # labeled target inputs (the budget's k per class, or all)
     y_tgt_lab: Tensor | None = None
+    # the source domain (0..k-1, the task's source order: dalab.tasks) of each source sample on a
+    # multi-source task, whose source batch is per-domain balanced and concatenated in that order;
+    # None on a single-source task. A method that ignores it trains on the pooled sources
+    d_src: Tensor | None = None
 
 
 # --------------------------------------------------------------------------- hyperparameters
@@ -262,6 +266,14 @@ class Method(nn.Module):
     # statistics; a method that trains only BatchNorm parameters has nothing else to train)
     needs_batchnorm: ClassVar[str] = ""
 
+    # the fewest source domains its task must have (2: a multi-source or domain-generalization
+    # method, which reads ``Batch.d_src``); the trainer refuses a task with fewer, in one line
+    min_sources: ClassVar[int] = 1
+    # True: a domain-generalization method: it sees NO target data in any batch or hook, ever
+    # (``target_data`` NONE, no data option that draws target inputs); the trainer asserts it
+    # in the batch construction (dalab.trainer.Streams), as it does ``uses_source = False``
+    domain_generalization: ClassVar[bool] = False
+
     # the label-set settings it runs on (dalab.tasks.SETTINGS). A closed-set method runs on every
     # setting: on partial tasks unchanged, on open-set and universal ones behind the rejection baseline
     # (unknown when its max softmax is below a threshold chosen on SOURCE validation data)
@@ -311,10 +323,12 @@ class Method(nn.Module):
         keep -= {id(t) for m in but for t in (*m.parameters(), *m.buffers())}
         return [k for k, v in self.state_dict(keep_vars=True).items() if id(v) in keep]
 
-    def __init__(self, net: nn.Module, num_classes: int, hp: Mapping[str, Any], total_steps: int):
+    def __init__(self, net: nn.Module, num_classes: int, hp: Mapping[str, Any], total_steps: int,
+                 num_sources: int = 1):
         super().__init__()
         self.net = net                  # a dalab.methods.nets.Classifier: backbone + head
         self.num_classes = num_classes
+        self.num_sources = int(num_sources)  # k source domains (Batch.d_src is in 0..k-1); known in build()
         self.hp = SimpleNamespace(**hp)
         self.total_steps = max(int(total_steps), 1)
         # extra objective terms from the run's data options (dalab.augment: cross mixup, VAT); the
