@@ -133,14 +133,16 @@ def build_classifier(backbone: str, num_classes: int, pretrained: str | None = N
     return Classifier(bb, mlp([bb.out_dim, *hidden, num_classes]))
 
 
-def domain_discriminator(in_dim: int, hidden: int = 100, depth: int = 1, bn: bool = False) -> nn.Sequential:
+def domain_discriminator(in_dim: int, hidden: int = 100, depth: int = 1, bn: bool = False,
+                         out_dim: int = 1) -> nn.Sequential:
     """Domain classifier: ``depth`` hidden ReLU layers of width ``hidden`` (optionally with
-    BatchNorm) -> one logit (source = 1). The DANN paper's MNIST one is 768-100-1 (depth 1)."""
+    BatchNorm) -> one logit (source = 1), or ``out_dim`` logits (one per domain of several).
+    The DANN paper's MNIST one is 768-100-1 (depth 1)."""
     layers: list[nn.Module] = []
     dims = [in_dim] + [hidden] * depth
     for a, b in zip(dims[:-1], dims[1:]):
         layers += [nn.Linear(a, b)] + ([nn.BatchNorm1d(b)] if bn else []) + [nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers, nn.Linear(dims[-1], 1))
+    return nn.Sequential(*layers, nn.Linear(dims[-1], out_dim))
 
 
 def batchnorm_layers(module: nn.Module) -> list[nn.Module]:

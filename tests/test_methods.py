@@ -25,16 +25,19 @@ def make(name: str, steps: int = 10, backbone: str | None = None, **over):
     cls = METHODS[name]
     hp = resolve_hparams(cls, over)
     backbone = backbone or ("lenet_bn" if cls.batchnorm_needed(hp) else "lenet")
-    return cls(build_classifier(backbone, 10), 10, hp, steps)
+    return cls(build_classifier(backbone, 10), 10, hp, steps, num_sources=max(cls.min_sources, 1))
 
 
 def batch_for(cls, kind: str, seed: int = 0) -> Batch:
     """The batch the trainer would build: target fields only where declared and budgeted, source
     fields only for methods that use source data (``uses_source``)."""
     uses = cls.target_data
-    return tiny_batch(seed=seed, source=cls.uses_source,
-                      unlabeled=uses in (TargetData.UNLABELED, TargetData.BOTH),
-                      labeled=uses in (TargetData.LABELED, TargetData.BOTH) and kind != "0")
+    b = tiny_batch(seed=seed, source=cls.uses_source,
+                   unlabeled=uses in (TargetData.UNLABELED, TargetData.BOTH),
+                   labeled=uses in (TargetData.LABELED, TargetData.BOTH) and kind != "0")
+    if cls.min_sources > 1:  # a multi-source task's balanced batch: equal parts, in domain order
+        b.d_src = torch.arange(len(b.y_src)) * cls.min_sources // len(b.y_src)
+    return b
 
 
 @pytest.mark.parametrize("name,kind", CASES)
@@ -58,6 +61,8 @@ def test_method_declares_its_interface(name):
     cls = METHODS[name]
     assert cls.name == name and cls.family and cls.__doc__ and cls.paper
     assert isinstance(cls.target_data, TargetData)
+    if cls.domain_generalization:  # no target data, ever (the trainer also asserts it per batch)
+        assert cls.target_data is TargetData.NONE and cls.refresh_every is None and cls.min_sources >= 2
     assert set(cls.label_budgets) <= {"0", "k", "all"} and cls.label_budgets
     for h in cls.hparams.values():  # every default is valid and search spaces sample
         import numpy as np

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from dalab.cli import main
 from dalab.runs import RunConfig, RunOptions
@@ -176,3 +177,70 @@ def test_bad_sources_one_line_exit_2_nothing_written(side, needle, runs_dir, cap
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and needle in err and "\n" not in err
     assert not runs_dir.exists() or not any(p.is_dir() for p in runs_dir.iterdir())
+
+
+@pytest.mark.parametrize("method,side,extra,needle", [
+    ("m3sda", ["--source", "toy_a"], [], "needs at least 2 source domains"),
+    ("vrex", ["--source", "toy_a"], [], "needs at least 2 source domains"),
+    ("vrex", ["--sources", "toy_a,toy_b"], ["--set", "vat=1"], "domain-generalization method: it sees no target data"),
+    ("irm", ["--sources", "toy_a,toy_b"], ["--budget", "5"], "does not support target-label budget"),
+    ("dann_dg", ["--sources", "toy_a,toy_b"], ["--set", "mixup=cross"], "uses no unlabeled target data"),
+])
+def test_a_method_given_what_it_cannot_use_is_refused(method, side, extra, needle, runs_dir, capsys):
+    args = ["run", "--method", method, *side, "--target", "toy_c", "--steps", "2", "--quiet", "--backbone",
+            "lenet_bn", "--runs-dir", str(runs_dir), *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and "\n" not in err
+    assert not runs_dir.exists() or not any(p.is_dir() for p in runs_dir.iterdir())
+
+
+# --------------------------------------------------------------------------- domain generalization
+
+def test_a_dg_method_sees_no_target_data_anywhere(tmp_path, monkeypatch):
+    """Every batch of a DG run holds source data with its domains and no target field; the hooks
+    that could carry target inputs (on_train_start, deployed, on_train_end) get None."""
+    from dalab.methods import METHODS
+
+    cls = METHODS["vrex"]
+    seen = {"steps": 0, "hooks": []}
+    real_update = cls.update
+
+    def update(self, batch, step):
+        assert batch.x_tgt is None and batch.x_tgt_lab is None and batch.y_tgt_lab is None
+        assert batch.d_src is not None and batch.d_src.bincount().tolist() == [16, 16]
+        seen["steps"] += 1
+        return real_update(self, batch, step)
+
+    monkeypatch.setattr(cls, "update", update)
+    monkeypatch.setattr(cls, "on_train_start", lambda self, x: seen["hooks"].append(x))
+    monkeypatch.setattr(cls, "on_train_end", lambda self, x, lab: seen["hooks"].extend([x, lab]))
+    rec = train(ms_cfg("vrex"), tmp_path, **KW)
+    assert seen["steps"] == 4 and seen["hooks"] == [None, None, None]
+    assert rec["method"]["target_data"] == "none" and rec["status"] == "done"
+
+
+def test_the_batch_construction_asserts_a_target_free_run_gets_no_target():
+    """The trainer's guard itself: a target stream in a target-free run's Streams is a bug, caught
+    when the batch is built (and build_streams never makes one for a DG method)."""
+    from itertools import repeat
+
+    from dalab.trainer import Streams
+
+    x, y = torch.zeros(2, 3, 28, 28), torch.zeros(2, dtype=torch.long)
+    ok = Streams(repeat((x, y)), None, None, None, False, target_free=True)
+    assert ok.batch().x_tgt is None
+    leaky = Streams(repeat((x, y)), repeat((x, y)), None, None, False, target_free=True)
+    with pytest.raises(AssertionError, match="target-free"):
+        leaky.batch()
+    run, task = _task(ms_cfg("dann_dg"))
+    streams = build_streams(run, task)
+    assert streams.target_free and streams.tgt is None and streams.lab is None
+
+
+@pytest.mark.parametrize("method", ["m3sda", "ms_dann", "dg_coral", "vrex", "groupdro", "irm", "mixstyle", "dann_dg"])
+def test_each_multi_domain_method_runs_through_the_trainer(method, tmp_path):
+    cfg = RunConfig(method, "toy_a+toy_b", "toy_c", steps=2, eval_every=2, backbone="lenet_bn", precision="fp32",
+                    hparams={"batch_size": 8})
+    rec = train(cfg, tmp_path, **KW)
+    assert rec["status"] == "done" and rec["config"]["source"] == "toy_a+toy_b"

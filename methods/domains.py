@@ -1,0 +1,48 @@
+"""Pieces shared by the methods that train on several domains at once (multi-source adaptation and
+domain generalization, issue 25): the per-domain split of a balanced batch (``Batch.d_src``, in
+the task's source order: dalab.tasks), per-domain risks, the penalty anneal of IRM and VREx, and
+the base class of domain-generalization methods."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import Method, TargetData
+
+
+def per_domain(x: Tensor, d: Tensor, k: int) -> list[Tensor]:
+    """The rows of ``x`` of each domain 0..k-1 (``d``: each row's domain), in domain order."""
+    return [x[d == i] for i in range(k)]
+
+
+def domain_risks(logits: Tensor, y: Tensor, d: Tensor, k: int) -> Tensor:
+    """The k per-domain mean cross-entropies R_e (a domain absent from the batch is left out)."""
+    return torch.stack([F.cross_entropy(lg, yy) for lg, yy in zip(per_domain(logits, d, k), per_domain(y, d, k))
+                        if len(yy)])
+
+
+def annealed_weight(step: int, total_steps: int, weight: float, anneal_frac: float) -> float:
+    """A penalty's weight: 1 during the first ``anneal_frac`` of training, ``weight`` after (IRM's and
+    VREx's anneal; DomainBed's 500 of its 5000 steps is ``anneal_frac = 0.1``)."""
+    return weight if step > anneal_frac * total_steps else 1.0
+
+
+class DomainGeneralization(Method):
+    """Base of the domain-generalization methods: several labeled source domains, NO target data in
+    any batch or hook (the trainer asserts it: dalab.trainer.Streams), evaluated on the held-out
+    target. ``source_only`` on a multi-source task is their ERM baseline (DomainBed's ERM: the
+    pooled per-domain balanced batch), so there is no separate ``erm`` method."""
+
+    family = "domain generalization"
+    target_data = TargetData.NONE
+    label_budgets = ("0",)
+    domain_generalization = True
+    min_sources = 2
+    settings = ("closed",)
+
+    def logits_and_risks(self, batch) -> tuple[Tensor, Tensor]:
+        """The source logits and the per-domain risks R_e of this step's balanced batch."""
+        logits = self.predict(batch.x_src)
+        return logits, domain_risks(logits, batch.y_src, batch.d_src, self.num_sources)

@@ -1,0 +1,140 @@
+"""The special part of each multi-source and domain-generalization method (issue 25), against a
+hand computation: M3SDA's moments, DG-CORAL's pairwise distance, VREx's variance, IRM's penalty,
+GroupDRO's weights, MixStyle's statistics mixing, the adversarial methods' domain classifiers."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dalab.methods import METHODS, Batch, resolve_hparams
+from dalab.methods.nets import build_classifier
+
+
+def make(name: str, k: int = 2, backbone: str = "lenet", **over):
+    torch.manual_seed(0)
+    cls = METHODS[name]
+    m = cls(build_classifier(backbone, 10), 10, resolve_hparams(cls, over), 100, num_sources=k)
+    m.train()
+    return m
+
+
+def balanced_batch(k: int = 2, n: int = 6, seed: int = 0, target: bool = False) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(k * n, 3, 28, 28, generator=g) + torch.arange(k).repeat_interleave(n).view(-1, 1, 1, 1)
+    b = Batch(x, torch.randint(0, 10, (k * n,), generator=g), d_src=torch.arange(k).repeat_interleave(n))
+    if target:
+        b.x_tgt = torch.randn(n, 3, 28, 28, generator=g) + 0.5
+    return b
+
+
+def hand_risks(m, b: Batch, k: int) -> np.ndarray:
+    with torch.no_grad():
+        logits = m.predict(b.x_src)
+    return np.array([F.cross_entropy(logits[b.d_src == i], b.y_src[b.d_src == i]).item() for i in range(k)])
+
+
+def test_m3sda_moment_distance_by_hand():
+    from dalab.methods.m3sda import moment_distance
+
+    g = torch.Generator().manual_seed(1)
+    s1, s2, s3, t = (torch.randn(5, 4, generator=g) + i for i in range(4))
+    want = 0.0
+    for m in (1, 2):
+        mu = [x.numpy() ** m for x in (s1, s2, s3)]
+        mt = (t.numpy() ** m).mean(0)
+        want += np.mean([np.linalg.norm(u.mean(0) - mt) for u in mu])
+        want += np.mean([np.linalg.norm(a.mean(0) - b.mean(0)) for a, b in itertools.combinations(mu, 2)])
+    assert moment_distance([s1, s2, s3], t, 2).item() == pytest.approx(want, rel=1e-5)
+    out = make("m3sda", k=3).train_step(balanced_batch(k=3, target=True), 1)
+    assert float(out["moment_distance"].detach()) > 0.1  # three shifted domains: far from rounding level
+
+
+def test_dg_coral_penalty_by_hand():
+    from dalab.methods.dg_coral import coral_penalty
+
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(7, 3, generator=g), torch.randn(9, 3, generator=g) * 2
+    an, bn = a.numpy().astype(np.float64), b.numpy().astype(np.float64)
+    want = ((an.mean(0) - bn.mean(0)) ** 2).mean() + ((np.cov(an.T) - np.cov(bn.T)) ** 2).mean()
+    assert coral_penalty(a, b).item() == pytest.approx(want, rel=1e-4)
+
+
+def test_vrex_penalty_is_the_variance_of_the_per_domain_risks():
+    k = 3
+    m = make("vrex", k=k, anneal_frac=0.0)  # the full penalty from step 1
+    b = balanced_batch(k=k)
+    risks = hand_risks(m, b, k)
+    out = m.train_step(b, 1)
+    assert float(out["risk_variance"]) == pytest.approx(risks.var(), rel=1e-4, abs=1e-7)
+    assert float(out["cls_loss"]) == pytest.approx(risks.mean(), rel=1e-5)
+    want = (risks.mean() + 10.0 * risks.var()) / 10.0  # divided by beta once beta > 1
+    assert float(out["loss"]) == pytest.approx(want, rel=1e-4)
+    assert make("vrex", k=k).train_step(b, 1)["beta"] == 1.0  # annealing: weight 1 for the first 10 %
+
+
+def test_irm_penalty_by_hand():
+    from dalab.methods.irm import irm_penalty
+
+    g = torch.Generator().manual_seed(3)
+    z, y = torch.randn(6, 4, generator=g), torch.randint(0, 4, (6,), generator=g)
+    p = torch.softmax(z, 1)
+    grad = ((p * z).sum(1) - z[torch.arange(6), y]).mean()  # d/dw CE(w z, y) at w = 1
+    assert irm_penalty(z, y).item() == pytest.approx(grad.item() ** 2, rel=1e-4, abs=1e-9)
+    out = make("irm").train_step(balanced_batch(), 1)
+    assert float(out["irm_penalty"]) >= 0 and out["lambda"] == 1.0
+
+
+def test_groupdro_weights_move_toward_the_worst_domain():
+    k = 3
+    m = make("groupdro", k=k, eta=0.5)
+    b = balanced_batch(k=k)
+    risks = hand_risks(m, b, k)
+    m.train_step(b, 1)
+    q = np.ones(k) / k * np.exp(0.5 * risks)
+    q /= q.sum()
+    assert m.q.numpy() == pytest.approx(q, rel=1e-4)
+    assert int(m.q.argmax()) == int(risks.argmax()) and m.q.max().item() > 1 / k + 1e-4
+
+
+def test_mixstyle_mixes_statistics_across_domains_and_only_in_training():
+    from dalab.methods.mixstyle import mix_styles, other_domain_partner
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 2, 5, 5, generator=g) * torch.tensor([1.0, 2.0, 3.0, 4.0]).view(4, 1, 1, 1) + \
+        torch.arange(4.0).view(4, 1, 1, 1)
+    perm, lam = torch.tensor([2, 3, 0, 1]), torch.tensor([0.3, 0.5, 0.9, 0.1])
+    out = mix_styles(x, perm, lam)
+    mu, sig = x.mean((2, 3)), (x.var((2, 3)) + 1e-6).sqrt()
+    lam2 = lam.view(-1, 1)
+    assert torch.allclose(out.mean((2, 3)), lam2 * mu + (1 - lam2) * mu[perm], atol=1e-4)
+    assert torch.allclose(out.var((2, 3)).sqrt(), lam2 * sig + (1 - lam2) * sig[perm], rtol=1e-3)
+    d = torch.tensor([0, 0, 1, 1, 2, 2])
+    for s in range(5):
+        partner = other_domain_partner(d, torch.Generator().manual_seed(s))
+        assert (d[partner] != d).all()
+    m = make("mixstyle", backbone="lenet_bn", p=1.0)
+    m.eval()
+    x = torch.randn(4, 3, 28, 28)
+    with torch.no_grad():  # no hook outside a training step: the plain network
+        assert torch.equal(m.predict(x), m.net.head(m.net.backbone(x)))
+    seen = []
+    m.net.backbone.body[3].register_forward_hook(lambda mod, i, o: seen.append(o.detach().clone()))
+    m.train()
+    m.train_step(balanced_batch(), 1)
+    assert seen  # the layer ran; its output was mixed in place of the plain one
+    assert not torch.allclose(m.net.backbone.body[3](m.net.backbone.body[:3](balanced_batch().x_src)), seen[0])
+
+
+@pytest.mark.parametrize("name,k,width", [("ms_dann", 3, 4), ("dann_dg", 3, 3)])
+def test_adversarial_domain_classifiers_see_every_domain(name, k, width):
+    """MS-DANN: one (k+1)-way classifier (the sources and the target); DANN-DG: k-way, sources only.
+    At initialisation its cross-entropy is near log(width)."""
+    m = make(name, k=k, backbone="lenet_bn")
+    assert m.disc[-1].out_features == width
+    out = m.train_step(balanced_batch(k=k, target=name == "ms_dann"), 1)
+    assert abs(float(out["domain_loss"]) - np.log(width)) < 1.0
