@@ -109,20 +109,47 @@ def _f(x: float, signed: bool = False, digits: int = 2) -> str:
 
 
 def main_table_note(best: str, main_runs: str | Path = "results/digits/runs") -> str:
-    """What the study means for the main table (issue 28 item 3), from the main job's own records:
-    whether they carry the best validator's score at every point (then its rule can lead the table)."""
+    """What the study means for the main table (issue 28 item 3), from the main spec and the main
+    job's own records: whether its first rule is the study's best, and whether its records carry
+    that rule's score at every point (then the rule can lead the table without a re-run)."""
     from dalab.bench import BenchSpec
+    from dalab.selection import selection_score
     from dalab.tables import load_records
 
     spec = BenchSpec.from_yaml(Path(__file__).resolve().parent / "digits.yaml")
     recs = load_records(main_runs) if Path(main_runs).is_dir() else []
-    carry = sum(all(best in (ev.get("tgt_train_unsup") or {}) for ev in r.get("evals") or []) for r in recs)
+
+    def carries(r: dict) -> bool:
+        try:
+            return all(math.isfinite(selection_score(ev, best, "acc")) for ev in r.get("evals") or [])
+        except (KeyError, TypeError):
+            return False
+
+    n = sum(carries(r) for r in recs)
     first = spec.selection[0]
     if first == best:
-        return f"The main table (benchmarks/digits.yaml) puts `{best}` first, as this study ranks it."
-    return (f"The main table (benchmarks/digits.yaml) puts `{first}` first; {carry} of its {len(recs)} committed "
-            f"records carry `{best}`'s score (validators recorded before it was added are absent), so `{best}` can "
-            f"lead it only once the main job is re-run with it (`make bench` after removing results/digits/runs).")
+        return (f"The main table (benchmarks/digits.yaml) puts `{best}` first, as this study ranks it "
+                f"({n} of its {len(recs)} committed records carry its score).")
+    return (f"The main table (benchmarks/digits.yaml) puts `{first}` first; {n} of its {len(recs)} committed "
+            f"records carry `{best}`'s score" + ("." if n == len(recs) else ", so it can lead only after a re-run "
+                                                 "of the main job (`make bench`)."))
+
+
+def runner_up_note(res: dict, best: str) -> str:
+    """How robust the winner is: the runner-up, the margin, and on how many pairs the winner is ahead."""
+    from dalab.selection import RULES
+
+    free = sorted((v for v in res if not RULES[v].needs_target_labels and math.isfinite(res[v]["mean"]["spearman"])),
+                  key=lambda v: -res[v]["mean"]["spearman"])
+    if len(free) < 2:
+        return ""
+    second = free[1]
+    pairs = [p for p in res[best] if p != "mean"]
+    ahead = sum(res[best][p]["spearman"] > res[second][p]["spearman"] for p in pairs)
+    return (f"Runner-up `{second}` ({res[second]['mean']['spearman']:.2f}): a margin of "
+            f"{res[best]['mean']['spearman'] - res[second]['mean']['spearman']:.2f}, with `{best}` ahead on {ahead} of "
+            f"{len(pairs)} pairs, one seed per trial -- "
+            + ("not a robust winner." if ahead * 2 <= len(pairs) else "ahead on most pairs."))
 
 
 def best_validator(res: dict) -> str:
@@ -161,7 +188,7 @@ def report(records: list[dict], points: dict, res: dict, command: str, timing: d
     lines += [f"**Best label-free validator on the tuning pairs: `{best}`** ({RULES[best].description}), mean "
               f"weighted Spearman {res[best]['mean']['spearman']:.2f}, picked accuracy "
               f"{res[best]['mean']['picked']:.1f} ({res[best]['mean']['gap']:+.1f} vs the oracle's pick). "
-              + main_table_note(best), ""]
+              + runner_up_note(res, best) + " " + main_table_note(best), ""]
     t = Table(["Validator", "Target labels", *[display.pair_key(p) for p in pairs], "Mean"])
     for v in order:
         t.add(f"`{v}`", "**yes: oracle**" if RULES[v].needs_target_labels else "no",
