@@ -61,8 +61,8 @@ def test_shot_adaptation_batches_carry_no_source_data(tmp_path, monkeypatch, sho
     assert rec["status"] == "done" and rec["method"]["init_from"].startswith("source_only__")
     assert rec["method"]["uses_source"] is False
     assert len(seen) == 12
-    assert all(s == {"x_src": False, "y_src": False, "x_tgt": True, "x_tgt_lab": False, "y_tgt_lab": False}
-               for s in seen), seen
+    assert all(s == {"x_src": False, "y_src": False, "x_tgt": True, "x_tgt_lab": False, "y_tgt_lab": False,
+                     "d_src": False} for s in seen), seen
     assert refreshed == [1, 6, 11]
     assert "pl_loss" in rec["train"]["last_losses"]
 

@@ -428,6 +428,8 @@ def _stateful_methods() -> list[str]:
 
     out = []
     for name, cls in sorted(METHODS.items()):
+        if cls.test_time:  # a stream run is not checkpointed: a stop ends it, the rerun starts the stream over
+            continue
         hp = resolve_hparams(cls, {})
         m = cls(build_classifier("lenet_bn" if cls.batchnorm_needed(hp) else "lenet", 10), 10, hp, 8)
         stepped = {id(p) for opt in m.optim.optimizers.values() for g in opt.param_groups for p in g["params"]}
@@ -449,7 +451,8 @@ def test_stateful_methods_resume_exactly(tmp_path, name):
     from dalab.tasks import classes_key
 
     cls = METHODS[name]
-    cfg = RunConfig(name, "toy_a", "toy_b", budget="0" if "0" in cls.label_budgets else "2", steps=8, eval_every=4,
+    source = "+".join(["toy_a", "toy_c"][:max(1, cls.min_sources)])  # a multi-source method: two sources
+    cfg = RunConfig(name, source, "toy_b", budget="0" if "0" in cls.label_budgets else "2", steps=8, eval_every=4,
                     backbone="lenet_bn" if cls.batchnorm_needed(resolve_hparams(cls, {})) else "lenet",
                     classes=None if "closed" in cls.settings else classes_key(cls.settings[0]))
     full = train(cfg, tmp_path / "a", **KW)

@@ -247,3 +247,19 @@ def test_specs_list_test_time_methods_by_name(tmp_path):
 
     assert not set(TTA) & set(resolve_methods(BenchSpec(methods="all")))
     assert set(TTA) <= set(resolve_methods(BenchSpec.from_yaml("benchmarks/digits_tta.yaml")))
+
+
+def test_a_stream_killed_midway_leaves_nothing_and_its_rerun_is_the_whole_stream(tmp_path):
+    """A stream run is not checkpointed: killed mid-stream it leaves no record, no ``done`` and no
+    checkpoint (it is not finished, and nothing to resume), and the rerun walks the whole stream
+    again, to the numbers of an uninterrupted run."""
+    from conftest import killed_at_step
+
+    cfg = tta_cfg("tent")
+    full = train(cfg, tmp_path / "a", **KW)
+    with killed_at_step(METHODS["tent"], 3), pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "b", **KW)
+    left = tmp_path / "b" / cfg.run_id()
+    assert not any((left / f).exists() for f in ("record.json", "done", "checkpoint.pt"))
+    again = train(cfg, tmp_path / "b", **KW)
+    assert again["evals"] == full["evals"]
