@@ -76,7 +76,7 @@ def test_the_source_model_follows_the_declaration(name):
     m = cls(net, 10, hp, 4)
     kept = m.net.backbone.state_dict()
     if cls.batch_statistics:  # test-batch BatchNorm (test-time methods): the running statistics are dropped
-        source = {k: v for k, v in source.items() if not k.rsplit(".", 1)[-1] in
+        source = {k: v for k, v in source.items() if k.rsplit(".", 1)[-1] not in
                   ("running_mean", "running_var", "num_batches_tracked")}
     assert set(source) <= set(kept), f"{name} renamed parts of the source backbone"
     for k, v in source.items():
