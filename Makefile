@@ -10,7 +10,7 @@ RUNS ?= results/runs
 MAIN_RUNS ?= results/digits/runs
 JOBS ?= 2
 
-.PHONY: setup test tables bench bench-long bench-partial bench-openset bench-universal bench-tta bench-tta-continual validators bsp-tuning pada-tuning dann-vs-source protocol augment-bench budget-curve results-index speed clean-runs docs
+.PHONY: setup test tables bench bench-long bench-partial bench-openset bench-universal bench-tta bench-tta-continual validators bench-multisource bsp-tuning pada-tuning dann-vs-source protocol augment-bench budget-curve results-index speed clean-runs docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,11 @@ bench-tta: setup
 
 bench-tta-continual: setup
 	$(VENV)/bin/dalab bench benchmarks/digits_tta_continual.yaml --jobs $(JOBS) --command "make bench-tta-continual"
+
+# Multi-source adaptation (issue 25): each digits domain as target, the other three as sources; merged-sources
+# baselines (source-only, DANN) beside M3SDA and multi-source DANN -> results/multisource/ (records committed)
+bench-multisource: setup
+	$(VENV)/bin/dalab bench benchmarks/digits_multisource.yaml --jobs $(JOBS) --command "make bench-multisource"
 
 # Validator benchmark (issue 28): a checkpoint pool on the TUNING pairs (methods x random trials x every evaluation
 # point) -> results/validators/ (tables per rule) and results/validators.md (each validator's weighted Spearman

@@ -303,7 +303,7 @@ def test_rule_registry_is_the_one_source():
     from dalab.selection import RULES, markdown
 
     assert tuple(BENCH_RULES) == tuple(RULES)
-    assert [r.name for r in RULES.values() if r.needs_target_labels] == ["oracle"]
+    assert [r.name for r in RULES.values() if r.needs_target_labels] == ["oracle", "oracle_last"]
     help_text = build_parser()._subparsers._group_actions[0].choices["table"].format_help()
     for name in RULES:
         assert name in help_text
@@ -473,3 +473,22 @@ def test_caption_and_label_can_be_replaced(tmp_path, capsys):
     assert r"\caption{Digits, rule last.}" in tex_text and r"\label{tab:mine-last}" in tex_text
     assert main(["table", str(runs), "--out", str(tmp_path / "t"), "--rules", "last", "--caption", "A {rule} table"]) == 0
     assert "--caption 'A {rule} table'" in (tmp_path / "t" / "table.md").read_text().splitlines()[0]
+
+
+def test_domainbeds_oracle_takes_the_last_point_and_only_chooses_among_trials():
+    """oracle_last (DomainBed's test-domain validation): no early stopping on target data -- every
+    run is read at its last checkpoint; target-validation accuracy there only picks among trials."""
+    from dalab.selection import RULES
+
+    r = rec("m", "f", "0", ("a", "b"), 0, [ev(1, 0.9, 0.95, 0.90), ev(2, 0.9, 0.50, 0.60)])
+    assert select(r, "oracle")["step"] == 1 and select(r, "oracle_last")["step"] == 2
+    assert RULES["oracle_last"].needs_target_labels and "ORACLE" in RULES["oracle_last"].label
+    trials = [rec("m", "f", "0", ("a", "b"), 0, [ev(1, 0.9, 0.9, 0.9), ev(2, 0.9, v, t)], hparams={"lr": lr})
+              for lr, v, t in ((0.1, 0.40, 0.45), (0.01, 0.70, 0.65))]
+    from dalab.tables import RowGroup
+
+    for i, x in enumerate(trials):
+        x["run_id"] += str(i)
+    groups = {x["run_id"]: RowGroup(search="s") for x in trials}
+    cell = build_table(trials, "oracle_last", groups=groups)["rows"][0]["cells"]["a→b"]
+    assert cell["accs"] == [pytest.approx(65.0)]  # the trial with the better last-point target validation

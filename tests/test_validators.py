@@ -169,8 +169,8 @@ def test_a_validator_cannot_ask_for_labels(monkeypatch):
         unsupervised_scores(torch.randn(20, 10))
 
 
-def test_every_label_free_validator_is_a_rule_and_only_the_oracle_reads_target_labels():
-    assert [r.name for r in RULES.values() if r.needs_target_labels] == ["oracle"]
+def test_every_label_free_validator_is_a_rule_and_only_the_oracles_read_target_labels():
+    assert [r.name for r in RULES.values() if r.needs_target_labels] == ["oracle", "oracle_last"]
     assert set(UNSUPERVISED_SCORES) <= set(RULES)
     assert not any(n.startswith(("tgt", "target", "label")) for n in evaluation.VALIDATOR_INPUTS)
 
