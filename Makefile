@@ -10,7 +10,7 @@ RUNS ?= results/runs
 MAIN_RUNS ?= results/digits/runs
 JOBS ?= 2
 
-.PHONY: setup test tables bench bench-long bench-partial bench-openset bench-universal bench-tta bench-tta-continual validators bench-multisource bsp-tuning pada-tuning dann-vs-source protocol augment-bench budget-curve results-index speed clean-runs docs
+.PHONY: setup test tables bench bench-long bench-partial bench-openset bench-universal bench-tta bench-tta-continual validators bench-multisource bench-single-sources bench-dg bsp-tuning pada-tuning dann-vs-source protocol augment-bench budget-curve results-index speed clean-runs docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,16 @@ bench-tta-continual: setup
 # baselines (source-only, DANN) beside M3SDA and multi-source DANN -> results/multisource/ (records committed)
 bench-multisource: setup
 	$(VENV)/bin/dalab bench benchmarks/digits_multisource.yaml --jobs $(JOBS) --command "make bench-multisource"
+	$(PY) -m dalab.benchmarks.multisource_report
+
+# its single-source baselines: source-only between every two digits domains -> results/multisource/single_source.md
+bench-single-sources: setup
+	$(VENV)/bin/dalab bench benchmarks/digits_single_sources.yaml --jobs $(JOBS) --command "make bench-single-sources"
+	$(PY) -m dalab.benchmarks.multisource_report
+
+# Domain generalization (issue 25): leave-one-domain-out, no target data in any batch -> results/dg/
+bench-dg: setup
+	$(VENV)/bin/dalab bench benchmarks/digits_dg.yaml --jobs $(JOBS) --command "make bench-dg"
 
 # Validator benchmark (issue 28): a checkpoint pool on the TUNING pairs (methods x random trials x every evaluation
 # point) -> results/validators/ (tables per rule) and results/validators.md (each validator's weighted Spearman

@@ -130,7 +130,7 @@ def counts_markdown() -> str:
 
 
 SETTING_SPECS = ("digits_partial.yaml", "digits_openset.yaml", "digits_universal.yaml", "digits_tta.yaml",
-                 "digits_tta_continual.yaml")
+                 "digits_tta_continual.yaml", "digits_multisource.yaml", "digits_dg.yaml")
 
 
 def settings_markdown() -> str:
@@ -150,7 +150,10 @@ def settings_markdown() -> str:
         methods = resolve_methods(spec)
         own = [f"**{m}**" if "closed" not in METHODS[m].settings else m for m in methods]
         tta = any(METHODS[m].test_time for m in methods)
-        setting = f"test-time ({spec.setting})" if tta else spec.setting
+        dg = any(METHODS[m].domain_generalization for m in methods)
+        several = f"leave-one-domain-out, {len(spec.leave_one_out) - 1} sources" if spec.leave_one_out else ""
+        setting = (f"test-time ({spec.setting})" if tta else f"domain generalization ({several})" if dg
+                   else f"multi-source ({several})" if several else spec.setting)
         metric = f"online {HEADLINE[spec.setting][1]} (each batch predicted before adapting on it)" if tta \
             else HEADLINE[spec.setting][1]
         timing = ROOT / spec.out / "timing.json"
