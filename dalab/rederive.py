@@ -26,12 +26,14 @@ SPECS = {"digits.yaml": "make bench", "digits_long.yaml": "make bench-long", "la
          "digits_openset.yaml": "make bench-openset", "digits_universal.yaml": "make bench-universal",
          "bsp_tuning.yaml": "make bsp-tuning", "pada_tuning.yaml": "make pada-tuning",
          "digits_tta.yaml": "make bench-tta", "digits_tta_continual.yaml": "make bench-tta-continual",
-         "validators.yaml": "make validators"}
+         "validators.yaml": "make validators", "digits_multisource.yaml": "make bench-multisource",
+         "digits_single_sources.yaml": "make bench-single-sources", "digits_dg.yaml": "make bench-dg"}
 COMPARED = ("table.md", "table.csv", "runs.csv")  # text outputs compared by --check (figures are not byte-stable)
 # committed tables a module writes from a folder of committed records: file -> (module, records folder)
 MODULE_TABLES = {"results/domains/source_only.md": ("dalab.datasets.shift_table", "results/domains/runs"),
                  "results/tta/final.md": ("dalab.benchmarks.tta_report", "results/tta/runs"),
-                 "results/validators.md": ("dalab.benchmarks.validators", "results/validators/runs")}
+                 "results/validators.md": ("dalab.benchmarks.validators", "results/validators/runs"),
+                 "results/multisource/single_source.md": ("dalab.benchmarks.multisource_report", "results/multisource/runs")}
 
 
 def rederive_module_table(path: str, out: Path | None = None) -> Path:

@@ -44,6 +44,14 @@ class M3SDA(Method):
 
     family = "discrepancy"
     display = "M3SDA"
+    known_failure = {"closed": (
+        "collapses to chance on every digits-four target (results/multisource: 12 of 12 runs, source validation at "
+        "chance too). Cause, measured: the paper's MD^2 of uncentred moments of lenet_bn's raw features is ~140 at "
+        "initialisation (trade_off 0 run, 150 steps), so at trade_off 0.5 it dwarfs the cross-entropy and the "
+        "network reaches the trivial minimum -- all features zero (moment distance 0.0, cross-entropy ln 10 at the "
+        "end of every run); trade_off 0.05 still stalls learning (source val 29% vs 65% at step 150). Not fixed yet: "
+        "Dassl's variant (means and variances, averaged over pairs) or normalised features, to be chosen on tuning "
+        "pairs")}
     paper = "Peng et al., Moment Matching for Multi-Source Domain Adaptation, ICCV 2019. https://arxiv.org/abs/1812.01754"
     target_data = TargetData.UNLABELED
     label_budgets = ("0",)
