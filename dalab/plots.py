@@ -81,7 +81,8 @@ def accuracy_figure(table: dict):
             ax.axhline(base, color="gray", lw=0.8, ls="--")
             baseline_drawn = True
         ax.set_xticks(range(len(rows)), labels, rotation=70, ha="right", fontsize=7)
-        ax.set_title(display.pair_key(p), fontsize=9)
+        title = display.pair_key(p)  # a multi-source task's long name: the target on a line of its own
+        ax.set_title(title.replace(" → ", "\n→ ") if len(title) > 32 else title, fontsize=9)
         ax.set_ylim(0, 100)
         if i == 0:  # shared axis: one label, left of the first panel only
             ax.set_ylabel(f"{split} {metric} (%)")
@@ -93,7 +94,8 @@ def accuracy_figure(table: dict):
     fig.suptitle(f"selection: {rule.label}", fontsize=9, y=1.01)
     fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.9), ncol=len(handles), fontsize=8,
                frameon=False)
-    fig.subplots_adjust(top=0.84, wspace=0.08)
+    two_lines = any(len(display.pair_key(p)) > 32 for p in pairs)  # titles of two lines need the room
+    fig.subplots_adjust(top=0.78 if two_lines else 0.84, wspace=0.08)
     return fig, what
 
 
