@@ -112,6 +112,9 @@ class BenchSpec:
         help="label-free validators computed at every evaluation point (dalab.evaluation.UNSUPERVISED_SCORES); "
              "list fewer to save evaluation time (mixval costs one more pass over target train): a rule of "
              "`selection` must not need a validator left out")
+    spread: str = _key("std", type="`std` or `se`",
+                       help="what follows each mean in the tables: the seeds' standard deviation, or the standard "
+                            "error of the mean (DomainBed's layout)")
     baseline: str = _key("source_only", type="method name",
                          help="the row every other row is compared with (Δ, significance marks), per data setting "
                               "(a test-time spec: no_adapt, the source model on the same stream)")
@@ -188,6 +191,9 @@ class BenchSpec:
 
         if not isinstance(self.name, str) or not self.name.strip():
             bad("name", f"must be a non-empty string, got {self.name!r}")
+        from dalab.tables import SPREADS
+        if self.spread not in SPREADS:
+            bad("spread", f"must be one of {', '.join(SPREADS)}, got {self.spread!r}")
         from dalab.evaluation import UNSUPERVISED_SCORES
         if self.validators != "all":
             if not isinstance(self.validators, list) or not all(v in UNSUPERVISED_SCORES for v in self.validators):
@@ -435,7 +441,7 @@ def write_grid_tables(spec: BenchSpec, grid, groups: dict, command: str, records
     pairs = list(dict.fromkeys(f"{c.source}→{c.target}" for c, _ in grid))
     records = grid_records(spec, grid) if records is None else records
     return write_tables(records, spec.out, spec.selection, command, pairs, plots=plots, groups=groups,
-                        baseline=spec.baseline)
+                        baseline=spec.baseline, spread=spec.spread)
 
 
 # --------------------------------------------------------------------------- run states

@@ -492,3 +492,14 @@ def test_domainbeds_oracle_takes_the_last_point_and_only_chooses_among_trials():
     groups = {x["run_id"]: RowGroup(search="s") for x in trials}
     cell = build_table(trials, "oracle_last", groups=groups)["rows"][0]["cells"]["a→b"]
     assert cell["accs"] == [pytest.approx(65.0)]  # the trial with the better last-point target validation
+
+
+def test_a_table_can_show_the_standard_error_instead_of_the_std(tmp_path):
+    from dalab.tables import write_tables
+
+    recs = [rec("m", "f", "0", ("a", "b"), s, [ev(1, 0.9, 0.5, acc)]) for s, acc in enumerate((0.50, 0.60, 0.70))]
+    write_tables(recs, tmp_path, ["last"], plots=False, spread="se")
+    md = (tmp_path / "table.md").read_text()
+    assert "60.0 ± 5.8" in md and "mean ± standard error" in md  # std 10.0 / sqrt(3)
+    write_tables(recs, tmp_path, ["last"], plots=False)
+    assert "60.0 ± 10.0" in (tmp_path / "table.md").read_text()
