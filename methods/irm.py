@@ -32,6 +32,13 @@ class IRM(DomainGeneralization):
     """
 
     display = "IRM"
+    known_failure = {"closed": (
+        "never learns the source task under dalab's 500-step SGD protocol (results/dg: source "
+        "validation about 20% at the end, every run). Cause, measured: after the anneal (step 50, "
+        "10% of 500) the loss is divided by lambda = 100, as the paper's code does, so SGD's step "
+        "on the cross-entropy shrinks 100-fold (logged loss 0.02 with cross-entropy 2.0); "
+        "DomainBed instead resets Adam there, which is scale-free. Not fixed yet: drop the "
+        "division under SGD (or use Adam as DomainBed), chosen on tuning pairs")}
     paper = "Arjovsky et al., Invariant Risk Minimization, arXiv 2019. https://arxiv.org/abs/1907.02893"
     hparams = {
         "penalty": HParam(100.0, ("log", 1e-1, 1e5), "lambda, the weight of the IRMv1 penalty after the anneal", low=0.0),

@@ -20,6 +20,11 @@ class VREx(DomainGeneralization):
     """
 
     display = "VREx"
+    known_failure = {"closed": (
+        "falls far below ERM under dalab's 500-step SGD protocol (results/dg). Cause, measured: "
+        "after the anneal (step 50) the loss is divided by beta = 10, so SGD's cross-entropy step "
+        "shrinks 10-fold and source validation is still 0.53-0.66 at step 500; DomainBed resets "
+        "Adam there instead (scale-free). Not fixed yet, as IRM")}
     paper = "Krueger et al., Out-of-Distribution Generalization via Risk Extrapolation (REx), ICML 2021. https://arxiv.org/abs/2003.00688"
     hparams = {
         "penalty": HParam(10.0, ("log", 1e-1, 1e5), "beta, the weight of the risks' variance after the anneal", low=0.0),
