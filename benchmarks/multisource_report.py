@@ -42,10 +42,9 @@ def _accs(records: list[dict], rule: str) -> dict[tuple[str, str, str], list[flo
 
 
 def _cell(v: list[float] | None) -> str:
-    if not v:
-        return "—"
-    return f"{statistics.mean(v):.1f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.1f}" + (
-        f" (n={len(v)})" if len(v) < 3 else "")
+    from dalab.tables import mean_spread
+
+    return mean_spread(v or []) + (f" (n={len(v)})" if v and len(v) < 3 else "")
 
 
 def report(multi: list[dict], single: list[dict], command: str) -> str:

@@ -13,7 +13,6 @@ committed records (``make tables`` regenerates it), never typed.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 TTA_RUNS, UDA_RUNS, OUT = "results/tta/runs", "results/digits/runs", "results/tta/final.md"
@@ -43,6 +42,7 @@ def continual_table(tta: list[dict]) -> str:
     """Online accuracy per domain of the continual stream, and the final model on the first domain's test."""
     from dalab import display
     from dalab.render import Table
+    from dalab.tables import mean_spread as cell
 
     runs = [r for r in tta if _continual(r) and r["status"] == "done"]
     if not runs:
@@ -53,9 +53,6 @@ def continual_table(tta: list[dict]) -> str:
         by_method.setdefault(r["method"]["name"], []).append(r)
     tab = Table(["Method", *[f"online: {display.domain(d)}" for d in domains], "online: whole stream",
                  f"final model: {display.domain(domains[0])} test", "seeds"])
-
-    def cell(values):
-        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
 
     order = sorted(by_method, key=lambda m: (m != "no_adapt", display.method(m)))
     for m in order:

@@ -100,6 +100,6 @@ def setting(rec: dict) -> str:
 
 
 def _stream_defaults() -> dict:
-    from dalab.streams import _hparams
+    from dalab.streams import stream_hparams
 
-    return {k: h.default for k, h in _hparams().items()}
+    return {k: h.default for k, h in stream_hparams().items()}

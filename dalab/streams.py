@@ -46,7 +46,8 @@ RESETS = {"none": "the model keeps adapting along the whole stream",
           "episodic": "back to the source model after every batch"}
 
 
-def _hparams() -> dict[str, Any]:
+def stream_hparams() -> dict[str, Any]:
+    """The stream options every test-time method declares (methods/test_time.py)."""
     from dalab.methods.base import HParam
 
     return {

@@ -151,7 +151,8 @@ def _empty_cell() -> dict:
 SPREADS = {"std": "std", "se": "standard error"}
 
 
-def _fmt(accs: list[float], spread: str = "std") -> str:
+def mean_spread(accs: list[float], spread: str = "std") -> str:
+    """``mean ± std`` (or ± standard error) of a cell's accuracies, one decimal; one value alone."""
     if not accs:
         return "—"
     if len(accs) == 1:  # one seed: no spread to show
@@ -302,7 +303,7 @@ def setting_common(settings: list[str]) -> list[str]:
 
 
 def _cell_text(c: dict, nmax: int, spread: str = "std") -> str:
-    s = _fmt(c["accs"], spread)
+    s = mean_spread(c["accs"], spread)
     if c.get("sig"):
         s += f" {c['sig']}"
     if c["convergence"].mark:
@@ -610,7 +611,7 @@ def explain(records: list[dict], method: str, pair: str, rule: str = "last", bas
                       if c["setting"].get("source_hparams") else "")
                    + (f" (the trial the rule picked among {c['n_trials']} of search {r['search']!r})"
                       if r["search"] is not None else ""))
-        line = f"  cell: {_fmt(c['accs'])} over {len(c['accs'])} seeds"
+        line = f"  cell: {mean_spread(c['accs'])} over {len(c['accs'])} seeds"
         if c.get("delta") is not None:
             line += (f"; vs {t['baseline_display']}: {c['delta']:+.1f}, paired t-test p = "
                      + (f"{c['p']:.3g}" if c.get("p") is not None else "n/a") + (f" {c['sig']}" if c["sig"] else ""))

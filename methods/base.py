@@ -385,7 +385,7 @@ class Method(nn.Module):
     # predicted before the method adapts on it (dalab.streams, dalab.trainer.StreamLoop)
     test_time: ClassVar[bool] = False
     # True: predictions depend on the batch (BatchNorm with the test batch's statistics): every
-    # evaluation draws its batches in a seeded random order (dalab.evaluation.predict_split)
+    # evaluation draws its batches in a seeded random order (dalab.evaluation.forward_split)
     batch_statistics: ClassVar[bool] = False
     # refresh(): every K steps (an int), once per pass over target train ("epoch"), or never (None)
     refresh_every: ClassVar[int | str | None] = None

@@ -6,18 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Batch, HParam, Method, TargetData, register
+from .base import Batch, Method, TargetData, register
+from .dann import DANN
 from .layers import dann_lambda, grad_reverse
 from .nets import discriminator_bn, domain_discriminator
 
-ADVERSARIAL_HPARAMS = {
-    "trade_off": HParam(1.0, ("log", 0.1, 3.0), "weight of the domain loss", low=0.0),
-    "gamma": HParam(10.0, ("choice", (5.0, 10.0)), "steepness of the lambda_p schedule (DANN's)", low=0.0),
-    "disc_hidden": HParam(100, ("choice", (100, 256, 1024)), "domain classifier width", low=1, high=8192),
-    "disc_depth": HParam(1, ("int", 1, 3), "hidden layers of the domain classifier", low=1, high=8),
-    "disc_bn": HParam("auto", None, "BatchNorm in the domain classifier's hidden layers, called once per domain: "
-                      "auto = when the backbone has BatchNorm (as dann)", choices=("auto", "true", "false")),
-}
+# DANN's declarations (same defaults, spaces and help), read from methods/dann.py rather than copied;
+# disc_bn_stats is left out: the (k+1)-way classifier is always called once per domain
+ADVERSARIAL_HPARAMS = {k: DANN.hparams[k] for k in ("trade_off", "gamma", "disc_hidden", "disc_depth", "disc_bn")}
 
 
 class MultiDomainAdversarial(Method):

@@ -16,7 +16,7 @@ bitwise by tests/test_methods.py).
 at prediction and in evaluation (test-time BN, Nado et al. 2020 / Schneider et al. 2020; TENT's
 configuration); the source running statistics are dropped. Such a model's prediction depends on
 the batch, so every evaluation of it draws its batches in a seeded random order of the stream's
-batch size (:func:`dalab.evaluation.predict_split`), never a split's storage order.
+batch size (:func:`dalab.evaluation.forward_split`), never a split's storage order.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Iterable
 
 from torch import Tensor, nn
 
-from dalab.streams import _hparams as stream_hparams
+from dalab.streams import stream_hparams
 
 from .base import HParam, Method, TargetData
 
