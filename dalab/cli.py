@@ -192,6 +192,7 @@ def cmd_run(args) -> int:
     from dalab import distributed
     ddp = distributed.init_from_env(args.device)  # under torchrun: this process is one rank of the run
     main = not ddp or ddp.is_main
+    clean = False
     try:
         # rank 0 (or the only process) holds the run's claim; other ranks follow it
         with runs.claimed(args.runs_dir, rid) if main else contextlib.nullcontext(True) as mine:
@@ -213,8 +214,9 @@ def cmd_run(args) -> int:
                 rec = train(cfg, args.runs_dir, opts)
                 if main:
                     runs.drop_previous(args.runs_dir, rid)
+        clean = True
     finally:
-        distributed.shutdown()
+        distributed.shutdown(clean)
     if not main:
         return 0 if rec["status"] == "done" else 1  # rank 0 prints
     f = rec["final"]

@@ -211,9 +211,15 @@ def init_from_env(device: str = "auto") -> Dist | None:
     return _CTX
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group. After a clean run every rank first meets the others in a barrier:
+    a rank that tears its gloo connections down while a peer is still writing the record can die
+    with SIGABRT ("terminate called without an active exception") at exit. After an error there is
+    no barrier (a failed peer would never arrive); torchrun stops the others."""
     global _CTX
     if _CTX is not None and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
     _CTX = None
 
