@@ -60,6 +60,7 @@ class EvalPoint(TypedDict, total=False):
     tgt_val: Scores
     tgt_test: Scores
     tgt_train_unsup: dict[str, float | None]  # label-free scores (dalab.evaluation.UNSUPERVISED_SCORES)
+    tgt_train: Scores  # transductive accuracy on the target train split (records since 2026-12-02); nothing selects on it
     reject_threshold: float | None  # tasks with unknown target classes: a closed-set method's threshold
 
 

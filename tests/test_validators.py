@@ -195,6 +195,8 @@ def test_no_label_free_rule_can_read_target_labels():
     wrong = {**data, **{n: _relabeled(data[n], (y + 1) % 10) for n, y in truth.items()}}
     a, b = evaluate(m, right), evaluate(m, wrong)
     assert a["tgt_test"]["acc"] == 1.0 and b["tgt_test"]["acc"] == 0.0  # the labels did change
+    # target train's labels reach only its transductive accuracy, which no rule reads (checked below)
+    assert a["tgt_train"]["acc"] == 1.0 and b["tgt_train"]["acc"] == 0.0
     for rule in RULES.values():
         sa, sb = selection_score(a, rule.name), selection_score(b, rule.name)
         if rule.needs_target_labels:
