@@ -57,7 +57,7 @@ def validators() -> list[str]:
     """Every rule that scores an evaluation point (``last`` picks by position, not by a score)."""
     from dalab.selection import RULES
 
-    return [name for name, rule in RULES.items() if not rule.at_last]
+    return [name for name, rule in RULES.items() if not rule.at_last and not rule.other_runs]
 
 
 def pool(records: list[dict]) -> dict[str, list[dict]]:

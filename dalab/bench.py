@@ -29,6 +29,7 @@ from typing import Any
 from dalab import runs
 from dalab.runs import RunConfig, RunOptions, release_claim, run_state, try_claim  # noqa: F401 -- re-exported
 from dalab.progress import clear_line
+from dalab.selection import DEFAULT_RULES
 from dalab.selection import RULE_NAMES as RULES  # the one registry of selection rules
 from dalab.tasks import headline_split, score
 from dalab.utils import DalabError
@@ -70,6 +71,12 @@ class BenchSpec:
         None, type="list of >= 3 domain names, or null",
         help="instead of pairs: each of these domains as the target, all the others as its sources, in the "
              "listed order (multi-source adaptation and domain generalization; dalab.tasks)")
+    leave_one_out_cv: bool = _key(
+        False, type="boolean",
+        help="with leave_one_out (>= 4 domains): also train every task's validation runs -- the same method, "
+             "setting and seed with each of its sources held out in turn as the target of the others -- for the "
+             "`lodo` selection rule (DomainBed's leave-one-domain-out cross-validation); k more runs per task, "
+             "left out of the tables' columns")
     setting: str = _key("closed", type="`closed`, `partial`, `openset` or `universal`",
                         help="label-set setting of every task (dalab.tasks): the digits split `dalab list` shows, "
                              "unless `classes` gives one; tables report the setting's headline metric")
@@ -118,8 +125,9 @@ class BenchSpec:
     baseline: str = _key("source_only", type="method name",
                          help="the row every other row is compared with (Δ, significance marks), per data setting "
                               "(a test-time spec: no_adapt, the source model on the same stream)")
-    selection: list[str] = _key(type="list of rule names", factory=lambda: list(RULES),
-                                help="selection rules, one table each: " + ", ".join(RULES))
+    selection: list[str] = _key(type="list of rule names", factory=lambda: list(DEFAULT_RULES),
+                                help="selection rules, one table each: " + ", ".join(RULES) + " (default: all but "
+                                     + ", ".join(r for r in RULES if r not in DEFAULT_RULES) + ")")
     runs_dir: str = _key("results/runs", type="folder",
                          help="where run folders go (shared between grids: a finished run is never re-run)")
     out: str = _key("results/bench", type="folder", help="where the tables and figures go")
@@ -244,6 +252,11 @@ class BenchSpec:
                 bad("leave_one_out", f"names a domain twice: {loo!r}")
             if self.pairs != "default":
                 bad("leave_one_out", "replaces 'pairs': give one of the two")
+        if self.leave_one_out_cv not in (True, False):
+            bad("leave_one_out_cv", f"must be true or false, got {self.leave_one_out_cv!r}")
+        if self.leave_one_out_cv and (self.leave_one_out is None or len(self.leave_one_out) < 4):
+            bad("leave_one_out_cv", "needs leave_one_out with at least 4 domains (each validation run keeps 2 or "
+                                    "more sources)")
         for name in ("methods", "pairs", "selection"):
             if isinstance(getattr(self, name), list) and not getattr(self, name):
                 bad(name, "is an empty list: the grid would have no runs (and its tables would be empty); "
@@ -272,6 +285,11 @@ def resolve_pairs(pairs: list | str, leave_one_out: list[str] | None = None) -> 
                              f"'default', one of {', '.join(BENCHMARKS)}, or a list of [source, target]")
         return [tuple(p) for p in BENCHMARKS[pairs]]
     return [(join_sources(s) if isinstance(s, list) else s, t) for s, t in pairs]
+
+
+def table_pairs(spec: BenchSpec) -> list[tuple[str, str]]:
+    """The tasks a spec's tables show as columns (its grid may also hold validation runs: leave_one_out_cv)."""
+    return resolve_pairs(spec.pairs, spec.leave_one_out)
 
 
 def resolve_methods(spec: BenchSpec) -> list[str]:
@@ -378,7 +396,10 @@ def expand(spec: BenchSpec, skipped: list[str] | None = None, groups: dict | Non
     for key, overrides in spec.hparams.items():
         if key != "all":  # checked even for a method outside the grid (a shared spec lists every method)
             resolve_hparams(get_method(key), overrides)
-    pairs = resolve_pairs(spec.pairs, spec.leave_one_out)
+    pairs = table_pairs(spec)
+    if spec.leave_one_out_cv:  # the validation runs of the `lodo` rule, after the tasks the tables show
+        from dalab.tasks import held_out_tasks
+        pairs = pairs + [t for s, _ in pairs for t in held_out_tasks(s)]
     classes = classes_key(spec.setting, spec.classes)
     methods = resolve_methods(spec)
     _check_variants(spec, methods)
@@ -436,10 +457,13 @@ def write_grid_tables(spec: BenchSpec, grid, groups: dict, command: str, records
                       plots: bool = True) -> list[Path]:
     """The spec's tables from its grid's records: what ``dalab bench`` writes after a grid, and what
     ``make tables`` (dalab.rederive) writes from committed records alone."""
+    from dalab.selection import attach_held_out
     from dalab.tables import write_tables
 
-    pairs = list(dict.fromkeys(f"{c.source}→{c.target}" for c, _ in grid))
+    shown = set(table_pairs(spec))
+    pairs = list(dict.fromkeys(f"{c.source}→{c.target}" for c, _ in grid if (c.source, c.target) in shown))
     records = grid_records(spec, grid) if records is None else records
+    records = [r for r in attach_held_out(records) if (r["config"]["source"], r["config"]["target"]) in shown]
     return write_tables(records, spec.out, spec.selection, command, pairs, plots=plots, groups=groups,
                         baseline=spec.baseline, spread=spec.spread)
 

@@ -27,6 +27,9 @@ class Rule:
     # True: the rule takes a run's LAST point (no early stopping); its score only chooses among a
     # search's trials (DomainBed's oracle: target validation at the last checkpoint of each run)
     at_last: bool = False
+    # True: the rule's score is not recorded in the run but read from OTHER runs (attach_held_out): a
+    # grid that does not train them leaves it unavailable; kept out of the rules a spec runs by default
+    other_runs: bool = False
 
     @property
     def label(self) -> str:
@@ -74,6 +77,10 @@ _RULES = (
          "control variate; recorded as -risk)", False, _unsup("iwv")),
     Rule("mixval", "MixVal", "best accuracy on mixed target-train samples against their mixed pseudo-labels "
          "(Hu et al. 2023)", False, _unsup("mixval")),
+    Rule("lodo", "LODO CV", "best leave-one-domain-out validation accuracy: the same method, setting and seed "
+         "retrained with each training domain held out in turn, scored on that domain's validation split at the same "
+         "step, mean over the held-out domains (DomainBed's leave-one-domain-out cross-validation; k more runs per "
+         "task, a spec's leave_one_out_cv)", False, lambda ev, metric: ev.get(HELD_OUT, float("nan")), other_runs=True),
     Rule("oracle", "Oracle", "best target-validation accuracy (the setting's metric)", True,
          lambda ev, metric: ev["tgt_val"][metric]),
     Rule("oracle_last", "Oracle (last)", "last checkpoint; among a search's trials, the best target-validation "
@@ -81,7 +88,44 @@ _RULES = (
          lambda ev, metric: ev["tgt_val"][metric], at_last=True),
 )
 RULES: dict[str, Rule] = {r.name: r for r in _RULES}
+DEFAULT_RULES: tuple[str, ...] = tuple(r.name for r in _RULES if not r.other_runs)  # a spec's default selection
 RULE_NAMES: tuple[str, ...] = tuple(RULES)
+
+
+HELD_OUT = "lodo"  # the key attach_held_out adds to an evaluation point
+
+
+def _config_key(cfg: dict) -> str:
+    """A run's config without its task (source, target): what its validation runs share with it."""
+    import json
+
+    return json.dumps({k: v for k, v in cfg.items() if k not in ("source", "target")}, sort_keys=True)
+
+
+def attach_held_out(records: list[dict]) -> list[dict]:
+    """``records`` with the ``lodo`` rule's score added to each evaluation point of every run whose
+    validation runs (dalab.tasks.held_out_tasks: the same config with one source domain held out as
+    the target, for each source) are among ``records``: the mean, over the held-out domains, of their
+    target-validation accuracy at the same step. A run lacking any of them, or a point lacking their
+    step, gets nothing (the rule is not available there). The records given are not modified."""
+    from dalab.tasks import held_out_tasks
+
+    index = {(_config_key(r["config"]), r["config"]["source"], r["config"]["target"]): r for r in records}
+    out = []
+    for r in records:
+        tasks = held_out_tasks(r["config"]["source"])
+        inner = [index.get((_config_key(r["config"]), s, t)) for s, t in tasks]
+        if not tasks or any(x is None or x.get("status") != "done" for x in inner):
+            out.append(r)
+            continue
+        by_step = [{e["step"]: e["tgt_val"]["acc"] for e in x.get("evals") or []} for x in inner]
+
+        def point(ev: dict) -> dict:
+            accs = [b.get(ev["step"]) for b in by_step]
+            return ev if any(a is None for a in accs) else {**ev, HELD_OUT: sum(accs) / len(accs)}
+        out.append({**r, "evals": [point(e) for e in r.get("evals") or []],
+                    **({"final": point(r["final"])} if r.get("final") else {})})
+    return out
 
 
 def get_rule(name: str) -> Rule:

@@ -63,10 +63,12 @@ OUTPUTS = {
 
 def load_records(runs_dir: str | Path) -> list[dict]:
     """Every finished run's record under ``runs_dir`` (dalab.runs owns the run folder; records it
-    cannot read are left out and counted in a warning line)."""
+    cannot read are left out and counted in a warning line), with the scores of rules that read other
+    runs attached (dalab.selection.attach_held_out)."""
     from dalab.runs import load_records as load
+    from dalab.selection import attach_held_out
 
-    return load(runs_dir)
+    return attach_held_out(load(runs_dir))
 
 
 def method_setting(rec: dict) -> dict[str, Any]:

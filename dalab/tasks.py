@@ -174,6 +174,16 @@ def join_sources(names: Sequence[str]) -> str:
     return SOURCE_SEP.join(names)
 
 
+def held_out_tasks(source: str) -> list[tuple[str, str]]:
+    """The validation tasks of leave-one-domain-out cross-validation (DomainBed) for a task with these
+    sources: each source domain d in turn as the target of the others, ``[(sources without d, d)]``;
+    empty when fewer than 3 sources (a validation task keeps at least 2)."""
+    names = source_domains(source)
+    if len(names) < 3:
+        return []
+    return [(join_sources([n for n in names if n != d]), d) for d in names]
+
+
 def check_sources(source: str, target: str) -> list[str]:
     """The task's source domains, or a one-line DalabError: an empty name, a domain named twice,
     the target among several sources (a single source equal to the target is the trainer's error)."""

@@ -145,6 +145,54 @@ def test_spec_keys_for_several_sources():
             BenchSpec.from_dict(raw)
 
 
+def test_leave_one_domain_out_validation_tasks_and_grid():
+    """DomainBed's leave-one-domain-out CV: each source in turn held out as the target of the others;
+    a spec's leave_one_out_cv trains those runs too, after the tasks its tables show."""
+    from dalab.bench import BenchSpec, expand, table_pairs
+    from dalab.tasks import held_out_tasks
+
+    assert held_out_tasks("a+b+c") == [("b+c", "a"), ("a+c", "b"), ("a+b", "c")]
+    assert held_out_tasks("a+b") == [] and held_out_tasks("a") == []
+    four = ["mnist5k", "mnistm5k", "syndigits", "ucidigits"]
+    spec = BenchSpec.from_dict({"leave_one_out": four, "leave_one_out_cv": True, "methods": ["source_only", "vrex"],
+                                "seeds": [0, 1], "steps": 2})
+    tasks = [(c.source, c.target) for c, _ in expand(spec)]
+    shown = table_pairs(spec)
+    assert len(shown) == 4 and len(tasks) == 2 * 2 * (4 + 4 * 3)  # methods x seeds x (tasks + their 3 validation runs)
+    assert ("syndigits+ucidigits", "mnistm5k") in tasks  # mnist5k's task, mnistm5k held out
+    assert tasks[:4] == [t for t in shown for _ in range(2)][:4]  # the shown tasks first
+    for raw, needle in [({"leave_one_out": four[:3], "leave_one_out_cv": True}, "at least 4 domains"),
+                        ({"leave_one_out_cv": True}, "at least 4 domains"),
+                        ({"leave_one_out": four, "leave_one_out_cv": "yes"}, "true or false")]:
+        with pytest.raises(DalabError, match=needle):
+            BenchSpec.from_dict(raw)
+
+
+def _run(source: str, target: str, tgt_val: list[float], seed: int = 0) -> dict:
+    m = lambda a: {"acc": a, "bal_acc": a, "macro_f1": a}  # noqa: E731
+    evals = [{"step": 10 * (i + 1), "src_val": m(0.9), "tgt_val": m(a), "tgt_test": m(a)} for i, a in enumerate(tgt_val)]
+    return {"run_id": f"irm__{source}-{target}__b0__s{seed}", "status": "done", "method": {"name": "irm"},
+            "config": {"method": "irm", "source": source, "target": target, "seed": seed, "steps": 20},
+            "evals": evals, "final": evals[-1]}
+
+
+def test_the_lodo_rule_reads_only_the_held_out_source_domains():
+    from dalab.selection import attach_held_out, select
+
+    outer = _run("a+b+c", "d", [0.30, 0.90])  # the target's own validation would pick step 20
+    inner = [_run("b+c", "a", [0.6, 0.2]), _run("a+c", "b", [0.5, 0.4]), _run("a+b", "c", [0.7, 0.3])]
+    other_seed = _run("b+c", "a", [0.0, 1.0], seed=1)  # another seed's run is not a validation run of seed 0
+    got = {r["run_id"]: r for r in attach_held_out([outer, *inner, other_seed])}[outer["run_id"]]
+    assert [e["lodo"] for e in got["evals"]] == pytest.approx([0.6, 0.3])
+    assert select(got, "lodo")["step"] == 10 and select(got, "oracle")["step"] == 20
+    relabeled = _run("a+b+c", "d", [0.99, 0.01])  # other target labels: the same scores
+    again = {r["run_id"]: r for r in attach_held_out([relabeled, *inner])}[outer["run_id"]]
+    assert [e["lodo"] for e in again["evals"]] == [e["lodo"] for e in got["evals"]]
+    assert "lodo" not in outer["evals"][0]  # the records given are not modified
+    partial = {r["run_id"]: r for r in attach_held_out([outer, *inner[:2]])}[outer["run_id"]]
+    assert select(partial, "lodo") is None  # a validation run missing: the rule is not available
+
+
 # --------------------------------------------------------------------------- bad input
 
 def _different_classes():

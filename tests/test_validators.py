@@ -198,6 +198,8 @@ def test_no_label_free_rule_can_read_target_labels():
     # target train's labels reach only its transductive accuracy, which no rule reads (checked below)
     assert a["tgt_train"]["acc"] == 1.0 and b["tgt_train"]["acc"] == 0.0
     for rule in RULES.values():
+        if rule.other_runs:  # scored from other runs' records: tests/test_multisource.py checks it
+            continue
         sa, sb = selection_score(a, rule.name), selection_score(b, rule.name)
         if rule.needs_target_labels:
             assert abs(sa - sb) > 0.5, rule.name
