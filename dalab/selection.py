@@ -119,13 +119,16 @@ def attach_held_out(records: list[dict]) -> list[dict]:
             out.append(r)
             continue
         by_step = [{e["step"]: e["tgt_val"]["acc"] for e in x.get("evals") or []} for x in inner]
-
-        def point(ev: dict) -> dict:
-            accs = [b.get(ev["step"]) for b in by_step]
-            return ev if any(a is None for a in accs) else {**ev, HELD_OUT: sum(accs) / len(accs)}
-        out.append({**r, "evals": [point(e) for e in r.get("evals") or []],
-                    **({"final": point(r["final"])} if r.get("final") else {})})
+        out.append({**r, "evals": [_with_held_out(e, by_step) for e in r.get("evals") or []],
+                    **({"final": _with_held_out(r["final"], by_step)} if r.get("final") else {})})
     return out
+
+
+def _with_held_out(ev: dict, by_step: list[dict[int, float]]) -> dict:
+    """An evaluation point with the mean of the validation runs' accuracies at its step (unchanged
+    when one of them has no point there)."""
+    accs = [b.get(ev["step"]) for b in by_step]
+    return ev if any(a is None for a in accs) else {**ev, HELD_OUT: sum(accs) / len(accs)}
 
 
 def get_rule(name: str) -> Rule:
