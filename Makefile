@@ -10,7 +10,7 @@ RUNS ?= results/runs
 MAIN_RUNS ?= results/digits/runs
 JOBS ?= 2
 
-.PHONY: setup test tables bench bench-long bench-partial bench-openset bench-universal bench-tta bench-tta-continual validators bench-multisource bench-single-sources bench-dg bsp-tuning pada-tuning dann-vs-source protocol augment-bench budget-curve results-index speed clean-runs docs
+.PHONY: setup test tables bench bench-long bench-partial bench-openset bench-universal bench-tta bench-tta-continual validators bench-multisource bench-single-sources bench-dg bench-dg-lodo multisource-tuning bench-hard bench-lenet bsp-tuning pada-tuning dann-vs-source protocol augment-bench budget-curve results-index speed clean-runs docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,7 @@ tables: setup
 # records are committed under results/digits_long/runs, so it can be completed over several sittings)
 bench-long: setup
 	$(VENV)/bin/dalab bench benchmarks/digits_long.yaml --jobs $(JOBS) --command "make bench-long"
+	$(PY) -m dalab.benchmarks.long_report
 
 # The label-set settings (issue 24): the main job's pairs and budget as partial / open-set / universal tasks
 # -> results/<setting>/ (resumable; records committed under results/<setting>/runs)
@@ -72,6 +73,19 @@ bench-single-sources: setup
 # Domain generalization (issue 25): leave-one-domain-out, no target data in any batch -> results/dg/
 bench-dg: setup
 	$(VENV)/bin/dalab bench benchmarks/digits_dg.yaml --jobs $(JOBS) --command "make bench-dg"
+
+bench-lenet: setup
+	$(VENV)/bin/dalab bench benchmarks/digits_lenet.yaml --jobs $(JOBS) --command "make bench-lenet"
+
+bench-hard: setup
+	$(VENV)/bin/dalab bench benchmarks/digits_hard.yaml --jobs $(JOBS) --command "make bench-hard"
+	$(PY) -m dalab.benchmarks.hard_report
+
+bench-dg-lodo: setup
+	$(VENV)/bin/dalab bench benchmarks/digits_dg_lodo.yaml --jobs $(JOBS) --command "make bench-dg-lodo"
+
+multisource-tuning: setup
+	$(VENV)/bin/dalab bench benchmarks/multisource_tuning.yaml --jobs $(JOBS) --command "make multisource-tuning"
 
 # Validator benchmark (issue 28): a checkpoint pool on the TUNING pairs (methods x random trials x every evaluation
 # point) -> results/validators/ (tables per rule) and results/validators.md (each validator's weighted Spearman

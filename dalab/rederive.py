@@ -27,13 +27,18 @@ SPECS = {"digits.yaml": "make bench", "digits_long.yaml": "make bench-long", "la
          "bsp_tuning.yaml": "make bsp-tuning", "pada_tuning.yaml": "make pada-tuning",
          "digits_tta.yaml": "make bench-tta", "digits_tta_continual.yaml": "make bench-tta-continual",
          "validators.yaml": "make validators", "digits_multisource.yaml": "make bench-multisource",
-         "digits_single_sources.yaml": "make bench-single-sources", "digits_dg.yaml": "make bench-dg"}
+         "digits_single_sources.yaml": "make bench-single-sources", "digits_dg.yaml": "make bench-dg",
+         "digits_dg_lodo.yaml": "make bench-dg-lodo",
+         "multisource_tuning.yaml": "make multisource-tuning", "digits_hard.yaml": "make bench-hard",
+         "digits_lenet.yaml": "make bench-lenet"}
 COMPARED = ("table.md", "table.csv", "runs.csv")  # text outputs compared by --check (figures are not byte-stable)
 # committed tables a module writes from a folder of committed records: file -> (module, records folder)
 MODULE_TABLES = {"results/domains/source_only.md": ("dalab.datasets.shift_table", "results/domains/runs"),
                  "results/tta/final.md": ("dalab.benchmarks.tta_report", "results/tta/runs"),
                  "results/validators.md": ("dalab.benchmarks.validators", "results/validators/runs"),
-                 "results/multisource/single_source.md": ("dalab.benchmarks.multisource_report", "results/multisource/runs")}
+                 "results/multisource/single_source.md": ("dalab.benchmarks.multisource_report", "results/multisource/runs"),
+                 "results/digits_hard/report.md": ("dalab.benchmarks.hard_report", "results/digits_hard/runs"),
+                 "results/digits_long/agreement.md": ("dalab.benchmarks.long_report", "results/digits_long/runs")}
 
 
 def rederive_module_table(path: str, out: Path | None = None) -> Path:
