@@ -56,6 +56,24 @@ def kendall(a: list[float], b: list[float]) -> float:
     return float(kendalltau(a, b).statistic)
 
 
+def average_tau(long_runs: str | None = None) -> tuple[list[str], dict[str, float], int, int]:
+    """(methods whose long runs have all finished, Kendall tau of the 500- vs 2000-step ranking of
+    their averages per rule -- the tables' rule and ``last`` --, finished long runs, all long runs):
+    the line the README's headline states."""
+    spec, grid, long_recs = _grid("digits_long.yaml", long_runs)
+    _, _, main_recs = _grid("digits.yaml")
+    pairs = list(dict.fromkeys(f"{c.source}→{c.target}" for c, _ in grid))
+    long_c, main_c = cells(long_recs, ""), cells(main_recs, "")
+    complete = [m for m in spec.methods if all(len(long_c.get((m, p), [])) == len(spec.seeds) for p in pairs)]
+    taus = {}
+    for r in dict.fromkeys([spec.selection[0], "last"]):
+        a = [statistics.mean(cell_acc(main_c.get((m, p), []), r) for p in pairs) for m in complete]
+        b = [statistics.mean(cell_acc(long_c.get((m, p), []), r) for p in pairs) for m in complete]
+        if len(complete) >= 3:
+            taus[r] = kendall(a, b)
+    return complete, taus, len(long_recs), len(grid)
+
+
 def report(long_runs: str, command: str) -> str:
     from dalab import display
     from dalab.convergence import of_runs

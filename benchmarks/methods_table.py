@@ -180,6 +180,13 @@ def headline_markdown() -> str:
     for m in sorted(main, key=lambda m: -main[m]):
         h = f"{hard[m]:.1f}" if m in hard else "—"
         lines.append(f"| {display.method(m)} | {main[m]:.1f} | {delta(main, m)} | {h} | {delta(hard, m)} |")
+    from dalab.benchmarks.long_report import average_tau
+
+    complete, taus, done, total = average_tau()
+    agree = ", ".join(f"{tau:.2f} under `{r}`" for r, tau in taus.items()) or "not measured yet (fewer than 3 methods)"
+    lines += ["", f"Long budget (`results/digits_long/`, 2000 steps; {done} of {total} runs finished, `make bench-long` "
+                  f"continues): Kendall's τ between the 500- and the 2000-step rankings of the {len(complete)} methods "
+                  f"finished there: {agree} (`results/digits_long/agreement.md`)."]
     return "\n".join(lines)
 
 

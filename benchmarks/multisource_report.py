@@ -27,6 +27,16 @@ def _spec():
     return BenchSpec.from_yaml(Path(__file__).resolve().parent / "digits_multisource.yaml")
 
 
+def _grid_records(spec_name: str, runs_dir: str) -> list[dict]:
+    """The records under ``runs_dir`` of the spec's grid only (a folder may also hold runs of a setting
+    the spec no longer runs: they are not this table's)."""
+    from dalab.bench import BenchSpec, expand, grid_records
+
+    spec = BenchSpec.from_yaml(Path(__file__).resolve().parent / spec_name)
+    spec.runs_dir = runs_dir
+    return grid_records(spec, expand(spec))
+
+
 def _accs(records: list[dict], rule: str) -> dict[tuple[str, str, str], list[float]]:
     """(method, source, target) -> target-test accuracies (%) over seeds at the rule's checkpoint."""
     from dalab.selection import select
@@ -94,12 +104,11 @@ def main(argv=None) -> int:
     p.add_argument("--single", default=SINGLE)
     p.add_argument("--out", default=OUT)
     a = p.parse_args(argv)
-    from dalab.tables import load_records
     from dalab.utils import atomic_write_text
 
     cmd = f"python -m dalab.benchmarks.multisource_report {a.multi} --single {a.single} --out {a.out}"
-    single = load_records(a.single) if Path(a.single).is_dir() else []
-    atomic_write_text(a.out, report(load_records(a.multi), single, cmd))
+    single = _grid_records("digits_single_sources.yaml", a.single) if Path(a.single).is_dir() else []
+    atomic_write_text(a.out, report(_grid_records("digits_multisource.yaml", a.multi), single, cmd))
     print(f"wrote {a.out}")
     return 0
 

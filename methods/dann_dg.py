@@ -21,6 +21,11 @@ class DANNDG(DomainGeneralization, MultiDomainAdversarial):
     """
 
     display = "DANN (DG)"
+    known_failure = {"closed": (
+        "below ERM on average (results/dg: 68.4 vs 71.3, 3 seeds, DANN's main-job setting), from SynDigits "
+        "(-6.1) and UCI digits (-5.6, paired t-test p < 0.05); source validation 93% at the end against ERM's "
+        "96%: making the three sources indistinguishable costs source accuracy. DomainBed also finds DANN below "
+        "ERM on most of its datasets. Not investigated further (the adversarial weight was not varied)")}
     paper = "Ganin et al., Domain-Adversarial Training of Neural Networks, JMLR 2016. https://arxiv.org/abs/1505.07818"
     hparams = ADVERSARIAL_HPARAMS
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Method, TargetData
+from .base import HParam, Method, TargetData
 
 
 def per_domain(x: Tensor, d: Tensor, k: int) -> list[Tensor]:
@@ -27,6 +27,21 @@ def annealed_weight(step: int, total_steps: int, weight: float, anneal_frac: flo
     """A penalty's weight: 1 during the first ``anneal_frac`` of training, ``weight`` after (IRM's and
     VREx's anneal; DomainBed's 500 of its 5000 steps is ``anneal_frac = 0.1``)."""
     return weight if step > anneal_frac * total_steps else 1.0
+
+
+# What happens to the loss when the penalty's weight jumps from 1 to its full value at the anneal (IRM, VREx).
+# The papers' code divides the loss by the weight, which keeps the step of a scale-free optimizer sane but
+# shrinks an SGD step on the risk by the same factor; DomainBed resets Adam there instead. Declared once,
+# read by both methods; the default is the choice on the DG tuning tasks (benchmarks/dg_tuning.yaml).
+RESCALE = HParam("divide", ("choice", ("divide", "none")),
+                 "after the anneal: divide the loss by the penalty weight (the papers' code) or leave it (none)",
+                 keyed_at_default=False)
+
+
+def annealed_objective(risk: Tensor, penalty: Tensor, weight: float, rescale: str) -> Tensor:
+    """risk + weight * penalty, divided by the weight once it exceeds 1 when ``rescale == "divide"``."""
+    loss = risk + weight * penalty
+    return loss / weight if rescale == "divide" and weight > 1.0 else loss
 
 
 class DomainGeneralization(Method):

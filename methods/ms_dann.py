@@ -59,6 +59,14 @@ class MultiSourceDANN(MultiDomainAdversarial):
 
     family = "adversarial"
     display = "MS-DANN"
+    known_failure = {"closed": (
+        "below the merged-sources source-only baseline on average (results/multisource: 69.9 vs 71.3, 3 seeds, "
+        "DANN's main-job setting), all of it on two targets: UCI digits -7.3 and MNIST-5k -1.3 (paired t-test "
+        "p < 0.05 on both), while it gains +4.2 on MNIST-M-style. DANN on the merged sources also loses on UCI "
+        "digits (-3.5) and gains more elsewhere (72.8 on average): on that target the adversarial term costs "
+        "accuracy in both forms, and MS-DANN's extra source-vs-source discrimination (one (k+1)-way classifier) "
+        "costs 3.8 points more there. Not isolated further yet (a run with the sources pooled in the domain "
+        "classifier is merged DANN; one with per-source binary classifiers, MDAN's form, is not built)")}
     paper = "Ganin et al., Domain-Adversarial Training of Neural Networks, JMLR 2016. https://arxiv.org/abs/1505.07818"
     target_data = TargetData.UNLABELED
     label_budgets = ("0",)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import Batch, HParam, register
-from .domains import DomainGeneralization, annealed_weight
+from .domains import RESCALE, DomainGeneralization, annealed_objective, annealed_weight
 
 
 @register("vrex")
@@ -15,29 +15,31 @@ class VREx(DomainGeneralization):
     with Var the population variance (1/k sum (R_e - mean)^2), beta = 1 during the first
     ``anneal_frac`` of training and ``penalty`` after. Defaults: DomainBed's (``vrex_lambda`` 10,
     anneal 500 of its 5000 steps = 0.1 of training). Deviation: after the anneal the loss is
-    divided by beta (the authors' colored-MNIST code, which keeps SGD's step size sane when the
-    weight jumps); DomainBed resets its Adam optimizer there instead.
+    divided by beta (``rescale``; the authors' colored-MNIST code, which keeps the step size sane
+    when the weight jumps); DomainBed resets its Adam optimizer there instead. The digits protocol
+    keeps ERM's SGD setting: on tuning tasks (benchmarks/multisource_tuning.yaml) it tied with the
+    papers' Adam (57.9 vs 57.6 on average) and without the division SGD diverged.
     """
 
     display = "VREx"
     known_failure = {"closed": (
-        "falls far below ERM under dalab's 500-step SGD protocol (results/dg). Cause, measured: "
-        "after the anneal (step 50) the loss is divided by beta = 10, so SGD's cross-entropy step "
-        "shrinks 10-fold and source validation is still 0.53-0.66 at step 500; DomainBed resets "
-        "Adam there instead (scale-free). Not fixed yet, as IRM")}
+        "below ERM under dalab's 500-step protocol (results/dg: 64.9 vs 71.3 on average, 3 seeds; source "
+        "validation 91% at the end against ERM's 96%). Cause, measured: after the anneal (step 50) the loss is "
+        "divided by beta = 10, so SGD's step on the risks shrinks 10-fold for the last 450 steps; on the tuning "
+        "tasks the papers' Adam did no better (57.6 vs 57.9) and SGD without the division diverged. A longer "
+        "warm-up or a smaller beta was not tried yet")}
     paper = "Krueger et al., Out-of-Distribution Generalization via Risk Extrapolation (REx), ICML 2021. https://arxiv.org/abs/2003.00688"
     hparams = {
         "penalty": HParam(10.0, ("log", 1e-1, 1e5), "beta, the weight of the risks' variance after the anneal", low=0.0),
         "anneal_frac": HParam(0.1, ("uniform", 0.0, 0.5), "fraction of training with beta = 1 (DomainBed: 500/5000)",
                               low=0.0, high=1.0),
+        "rescale": RESCALE,
     }
 
     def update(self, batch: Batch, step: int):
         _, risks = self.logits_and_risks(batch)
         beta = annealed_weight(step, self.total_steps, self.hp.penalty, self.hp.anneal_frac)
         variance = ((risks - risks.mean()) ** 2).mean()
-        loss = risks.mean() + beta * variance
-        if beta > 1.0:
-            loss = loss / beta
+        loss = annealed_objective(risks.mean(), variance, beta, self.hp.rescale)
         self.step(loss)
         return {"loss": loss, "cls_loss": risks.mean(), "risk_variance": variance, "beta": beta}

@@ -38,20 +38,41 @@ def hand_risks(m, b: Batch, k: int) -> np.ndarray:
     return np.array([F.cross_entropy(logits[b.d_src == i], b.y_src[b.d_src == i]).item() for i in range(k)])
 
 
-def test_m3sda_moment_distance_by_hand():
+@pytest.mark.parametrize("about", ["mean", "origin"])
+def test_m3sda_moment_distance_by_hand(about):
     from dalab.methods.m3sda import moment_distance
 
     g = torch.Generator().manual_seed(1)
-    s1, s2, s3, t = (torch.randn(5, 4, generator=g) + i for i in range(4))
+    s1, s2, s3, t = (torch.randn(5, 4, generator=g) * (1 + i) + i for i in range(4))
+
+    def moment(x: np.ndarray, m: int) -> np.ndarray:
+        if m > 1 and about == "mean":
+            x = x - x.mean(0)
+        return (x ** m).mean(0)
+
     want = 0.0
     for m in (1, 2):
-        mu = [x.numpy() ** m for x in (s1, s2, s3)]
-        mt = (t.numpy() ** m).mean(0)
-        want += np.mean([np.linalg.norm(u.mean(0) - mt) for u in mu])
-        want += np.mean([np.linalg.norm(a.mean(0) - b.mean(0)) for a, b in itertools.combinations(mu, 2)])
-    assert moment_distance([s1, s2, s3], t, 2).item() == pytest.approx(want, rel=1e-5)
-    out = make("m3sda", k=3).train_step(balanced_batch(k=3, target=True), 1)
+        mu = [moment(x.numpy(), m) for x in (s1, s2, s3)]
+        mt = moment(t.numpy(), m)
+        want += np.mean([np.linalg.norm(u - mt) for u in mu])
+        want += np.mean([np.linalg.norm(a - b) for a, b in itertools.combinations(mu, 2)])
+    assert moment_distance([s1, s2, s3], t, 2, about).item() == pytest.approx(want, rel=1e-5)
+    out = make("m3sda", k=3, moments_about=about).train_step(balanced_batch(k=3, target=True), 1)
     assert float(out["moment_distance"].detach()) > 0.1  # three shifted domains: far from rounding level
+
+
+def test_m3sda_central_moments_ignore_a_shared_shift():
+    """About the mean, a shift common to every domain changes nothing; about the origin it moves
+    the second moments (the scale that drove features to zero: methods/m3sda.py)."""
+    from dalab.methods.m3sda import moment_distance
+
+    g = torch.Generator().manual_seed(3)
+    doms = [torch.randn(6, 4, generator=g) * (1 + i) for i in range(4)]
+    shifted = [x + 5.0 for x in doms]
+    central = [moment_distance(d[:3], d[3], 2, "mean").item() for d in (doms, shifted)]
+    raw = [moment_distance(d[:3], d[3], 2, "origin").item() for d in (doms, shifted)]
+    assert central[1] == pytest.approx(central[0], rel=1e-4)
+    assert raw[1] > 1.3 * raw[0]
 
 
 def test_dg_coral_penalty_by_hand():
@@ -75,6 +96,8 @@ def test_vrex_penalty_is_the_variance_of_the_per_domain_risks():
     want = (risks.mean() + 10.0 * risks.var()) / 10.0  # divided by beta once beta > 1
     assert float(out["loss"]) == pytest.approx(want, rel=1e-4)
     assert make("vrex", k=k).train_step(b, 1)["beta"] == 1.0  # annealing: weight 1 for the first 10 %
+    kept = make("vrex", k=k, anneal_frac=0.0, rescale="none").train_step(b, 1)  # not divided
+    assert float(kept["loss"]) == pytest.approx(risks.mean() + 10.0 * risks.var(), rel=1e-4)
 
 
 def test_irm_penalty_by_hand():
