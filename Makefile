@@ -38,51 +38,31 @@ bench: setup
 tables: setup
 	$(PY) -m dalab.rederive
 
-# The long-budget table: the still-moving methods at 4x the steps -> results/digits_long/ (resumable; its
-# records are committed under results/digits_long/runs, so it can be completed over several sittings)
-bench-long: setup
-	$(VENV)/bin/dalab bench benchmarks/digits_long.yaml --jobs $(JOBS) --command "make bench-long"
-	$(PY) -m dalab.benchmarks.long_report
+# The benchmark grids: `make bench-NAME` runs benchmarks/digits_NAME.yaml (hyphens as underscores; resumable,
+# records committed under the spec's runs_dir), then its report module if it has one (REPORT_bench-NAME).
+#   bench-long            the still-moving methods at 4x the steps -> results/digits_long/ (+ agreement.md); its
+#                         records are committed as they finish, so it can be completed over several sittings
+#   bench-partial, bench-openset, bench-universal   the label-set settings (issue 24) -> results/<setting>/
+#   bench-tta, bench-tta-continual   test-time adaptation (issue 26): each batch predicted before the method adapts
+#                         on it -> results/tta/ (+ final.md: the final models beside the offline UDA methods)
+#   bench-multisource     each digits domain the target of the other three: merged-sources baselines beside M3SDA
+#                         and multi-source DANN -> results/multisource/ (+ single_source.md, with
+#   bench-single-sources  source-only between every two digits domains)
+#   bench-dg              domain generalization, leave-one-domain-out, no target data in any batch -> results/dg/
+#   bench-dg-lodo         its leave-one-domain-out validation runs, for the lodo rule -> results/dg_lodo/
+#   bench-hard            two pairs where the source model is near chance -> results/digits_hard/ (+ report.md)
+#   bench-lenet           every method at its own defaults on the BN-free paper LeNet -> results/digits_lenet/
+BENCH_TARGETS := bench-long bench-partial bench-openset bench-universal bench-tta bench-tta-continual \
+	bench-multisource bench-single-sources bench-dg bench-dg-lodo bench-hard bench-lenet
+REPORT_bench-long := long_report
+REPORT_bench-tta := tta_report
+REPORT_bench-multisource := multisource_report
+REPORT_bench-single-sources := multisource_report
+REPORT_bench-hard := hard_report
 
-# The label-set settings (issue 24): the main job's pairs and budget as partial / open-set / universal tasks
-# -> results/<setting>/ (resumable; records committed under results/<setting>/runs)
-bench-partial bench-openset bench-universal: bench-%: setup
-	$(VENV)/bin/dalab bench benchmarks/digits_$*.yaml --jobs $(JOBS) --command "make bench-$*"
-
-# Test-time adaptation (issue 26): the main job's source models adapted on target streams, each batch predicted
-# before the method adapts on it -> results/tta/ (online accuracy) and results/tta_continual/ (resumable; records
-# committed under results/tta/runs); results/tta/final.md puts the final models beside the offline UDA methods
-bench-tta: setup
-	$(VENV)/bin/dalab bench benchmarks/digits_tta.yaml --jobs $(JOBS) --command "make bench-tta"
-	$(PY) -m dalab.benchmarks.tta_report
-
-bench-tta-continual: setup
-	$(VENV)/bin/dalab bench benchmarks/digits_tta_continual.yaml --jobs $(JOBS) --command "make bench-tta-continual"
-
-# Multi-source adaptation (issue 25): each digits domain as target, the other three as sources; merged-sources
-# baselines (source-only, DANN) beside M3SDA and multi-source DANN -> results/multisource/ (records committed)
-bench-multisource: setup
-	$(VENV)/bin/dalab bench benchmarks/digits_multisource.yaml --jobs $(JOBS) --command "make bench-multisource"
-	$(PY) -m dalab.benchmarks.multisource_report
-
-# its single-source baselines: source-only between every two digits domains -> results/multisource/single_source.md
-bench-single-sources: setup
-	$(VENV)/bin/dalab bench benchmarks/digits_single_sources.yaml --jobs $(JOBS) --command "make bench-single-sources"
-	$(PY) -m dalab.benchmarks.multisource_report
-
-# Domain generalization (issue 25): leave-one-domain-out, no target data in any batch -> results/dg/
-bench-dg: setup
-	$(VENV)/bin/dalab bench benchmarks/digits_dg.yaml --jobs $(JOBS) --command "make bench-dg"
-
-bench-lenet: setup
-	$(VENV)/bin/dalab bench benchmarks/digits_lenet.yaml --jobs $(JOBS) --command "make bench-lenet"
-
-bench-hard: setup
-	$(VENV)/bin/dalab bench benchmarks/digits_hard.yaml --jobs $(JOBS) --command "make bench-hard"
-	$(PY) -m dalab.benchmarks.hard_report
-
-bench-dg-lodo: setup
-	$(VENV)/bin/dalab bench benchmarks/digits_dg_lodo.yaml --jobs $(JOBS) --command "make bench-dg-lodo"
+$(BENCH_TARGETS): bench-%: setup
+	$(VENV)/bin/dalab bench benchmarks/digits_$(subst -,_,$*).yaml --jobs $(JOBS) --command "make bench-$*"
+	$(if $(REPORT_$@),$(PY) -m dalab.benchmarks.$(REPORT_$@))
 
 multisource-tuning: setup
 	$(VENV)/bin/dalab bench benchmarks/multisource_tuning.yaml --jobs $(JOBS) --command "make multisource-tuning"

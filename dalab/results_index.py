@@ -88,6 +88,10 @@ def _what_of_command(cmd: str, root: Path) -> str:
                     comments.insert(0, lines[j].lstrip("# ").strip())
                     j -= 1
                 return " ".join(comments)
+        from dalab.rederive import SPECS  # a grid target (the Makefile's bench-%): its spec's first comment
+        spec = next((name for name, target in SPECS.items() if target == cmd.strip()), None)
+        if spec:
+            cmd = f"dalab bench benchmarks/{spec}"
     m = re.match(r"dalab bench (\S+)", cmd)
     if m and (root / m.group(1)).is_file():
         for line in (root / m.group(1)).read_text().splitlines():

@@ -54,6 +54,11 @@ def test_no_stale_typed_counts_in_prose():
 
 
 def test_readme_commands_are_make_targets():
-    makefile = (README.parent / "Makefile").read_text()
+    import shutil
+    import subprocess
+
     for target in ("bench", "test", "tables", "bench-long"):
-        assert f"\n{target}:" in makefile and f"make {target}" in README.read_text()
+        assert f"make {target}" in README.read_text()
+        if shutil.which("make"):  # make itself resolves the target (pattern rules included)
+            r = subprocess.run(["make", "-n", target], cwd=README.parent, capture_output=True, text=True)
+            assert r.returncode == 0 and r.stdout.strip(), (target, r.stderr)
