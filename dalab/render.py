@@ -1,6 +1,6 @@
 """The one table renderer: a :class:`Table` (display text, Unicode) to Markdown or LaTeX.
 
-Every table script (dalab.tables, benchmarks/zoo.py, benchmarks/dann_vs_source_only.py,
+Every table script (dalab.tables, the benchmarks/*_report.py modules, benchmarks/dann_vs_source_only.py,
 datasets/shift_table.py) builds a ``Table`` and renders it here, so display names, marks and
 escaping are the same everywhere. Cell text is plain Unicode ("61.0 ± 1.0 ↑ †1", "MNIST-5k → UCI
 digits"); :func:`tex` turns it into LaTeX that needs ``\\usepackage{booktabs,graphicx}`` (graphicx
