@@ -217,8 +217,14 @@ def cmd_run(args) -> int:
         clean = True
     finally:
         distributed.shutdown(clean)
-    if not main:
-        return 0 if rec["status"] == "done" else 1  # rank 0 prints
+    code = print_run(rec, args.runs_dir) if main else (0 if rec["status"] == "done" else 1)  # rank 0 prints
+    if ddp:
+        distributed.exit_process(code)  # never returns
+    return code
+
+
+def print_run(rec: dict, runs_dir) -> int:
+    """The finished run in a few lines; the exit code of `dalab run` (1 if it stopped early)."""
     f = rec["final"]
     if rec["status"] != "done":
         print(f"{rec['run_id']}: {rec['status']} at step {rec['train']['diverged_at']} "
@@ -229,7 +235,7 @@ def cmd_run(args) -> int:
         m = f[split]
         extra = "".join(f"  {k} {m[k]:.4f}" for k in ("os_star", "unk", "h_score", "os") if k in m)
         print(f"  {split:<9} acc {m['acc']:.4f}  bal_acc {m['bal_acc']:.4f}  macro_f1 {m['macro_f1']:.4f}{extra}")
-    print(f"  record: {args.runs_dir}/{rec['run_id']}/record.json")
+    print(f"  record: {runs_dir}/{rec['run_id']}/record.json")
     return 0
 
 
