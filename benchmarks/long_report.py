@@ -30,7 +30,7 @@ def _grid(spec_name: str, runs_dir: str | None = None):
     return spec, grid, grid_records(spec, grid)
 
 
-def cells(records: list[dict], rule: str) -> dict[tuple[str, str], list[dict]]:
+def cells(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
     """(method, pair key) -> the finished budget-0 records of that cell."""
     out: dict[tuple[str, str], list[dict]] = {}
     for r in records:
@@ -63,7 +63,7 @@ def average_tau(long_runs: str | None = None) -> tuple[list[str], dict[str, floa
     spec, grid, long_recs = _grid("digits_long.yaml", long_runs)
     _, _, main_recs = _grid("digits.yaml")
     pairs = list(dict.fromkeys(f"{c.source}→{c.target}" for c, _ in grid))
-    long_c, main_c = cells(long_recs, ""), cells(main_recs, "")
+    long_c, main_c = cells(long_recs), cells(main_recs)
     complete = [m for m in spec.methods if all(len(long_c.get((m, p), [])) == len(spec.seeds) for p in pairs)]
     taus = {}
     for r in dict.fromkeys([spec.selection[0], "last"]):
@@ -85,7 +85,7 @@ def report(long_runs: str, command: str) -> str:
     rule = spec.selection[0]
     pairs = list(dict.fromkeys(f"{c.source}→{c.target}" for c, _ in grid))  # the spec's order
     per_cell = len(spec.seeds)
-    long_c, main_c = cells(long_recs, rule), cells(main_recs, rule)
+    long_c, main_c = cells(long_recs), cells(main_recs)
     methods = list(spec.methods)
     complete = [m for m in methods if all(len(long_c.get((m, p), [])) == per_cell for p in pairs)]
 

@@ -456,14 +456,15 @@ def grid_records(spec: BenchSpec, grid) -> list[dict]:
 def write_grid_tables(spec: BenchSpec, grid, groups: dict, command: str, records: list[dict] | None = None,
                       plots: bool = True) -> list[Path]:
     """The spec's tables from its grid's records: what ``dalab bench`` writes after a grid, and what
-    ``make tables`` (dalab.rederive) writes from committed records alone."""
-    from dalab.selection import attach_held_out
+    ``make tables`` (dalab.rederive) writes from committed records alone. ``records`` come from
+    :func:`grid_records`, which loads them with the lodo rule's scores attached (dalab.tables.load_records);
+    the grid's validation runs are left out of the tables."""
     from dalab.tables import write_tables
 
     shown = set(table_pairs(spec))
     pairs = list(dict.fromkeys(f"{c.source}→{c.target}" for c, _ in grid if (c.source, c.target) in shown))
     records = grid_records(spec, grid) if records is None else records
-    records = [r for r in attach_held_out(records) if (r["config"]["source"], r["config"]["target"]) in shown]
+    records = [r for r in records if (r["config"]["source"], r["config"]["target"]) in shown]
     return write_tables(records, spec.out, spec.selection, command, pairs, plots=plots, groups=groups,
                         baseline=spec.baseline, spread=spec.spread)
 

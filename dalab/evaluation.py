@@ -332,7 +332,8 @@ def unsupervised_scores(logits: torch.Tensor, features: torch.Tensor | None = No
 
 def evaluate(method, data: dict, label_set=None, validators=None) -> dict[str, Any]:
     """Metrics on every labeled split (:data:`LABELED_SPLITS`), label-free scores on target train
-    (``data["tgt_train"]``) and its transductive accuracy (``tgt_train``), with the method in eval mode (its mode is restored after). On a task
+    (``data["tgt_train"]``) and its transductive accuracy (``tgt_train``), with the method in eval
+    mode (its mode is restored after). On a task
     whose target has unknown classes (``label_set``: a :class:`dalab.tasks.LabelSet`) the target
     splits also get :func:`open_set_metrics`, of predictions that include "unknown"
     (:func:`open_predictions`), and the point records the rejection threshold a closed-set method used.

@@ -32,7 +32,7 @@ def annealed_weight(step: int, total_steps: int, weight: float, anneal_frac: flo
 # What happens to the loss when the penalty's weight jumps from 1 to its full value at the anneal (IRM, VREx).
 # The papers' code divides the loss by the weight, which keeps the step of a scale-free optimizer sane but
 # shrinks an SGD step on the risk by the same factor; DomainBed resets Adam there instead. Declared once,
-# read by both methods; the default is the choice on the DG tuning tasks (benchmarks/dg_tuning.yaml).
+# read by both methods; no tuning task chose "none" (benchmarks/multisource_tuning.yaml: VREx diverged).
 RESCALE = HParam("divide", ("choice", ("divide", "none")),
                  "after the anneal: divide the loss by the penalty weight (the papers' code) or leave it (none)",
                  keyed_at_default=False)
