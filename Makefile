@@ -10,7 +10,7 @@ RUNS ?= results/runs
 MAIN_RUNS ?= results/digits/runs
 JOBS ?= 2
 
-.PHONY: setup test tables bench bench-long bench-partial bench-openset bench-universal bench-tta bench-tta-continual validators bench-multisource bench-single-sources bench-dg bench-dg-lodo multisource-tuning bench-hard bench-lenet bsp-tuning pada-tuning dann-vs-source protocol augment-bench budget-curve results-index speed clean-runs docs
+.PHONY: setup test tables bench bench-long bench-partial bench-openset bench-universal bench-tta bench-tta-continual validators bench-multisource bench-single-sources bench-dg bench-dg-lodo multisource-tuning bench-hard bench-lenet bench-dann-vs-source bench-dann-vs-source-bn bsp-tuning pada-tuning protocol augment-bench budget-curve results-index speed clean-runs docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,8 +52,11 @@ tables: setup
 #   bench-dg-lodo         its leave-one-domain-out validation runs, for the lodo rule -> results/dg_lodo/
 #   bench-hard            two pairs where the source model is near chance -> results/digits_hard/ (+ report.md)
 #   bench-lenet           every method at its own defaults on the BN-free paper LeNet -> results/digits_lenet/
+#   bench-dann-vs-source  source-only vs DANN on the BN-free paper LeNet at 2000 steps -> results/dann_vs_source/
+#   bench-dann-vs-source-bn  the same on lenet_bn, both at their own defaults -> results/dann_vs_source_bn/
 BENCH_TARGETS := bench-long bench-partial bench-openset bench-universal bench-tta bench-tta-continual \
-	bench-multisource bench-single-sources bench-dg bench-dg-lodo bench-hard bench-lenet
+	bench-multisource bench-single-sources bench-dg bench-dg-lodo bench-hard bench-lenet bench-dann-vs-source \
+	bench-dann-vs-source-bn
 REPORT_bench-long := long_report
 REPORT_bench-tta := tta_report
 REPORT_bench-multisource := multisource_report
@@ -82,10 +85,6 @@ bsp-tuning: setup
 # mean, on the tuning pairs as partial tasks -> results/pada_tuning/
 pada-tuning: setup
 	$(VENV)/bin/dalab bench benchmarks/pada_tuning.yaml --jobs $(JOBS) --command "make pada-tuning"
-
-# Issue-2 check: source-only vs DANN on mnist5k -> ucidigits, 3 seeds, lenet and lenet_bn -> results/dann_vs_source_only.md
-dann-vs-source: setup
-	$(PY) -m dalab.benchmarks.dann_vs_source_only --backbones lenet lenet_bn --runs-dir $(RUNS) --out results/dann_vs_source_only.md
 
 # Issue-13 study: defaults and budget chosen on the tuning pairs (digits-extra) -> results/protocol.md (+ .png)
 protocol: setup

@@ -30,7 +30,9 @@ SPECS = {"digits.yaml": "make bench", "digits_long.yaml": "make bench-long", "la
          "digits_single_sources.yaml": "make bench-single-sources", "digits_dg.yaml": "make bench-dg",
          "digits_dg_lodo.yaml": "make bench-dg-lodo",
          "multisource_tuning.yaml": "make multisource-tuning", "digits_hard.yaml": "make bench-hard",
-         "digits_lenet.yaml": "make bench-lenet"}
+         "digits_lenet.yaml": "make bench-lenet",
+         "digits_dann_vs_source.yaml": "make bench-dann-vs-source",
+         "digits_dann_vs_source_bn.yaml": "make bench-dann-vs-source-bn"}
 COMPARED = ("table.md", "table.csv", "runs.csv")  # text outputs compared by --check (figures are not byte-stable)
 # committed tables a module writes from a folder of committed records: file -> (module, records folder)
 MODULE_TABLES = {"results/domains/source_only.md": ("dalab.datasets.shift_table", "results/domains/runs"),

@@ -49,9 +49,8 @@ class DANN(Method):
     but weak (the discriminator cannot see first-moment differences); the strong discriminator at
     trade-off 0.3 keeps the colour-shift gain without the collapse. The defaults above stay as they
     were chosen for the BN-free paper LeNet and other backbones, where the new setting was not measured.
-    Reported, chose nothing (results/dann_vs_source_only.md, mnist5k->ucidigits, 2000 steps, 3 seeds,
-    where the numbers are): on lenet_bn the defaults collapse with the 4x budget; the main job's
-    setting does not, and stays within source-only's seed spread there.
+    Reported, chose nothing: the main job's setting at 4x the budget is in results/digits_long/
+    (2000 steps, the four main pairs, 3 seeds).
     """
 
     family = "adversarial"
