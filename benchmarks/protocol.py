@@ -34,7 +34,7 @@ from dalab.benchmarks.protocol_grid import (BENCHMARK, CANDIDATES, EVAL_POINTS, 
                                             main_source_key, matches, setting, source_overrides)
 from dalab.benchmarks.protocol_report import (ADVERSARIAL, budget_reading, cell, curve_name, fmt, fmt_plateau,
                                               main_job_check, plot, render)
-from dalab.benchmarks.protocol_runs import (Grid, Records, Tuned, get_run, last_acc, plateau, rule_pick, study,
+from dalab.benchmarks.protocol_runs import (Grid, Records, Tuned, get_run, last_acc, plan, plateau, rule_pick, study,
                                             summarize, tune)
 from dalab.convergence import PLATEAU_POINTS, drift, mean_drift
 from dalab.utils import write_report
@@ -59,15 +59,34 @@ def main(argv=None) -> int:
     ap.add_argument("--main-runs-dir", default=None,
                     help="also report the plateau of the main job's runs found here (benchmarks/digits.yaml)")
     ap.add_argument("--skip-study", action="store_true", help="tuning grid only")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="train the missing runs first, in N worker processes (as `dalab bench --jobs N`); "
+                         "then report")
     args = ap.parse_args(argv)
     pairs = [tuple(p) for p in BENCHMARKS[BENCHMARK]]
-    grid = Grid(Records(args.runs_dir), pairs, args.cached_only, args.device)
+    if not args.cached_only:
+        train_missing(args.runs_dir, pairs, args.device, not args.skip_study, args.jobs)
+    grid = Grid(Records(args.runs_dir), pairs, True, args.device)
     base, tuned = tune(grid)
     cells = None if args.skip_study else study(grid)
     text = render(pairs, base, tuned, cells, Path(args.out).with_suffix(".png"), args.main_runs_dir)
     print(text)
     write_report(args.out, "dalab.benchmarks.protocol", argv, text)
     return 0
+
+
+def train_missing(runs_dir: str, pairs: list[tuple[str, str]], device: str, with_study: bool, jobs: int) -> None:
+    """Every run the study wants and the runs dir lacks, trained by the bench's launcher (``jobs``
+    worker processes, resumable: an interrupted study continues where it stopped)."""
+    from dalab.bench import BenchSpec, launch
+    from dalab.runs import RunOptions
+
+    cfgs = plan(Records(runs_dir), pairs, device, with_study)
+    print(f"protocol study: {len(cfgs)} runs to train under {runs_dir}", flush=True)
+    if cfgs:
+        spec = BenchSpec(name="protocol", runs_dir=str(runs_dir))
+        launch(spec, [(c, None) for c in cfgs], jobs=jobs, progress=True,
+               opts=RunOptions(device=device, tensorboard=False, progress=False))
 
 
 if __name__ == "__main__":

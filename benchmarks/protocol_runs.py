@@ -31,6 +31,7 @@ class Records:
 
         self.runs_dir = Path(runs_dir)
         self.index: dict[tuple, list[dict]] = {}
+        self.wanted: dict[str, Any] | None = None  # set by plan(): run id -> RunConfig of every missing run
         for r in load_records(self.runs_dir):
             self.add(r)
 
@@ -70,12 +71,31 @@ def get_run(records: Records, method: str, src: str, tgt: str, seed: int, steps:
     cls = get_method(method)
     hp, defaults = resolve_hparams(cls, overrides), resolve_hparams(cls, {})
     rec = records.find(cfg, hp, defaults)
+    if rec is None and records.wanted is not None:  # a planning pass: note the run, train nothing
+        records.wanted.setdefault(cfg.run_id(), cfg)
+        return None
     if rec is None:
         rec = run_or_load(cfg, records.runs_dir, device, cached_only=cached_only, tensorboard=False)
         if rec is not None:
             records.add(rec)
             print(f"  trained {cfg.run_id()}", flush=True)
     return rec
+
+
+def plan(records: Records, pairs: list[tuple[str, str]], device: str, with_study: bool) -> list:
+    """The RunConfigs of every run the study wants that is not under the runs dir yet (source-only
+    runs first, so that a two-phase method's source model is trained before the method), found by one
+    pass of the stages that trains nothing; :func:`dalab.bench.launch` then runs them in parallel."""
+    records.wanted = {}
+    try:
+        grid = Grid(records, pairs, True, device)
+        tune(grid)
+        if with_study:
+            study(grid)
+        cfgs = list(records.wanted.values())
+    finally:
+        records.wanted = None
+    return sorted(cfgs, key=lambda c: c.method != "source_only")
 
 
 # --------------------------------------------------------------------------- measures

@@ -96,3 +96,34 @@ def test_default_marks_the_main_jobs_setting_and_candidates_name_every_tuned_key
         assert len(keys) == 1, f"{method}: candidates set different keys {keys}"
         defaults = [label for label, ov in cands if pr.is_default(method, ov)]
         assert len(defaults) == 1, f"{method}: {len(defaults)} candidates equal the main job's setting"
+
+
+def test_plan_lists_every_missing_run_once_source_only_first_and_trains_nothing(tmp_path, monkeypatch):
+    """`make protocol` first plans (one pass of the stages that trains nothing), then hands the missing
+    runs to the bench's launcher; a run the runs dir already has is not planned again."""
+    import dalab.bench
+
+    monkeypatch.setattr(dalab.bench, "run_or_load", lambda *a, **k: pytest.fail("plan trained a run"))
+    pairs = [("a", "b")]
+    recs = pr.Records(tmp_path)
+    cfgs = pr.plan(recs, pairs, "cpu", with_study=False)
+    ids = [c.run_id() for c in cfgs]
+    assert len(ids) == len(set(ids)) and recs.wanted is None
+    planned = {(c.method, tuple(sorted(c.hparams.items())), c.seed) for c in cfgs}
+    for method, cands in pr.CANDIDATES.items():          # every candidate of the tuning grid, every seed
+        for _, ov in cands:
+            for seed in pr.SEEDS:
+                assert (method, tuple(sorted(ov.items())), seed) in planned, (method, ov, seed)
+    first_other = next(i for i, c in enumerate(cfgs) if c.method != "source_only")
+    assert all(c.method == "source_only" for c in cfgs[:first_other])
+    assert all(c.method != "source_only" for c in cfgs[first_other:])
+    with_study = pr.plan(pr.Records(tmp_path), pairs, "cpu", with_study=True)
+    assert {c.run_id() for c in cfgs} < {c.run_id() for c in with_study}
+    # a finished run is found, not planned
+    done = cfgs[0]
+    r = rec([0.5, 0.6, 0.7, 0.8], steps=done.steps, hparams=dict(done.hparams), method=done.method)
+    r["config"] = done.key()
+    from dalab.methods import get_method, resolve_hparams
+    r["hparams"] = resolve_hparams(get_method(done.method), dict(done.hparams))
+    recs.add(r)
+    assert done.run_id() not in {c.run_id() for c in pr.plan(recs, pairs, "cpu", with_study=False)}
