@@ -14,8 +14,10 @@ grid still in progress gives the agreement of its finished part and says how man
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 import sys
 from pathlib import Path
+from typing import Any
 
 RUNS, OUT = "results/digits_long/runs", "results/digits_long/agreement.md"
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,22 +58,52 @@ def kendall(a: list[float], b: list[float]) -> float:
     return float(kendalltau(a, b).statistic)
 
 
+@dataclass
+class Comparison:
+    """The long grid beside the main job, loaded once: the pairs in the spec's order, each budget's
+    cells, the methods whose long runs have all finished, and the rules compared (the tables' rule,
+    and ``last``: what "more steps" means)."""
+
+    spec: Any
+    main_spec: Any
+    grid: list
+    long_recs: list[dict]
+    pairs: list[str]
+    cells: dict[int, dict[tuple[str, str], list[dict]]]  # steps -> (method, pair) -> records
+    complete: list[str]
+    rules: list[str]
+
+    def average(self, method: str, rule: str, steps: int) -> float | None:
+        """The method's average over the pairs at ``steps`` under ``rule`` (None: a pair has no number)."""
+        accs = [cell_acc(self.cells[steps].get((method, p), []), rule) for p in self.pairs]
+        return statistics.mean(accs) if all(a is not None for a in accs) else None
+
+    def tau(self, rule: str, pair: str | None = None) -> float | None:
+        """Kendall's tau of the finished methods' 500- vs 2000-step ranking, of their averages or on one pair."""
+        def score(m: str, n: int) -> float | None:
+            return self.average(m, rule, n) if pair is None else cell_acc(self.cells[n].get((m, pair), []), rule)
+
+        a, b = ([score(m, n) for m in self.complete] for n in (self.main_spec.steps, self.spec.steps))
+        return kendall(a, b) if len(self.complete) >= 3 and None not in a + b else None
+
+
+def compare(long_runs: str | None = None) -> Comparison:
+    spec, grid, long_recs = _grid("digits_long.yaml", long_runs)
+    main_spec, _, main_recs = _grid("digits.yaml")
+    pairs = list(dict.fromkeys(f"{c.source}→{c.target}" for c, _ in grid))  # the spec's order
+    long_c = cells(long_recs)
+    complete = [m for m in spec.methods if all(len(long_c.get((m, p), [])) == len(spec.seeds) for p in pairs)]
+    return Comparison(spec, main_spec, grid, long_recs, pairs, {main_spec.steps: cells(main_recs), spec.steps: long_c},
+                      complete, list(dict.fromkeys([spec.selection[0], "last"])))
+
+
 def average_tau(long_runs: str | None = None) -> tuple[list[str], dict[str, float], int, int]:
     """(methods whose long runs have all finished, Kendall tau of the 500- vs 2000-step ranking of
     their averages per rule -- the tables' rule and ``last`` --, finished long runs, all long runs):
     the line the README's headline states."""
-    spec, grid, long_recs = _grid("digits_long.yaml", long_runs)
-    _, _, main_recs = _grid("digits.yaml")
-    pairs = list(dict.fromkeys(f"{c.source}→{c.target}" for c, _ in grid))
-    long_c, main_c = cells(long_recs), cells(main_recs)
-    complete = [m for m in spec.methods if all(len(long_c.get((m, p), [])) == len(spec.seeds) for p in pairs)]
-    taus = {}
-    for r in dict.fromkeys([spec.selection[0], "last"]):
-        a = [statistics.mean(cell_acc(main_c.get((m, p), []), r) for p in pairs) for m in complete]
-        b = [statistics.mean(cell_acc(long_c.get((m, p), []), r) for p in pairs) for m in complete]
-        if len(complete) >= 3:
-            taus[r] = kendall(a, b)
-    return complete, taus, len(long_recs), len(grid)
+    c = compare(long_runs)
+    taus = {r: t for r in c.rules if (t := c.tau(r)) is not None}
+    return c.complete, taus, len(c.long_recs), len(c.grid)
 
 
 def report(long_runs: str, command: str) -> str:
@@ -80,46 +112,31 @@ def report(long_runs: str, command: str) -> str:
     from dalab.render import Table
     from dalab.selection import RULES
 
-    spec, grid, long_recs = _grid("digits_long.yaml", long_runs)
-    main_spec, _, main_recs = _grid("digits.yaml")
-    rule = spec.selection[0]
-    pairs = list(dict.fromkeys(f"{c.source}→{c.target}" for c, _ in grid))  # the spec's order
-    per_cell = len(spec.seeds)
-    long_c, main_c = cells(long_recs), cells(main_recs)
-    methods = list(spec.methods)
-    complete = [m for m in methods if all(len(long_c.get((m, p), [])) == per_cell for p in pairs)]
-
-    rules = list(dict.fromkeys([rule, "last"]))  # the tables' rule, and the last checkpoint (what "more steps" means)
+    c = compare(long_runs)
+    spec, main_spec, pairs, complete, rules = c.spec, c.main_spec, c.pairs, c.complete, c.rules
+    rule, per_cell = rules[0], len(spec.seeds)
     t = Table(["Method", *[f"{n} steps, {r}" for n in (main_spec.steps, spec.steps) for r in rules],
                f"plateau (trend) at {main_spec.steps}", f"at {spec.steps}", "long runs"])
-    avg: dict[tuple[str, str, int], float | None] = {}
-    for m in methods:
+    for m in spec.methods:
         accs_row, conv_row = [], []
-        for n, c in ((main_spec.steps, main_c), (spec.steps, long_c)):
+        for n in (main_spec.steps, spec.steps):
             for r in rules:
-                accs = [cell_acc(c.get((m, p), []), r) for p in pairs]
-                ok = all(a is not None for a in accs) and (n == main_spec.steps or m in complete)
-                avg[(m, r, n)] = statistics.mean(accs) if ok else None
-                accs_row.append(f"{avg[(m, r, n)]:.1f}" if ok else "—")
-            conv = of_runs([x for p in pairs for x in c.get((m, p), [])])
+                a = c.average(m, r, n) if (n == main_spec.steps or m in complete) else None
+                accs_row.append(f"{a:.1f}" if a is not None else "—")
+            conv = of_runs([x for p in pairs for x in c.cells[n].get((m, p), [])])
             conv_row.append(f"{conv.plateau:.1f} ({conv.trend:+.1f})" if conv.plateau is not None else "—")
         t.add(display.method(m), *accs_row, *conv_row,
-              f"{sum(len(long_c.get((m, p), [])) for p in pairs)}/{per_cell * len(pairs)}")
+              f"{sum(len(c.cells[spec.steps].get((m, p), [])) for p in pairs)}/{per_cell * len(pairs)}")
 
     agree = Table(["Ranking over", *[f"Kendall τ, {r}" for r in rules], "methods"])
     if len(complete) >= 3:
-        agree.add("the average", *[f"{kendall([avg[(m, r, main_spec.steps)] for m in complete], [avg[(m, r, spec.steps)] for m in complete]):.2f}"
-                                   for r in rules], str(len(complete)))
-        for p in pairs:
-            taus = []
-            for r in rules:
-                a = [cell_acc(main_c.get((m, p), []), r) for m in complete]
-                b = [cell_acc(long_c.get((m, p), []), r) for m in complete]
-                taus.append(f"{kendall(a, b):.2f}" if all(x is not None for x in a + b) else "—")
-            agree.add(display.pair_key(p), *taus, str(len(complete)))
-    missing = len(grid) - len(long_recs)
-    status = (f"All {len(grid)} long-budget runs are finished." if not missing else
-              f"**In progress:** {len(long_recs)} of {len(grid)} long-budget runs finished; `make bench-long` trains the "
+        for p in [None, *pairs]:
+            taus = [c.tau(r, p) for r in rules]
+            agree.add("the average" if p is None else display.pair_key(p),
+                      *[f"{x:.2f}" if x is not None else "—" for x in taus], str(len(complete)))
+    missing = len(c.grid) - len(c.long_recs)
+    status = (f"All {len(c.grid)} long-budget runs are finished." if not missing else
+              f"**In progress:** {len(c.long_recs)} of {len(c.grid)} long-budget runs finished; `make bench-long` trains the "
               f"other {missing} (resumable) and `make tables` regenerates this page. Long-budget averages and the "
               f"agreement are over the {len(complete)} methods whose {per_cell * len(pairs)} runs have all finished"
               + (f" ({', '.join(display.method(m) for m in complete)})." if complete else "."))
