@@ -38,6 +38,17 @@ RESCALE = HParam("divide", ("choice", ("divide", "none")),
                  keyed_at_default=False)
 
 
+def annealed_penalty_hparams(weight: float, symbol: str, what: str) -> dict[str, HParam]:
+    """The hyperparameters of a penalty annealed in (IRM, VREx): its full weight, the anneal's length
+    and :data:`RESCALE`, declared once; ``symbol`` is the paper's name of the weight."""
+    return {
+        "penalty": HParam(weight, ("log", 1e-1, 1e5), f"{symbol}, the weight of {what} after the anneal", low=0.0),
+        "anneal_frac": HParam(0.1, ("uniform", 0.0, 0.5), f"fraction of training with {symbol} = 1 (DomainBed: "
+                              "500/5000)", low=0.0, high=1.0),
+        "rescale": RESCALE,
+    }
+
+
 def annealed_objective(risk: Tensor, penalty: Tensor, weight: float, rescale: str) -> Tensor:
     """risk + weight * penalty, divided by the weight once it exceeds 1 when ``rescale == "divide"``."""
     loss = risk + weight * penalty

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Batch, HParam, register
-from .domains import RESCALE, DomainGeneralization, annealed_objective, annealed_weight, per_domain
+from .base import Batch, register
+from .domains import DomainGeneralization, annealed_objective, annealed_penalty_hparams, annealed_weight, per_domain
 
 
 def irm_penalty(logits: Tensor, y: Tensor) -> Tensor:
@@ -44,12 +44,7 @@ class IRM(DomainGeneralization):
         "DomainBed warms up for 500 of 5000), which keeps the network from fitting its sources. A longer "
         "warm-up was not tried yet (a candidate for the tuning tasks)")}
     paper = "Arjovsky et al., Invariant Risk Minimization, arXiv 2019. https://arxiv.org/abs/1907.02893"
-    hparams = {
-        "penalty": HParam(100.0, ("log", 1e-1, 1e5), "lambda, the weight of the IRMv1 penalty after the anneal", low=0.0),
-        "anneal_frac": HParam(0.1, ("uniform", 0.0, 0.5), "fraction of training with lambda = 1 (DomainBed: 500/5000)",
-                              low=0.0, high=1.0),
-        "rescale": RESCALE,
-    }
+    hparams = annealed_penalty_hparams(100.0, "lambda", "the IRMv1 penalty")
 
     def update(self, batch: Batch, step: int):
         logits = self.predict(batch.x_src)

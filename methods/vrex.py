@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .base import Batch, HParam, register
-from .domains import RESCALE, DomainGeneralization, annealed_objective, annealed_weight
+from .base import Batch, register
+from .domains import DomainGeneralization, annealed_objective, annealed_penalty_hparams, annealed_weight
 
 
 @register("vrex")
@@ -29,12 +29,7 @@ class VREx(DomainGeneralization):
         "tasks the papers' Adam did no better (57.6 vs 57.9) and SGD without the division diverged. A longer "
         "warm-up or a smaller beta was not tried yet")}
     paper = "Krueger et al., Out-of-Distribution Generalization via Risk Extrapolation (REx), ICML 2021. https://arxiv.org/abs/2003.00688"
-    hparams = {
-        "penalty": HParam(10.0, ("log", 1e-1, 1e5), "beta, the weight of the risks' variance after the anneal", low=0.0),
-        "anneal_frac": HParam(0.1, ("uniform", 0.0, 0.5), "fraction of training with beta = 1 (DomainBed: 500/5000)",
-                              low=0.0, high=1.0),
-        "rescale": RESCALE,
-    }
+    hparams = annealed_penalty_hparams(10.0, "beta", "the risks' variance")
 
     def update(self, batch: Batch, step: int):
         _, risks = self.logits_and_risks(batch)
