@@ -11,7 +11,10 @@ record names it (``method.init_from``) and states its full configuration (``meth
 If that run is finished under the same runs dir, its ``model.pt`` is loaded; otherwise (or when
 the weights are unreadable: moved aside, with a warning) it is trained, once, under the same claim
 protocol as benchmark runs, through the one loop (the trainer passes its ``train`` in: this module
-never imports the trainer, so there is no import circle).
+never imports the trainer, so there is no import circle). A finished run without its weights (a
+committed record on a fresh clone: records are committed, weights never) is retrained with a
+warning and its record replaced, so that the source-only row of a table is always the run the
+two-phase methods started from.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ def source_pretrained(cfg: RunConfig, runs_dir: str | Path, opts: RunOptions,
     scfg = source_config(cfg)
     rd = Path(runs_dir)
     rid = scfg.run_id()
+    if runs.is_done(rd, rid) and not (runs.run_dir(rd, rid) / "model.pt").is_file():
+        runs.warn(f"source run {rid} is finished but its weights are not under {rd} (committed records carry no "
+                  f"weights): retraining it; its record is replaced by the retrained run's, so that the source-only "
+                  f"row and every method starting from it stay one run (numbers can move by float-level effects)")
     for _attempt in range(2):
         if not _finished(rd, rid):
             _train_once(scfg, rd, opts, train_fn)

@@ -49,6 +49,22 @@ def test_pretraining_runs_once_and_is_reused(runs_dir, monkeypatch):
     assert rec["run_id"] == src_id and rec["method"]["init_from"] is None
 
 
+def test_a_committed_source_record_without_weights_is_retrained_with_a_warning(runs_dir, capsys):
+    """Records are committed, weights never: on a fresh clone a two-phase method retrains its source
+    run, says so, and the source run's record is the retrained one (the table's source-only row and
+    the method's starting point stay one run)."""
+    kw = dict(source="toy_a", target="toy_b", steps=4, eval_every=4, budget="2")
+    train(RunConfig("finetune", **kw), runs_dir, progress=False, tensorboard=False)
+    src_id = source_config(RunConfig("finetune", **kw)).run_id()
+    (runs_dir / src_id / "model.pt").unlink()                     # as on a fresh clone
+    capsys.readouterr()
+    rec = train(RunConfig("frozen_features", **kw), runs_dir, progress=False, tensorboard=False)
+    err = capsys.readouterr().err
+    assert f"source run {src_id} is finished but its weights are not under" in err and "retraining it" in err
+    assert rec["method"]["init_from"] == src_id and (runs_dir / src_id / "model.pt").is_file()
+    assert (runs_dir / src_id / "done").is_file()
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_the_source_model_follows_the_declaration(name):
     """Read off the registry: a method that starts from the source model (``starts_from_source`` at
