@@ -20,9 +20,6 @@ def test_committed_tables_equal_what_their_records_regenerate(monkeypatch):
     assert rederive.check() == []
 
 
-@pytest.mark.xfail(strict=True, reason="the long-budget grid (108 runs of 2000 steps, hours on 2 CPU cores) is "
-                                       "completed over several sittings by `make bench-long`, its records committed "
-                                       "as they finish. Remove this mark when the test passes.")
 def test_every_committed_table_has_all_its_records(monkeypatch):
     monkeypatch.chdir(ROOT)
     for name in rederive.SPECS:
