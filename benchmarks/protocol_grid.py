@@ -21,6 +21,8 @@ RULE = ("highest mean target-test accuracy at the last checkpoint (the `last` ru
 MAIN_SPEC = Path(__file__).with_name("digits.yaml")   # the main job: its budget and its per-method choices
 MAIN_STEPS = 500          # the main job's budget (benchmarks/digits.yaml)
 EVAL_POINTS = 4           # eval_every = steps // 4: the halfway point is always an evaluation point
+PRECISION = "fp32"        # as the main job: the same arithmetic, run ids and numbers on every machine, so that
+                          # committed records are found wherever the study continues (`auto` is bf16 on some CPUs)
 
 # method -> [(label, explicit overrides)], in the order they are shown. Every tuned key appears in
 # every candidate of a method (records stay unambiguous when a default changes later). The default

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dalab.benchmarks.protocol_grid import (CANDIDATES, EVAL_POINTS, MAIN_STEPS, SEEDS, STUDY, candidate, matches,
-                                            source_overrides)
+from dalab.benchmarks.protocol_grid import (CANDIDATES, EVAL_POINTS, MAIN_STEPS, PRECISION, SEEDS, STUDY, candidate,
+                                            matches, source_overrides)
 from dalab.convergence import drift, mean_drift
 
 class Records:
@@ -67,7 +67,8 @@ def get_run(records: Records, method: str, src: str, tgt: str, seed: int, steps:
     from dalab.trainer import RunConfig
 
     cfg = RunConfig(method, src, tgt, seed=seed, steps=steps, eval_every=max(1, steps // EVAL_POINTS),
-                    backbone=backbone, hparams=dict(overrides), source_hparams=dict(source_overrides or {}))
+                    backbone=backbone, precision=PRECISION, hparams=dict(overrides),
+                    source_hparams=dict(source_overrides or {}))
     cls = get_method(method)
     hp, defaults = resolve_hparams(cls, overrides), resolve_hparams(cls, {})
     rec = records.find(cfg, hp, defaults)
