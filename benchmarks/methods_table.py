@@ -184,12 +184,12 @@ def headline_markdown() -> str:
 
     complete, taus, done, total = average_tau()
     agree = ", ".join(f"{tau:.2f} under `{r}`" for r, tau in taus.items()) or "not measured yet (fewer than 3 methods)"
-    status = (f"all {total} runs" if done == total else
-              f"{done} of {total} runs finished, `make bench-long` continues")
+    finished = done == total
+    status = f"all {total} runs" if finished else f"{done} of {total} runs finished, `make bench-long` continues"
+    methods = f"the {len(complete)} methods" + ("" if finished else " finished there")
     lines += ["", f"Long budget (`results/digits_long/`, 2000 steps, the still-moving methods; {status}): Kendall's τ "
-                  f"between the 500- and the 2000-step rankings of the {len(complete)} methods "
-                  f"{'finished there' if done < total else ''}".rstrip()
-              + f": {agree} (`results/digits_long/agreement.md`)."]
+                  f"between the 500- and the 2000-step rankings of {methods}: {agree} "
+                  f"(`results/digits_long/agreement.md`)."]
     return "\n".join(lines)
 
 
