@@ -1,6 +1,6 @@
 """The protocol study (issue 13): how the defaults were chosen, and whether the budget has converged.
 
-    python -m dalab.benchmarks.protocol [--cached-only] [--out results/protocol.md]
+    python -m dalab.benchmarks.protocol [--cached-only] [--runs-dir results/protocol/runs] [--out results/protocol.md]
 
 Everything here runs on the TUNING pairs (the ``digits-extra`` benchmark: mnist5k->mnist5k_rot,
 mnist5k->mnist5k_color, syndigits->ucidigits, mnistm5k->mnist5k), never on the main table's four
@@ -28,10 +28,11 @@ report). This module is the command.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from dalab.benchmarks.protocol_grid import (BENCHMARK, CANDIDATES, EVAL_POINTS, HOW, MAIN_SPEC, MAIN_STEPS, RULE, SEEDS,
-                                            STUDY, WHY_NOT, candidate, is_default, is_main_setting, main_overrides,
-                                            main_source_key, matches, setting, source_overrides)
+                                            STUDY, VALIDATORS, WHY_NOT, candidate, is_default, is_main_setting,
+                                            main_overrides, main_source_key, matches, setting, source_overrides)
 from dalab.benchmarks.protocol_report import (ADVERSARIAL, budget_reading, cell, curve_name, fmt, fmt_plateau,
                                               main_job_check, plot, render)
 from dalab.benchmarks.protocol_runs import (Grid, Records, Tuned, get_run, last_acc, plan, plateau, rule_pick, study,
@@ -40,8 +41,8 @@ from dalab.convergence import PLATEAU_POINTS, drift, mean_drift
 from dalab.utils import write_report
 
 __all__ = ["ADVERSARIAL", "BENCHMARK", "CANDIDATES", "EVAL_POINTS", "HOW", "MAIN_SPEC", "MAIN_STEPS", "PLATEAU_POINTS",
-           "RULE", "SEEDS", "STUDY", "WHY_NOT", "Grid", "Records", "Tuned", "budget_reading", "candidate", "cell",
-           "curve_name", "drift", "fmt", "fmt_plateau", "get_run", "is_default", "is_main_setting", "last_acc", "main",
+           "RULE", "SEEDS", "STUDY", "VALIDATORS", "WHY_NOT", "Grid", "Records", "Tuned", "budget_reading", "candidate",
+           "cell", "curve_name", "drift", "fmt", "fmt_plateau", "get_run", "is_default", "is_main_setting", "last_acc", "main",
            "main_job_check", "main_overrides", "main_source_key", "matches", "mean_drift", "plateau", "plot", "render",
            "rule_pick", "setting", "source_overrides", "study", "summarize", "tune"]
 
@@ -52,10 +53,11 @@ def main(argv=None) -> int:
     from dalab.datasets import BENCHMARKS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs-dir", default="results/runs")
+    ap.add_argument("--runs-dir", default="results/protocol/runs")
     ap.add_argument("--out", default="results/protocol.md")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--cached-only", action="store_true", help="only read finished runs; train nothing")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="only read the committed records; train nothing (what `make tables` runs)")
     ap.add_argument("--main-runs-dir", default=None,
                     help="also report the plateau of the main job's runs found here (benchmarks/digits.yaml)")
     ap.add_argument("--skip-study", action="store_true", help="tuning grid only")
@@ -66,13 +68,27 @@ def main(argv=None) -> int:
     pairs = [tuple(p) for p in BENCHMARKS[BENCHMARK]]
     if not args.cached_only:
         train_missing(args.runs_dir, pairs, args.device, not args.skip_study, args.jobs)
-    grid = Grid(Records(args.runs_dir), pairs, True, args.device)
+    records = Records(args.runs_dir)
+    missing = len(plan(records, pairs, args.device, not args.skip_study))
+    if missing:  # a report from part of the study would pick defaults from part of the evidence
+        print(f"error: {missing} of the protocol study's runs have no record under {args.runs_dir}; nothing "
+              f"written (`make protocol` trains them, resumably, then writes {args.out})", file=sys.stderr)
+        return 1
+    grid = Grid(records, pairs, True, args.device)
     base, tuned = tune(grid)
     cells = None if args.skip_study else study(grid)
     text = render(pairs, base, tuned, cells, Path(args.out).with_suffix(".png"), args.main_runs_dir)
     print(text)
-    write_report(args.out, "dalab.benchmarks.protocol", argv, text)
+    write_report(args.out, "dalab.benchmarks.protocol", rederive_argv(args), text)
     return 0
+
+
+def rederive_argv(args) -> list[str]:
+    """The arguments that re-derive the report from the records alone (its header names them,
+    whatever trained the runs: no worker count, no device, no training)."""
+    return ["--cached-only", "--runs-dir", args.runs_dir,
+            *(["--main-runs-dir", args.main_runs_dir] if args.main_runs_dir else []),
+            *(["--skip-study"] if args.skip_study else []), "--out", args.out]
 
 
 def train_missing(runs_dir: str, pairs: list[tuple[str, str]], device: str, with_study: bool, jobs: int) -> None:
@@ -86,7 +102,7 @@ def train_missing(runs_dir: str, pairs: list[tuple[str, str]], device: str, with
     if cfgs:
         spec = BenchSpec(name="protocol", runs_dir=str(runs_dir))
         launch(spec, [(c, None) for c in cfgs], jobs=jobs, progress=True,
-               opts=RunOptions(device=device, tensorboard=False, progress=False))
+               opts=RunOptions(device=device, tensorboard=False, progress=False, validators=VALIDATORS))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ MAIN_STEPS = 500          # the main job's budget (benchmarks/digits.yaml)
 EVAL_POINTS = 4           # eval_every = steps // 4: the halfway point is always an evaluation point
 PRECISION = "fp32"        # as the main job: the same arithmetic, run ids and numbers on every machine, so that
                           # committed records are found wherever the study continues (`auto` is bf16 on some CPUs)
+VALIDATORS = ()           # the study reads target accuracy only: no label-free validator is computed (they took
+                          # 4 of a 500-step run's ~22 s; their study is results/validators.md). How runs evaluate,
+                          # not what they are: run ids are unchanged (the first 237 records carry the scores)
 
 # method -> [(label, explicit overrides)], in the order they are shown. Every tuned key appears in
 # every candidate of a method (records stay unambiguous when a default changes later). The default

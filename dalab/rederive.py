@@ -7,7 +7,9 @@ Each benchmark spec of :data:`SPECS` reads its records from its own ``runs_dir``
 has its record there, its tables (table.md, table_<rule>.tex, table.csv, runs.csv and the figures)
 are rewritten exactly as ``dalab bench`` writes them, with the command named in the committed
 table.md's header; a grid with missing records is reported (how many, and the command that trains
-them) and left as it is. ``--check`` writes nothing: it regenerates into a temporary folder and
+them) and left as it is. The study documents of :data:`MODULE_TABLES` (the protocol study, the
+validator study, the reports beside some tables) are rewritten by their modules from their committed
+records in the same way, the protocol study only when all its runs have records. ``--check`` writes nothing: it regenerates into a temporary folder and
 names every committed Markdown/CSV file that differs (exit 1), which tests/test_rederive.py runs.
 """
 
@@ -34,24 +36,34 @@ SPECS = {"digits.yaml": "make bench", "digits_long.yaml": "make bench-long", "la
          "digits_dann_vs_source.yaml": "make bench-dann-vs-source",
          "digits_dann_vs_source_bn.yaml": "make bench-dann-vs-source-bn"}
 COMPARED = ("table.md", "table.csv", "runs.csv")  # text outputs compared by --check (figures are not byte-stable)
-# committed tables a module writes from a folder of committed records: file -> (module, records folder)
-MODULE_TABLES = {"results/domains/source_only.md": ("dalab.datasets.shift_table", "results/domains/runs"),
-                 "results/tta/final.md": ("dalab.benchmarks.tta_report", "results/tta/runs"),
-                 "results/validators.md": ("dalab.benchmarks.validators", "results/validators/runs"),
-                 "results/multisource/single_source.md": ("dalab.benchmarks.multisource_report", "results/multisource/runs"),
-                 "results/digits_hard/report.md": ("dalab.benchmarks.hard_report", "results/digits_hard/runs"),
-                 "results/digits_long/agreement.md": ("dalab.benchmarks.long_report", "results/digits_long/runs")}
+# committed documents a module writes from committed records: file -> (module, its arguments but --out)
+MODULE_TABLES = {"results/domains/source_only.md": ("dalab.datasets.shift_table", ("results/domains/runs",)),
+                 "results/tta/final.md": ("dalab.benchmarks.tta_report", ("results/tta/runs",)),
+                 "results/validators.md": ("dalab.benchmarks.validators", ("results/validators/runs",)),
+                 "results/multisource/single_source.md": ("dalab.benchmarks.multisource_report",
+                                                          ("results/multisource/runs",)),
+                 "results/digits_hard/report.md": ("dalab.benchmarks.hard_report", ("results/digits_hard/runs",)),
+                 "results/digits_long/agreement.md": ("dalab.benchmarks.long_report", ("results/digits_long/runs",)),
+                 "results/protocol.md": ("dalab.benchmarks.protocol",
+                                         ("--cached-only", "--runs-dir", "results/protocol/runs",
+                                          "--main-runs-dir", "results/digits/runs"))}
 
 
-def rederive_module_table(path: str, out: Path | None = None) -> Path:
+def module_command(path: str) -> str:
+    module, args = MODULE_TABLES[path]
+    return " ".join(["python -m", module, *args, "--out", path])
+
+
+def rederive_module_table(path: str, out: Path | None = None) -> Path | None:
     """Regenerate one of :data:`MODULE_TABLES` (into ``out`` instead, for --check: the command in its
-    header then names ``out``, which the caller maps back)."""
+    header then names ``out``, which the caller maps back); ``None`` when the module wrote nothing
+    (its records are not all there: it said so on stderr, and the committed file stays as it is)."""
     import importlib
 
-    module, runs = MODULE_TABLES[path]
+    module, args = MODULE_TABLES[path]
     target = out or Path(path)
-    importlib.import_module(module).main([runs, "--out", str(target)])
-    return target
+    code = importlib.import_module(module).main([*args, "--out", str(target)])
+    return None if code else target
 
 
 def _spec_path(name: str) -> Path:
@@ -101,10 +113,12 @@ def check(names=None) -> list[str]:
             for f in COMPARED:
                 if (Path(tmp) / f).read_text() != ((committed / f).read_text() if (committed / f).is_file() else None):
                     bad.append(str(committed / f))
-    for path in MODULE_TABLES if names is None else ():
+    for path in MODULE_TABLES if not names else ():
         with tempfile.TemporaryDirectory() as tmp:
             fresh = rederive_module_table(path, Path(tmp) / Path(path).name)
-            if fresh.read_text().replace(str(fresh), path) != Path(path).read_text():
+            if fresh is None:
+                print(f"{path}: not checked (`{module_command(path)}` wrote nothing)")
+            elif fresh.read_text().replace(str(fresh), path) != Path(path).read_text():
                 bad.append(path)
     return bad
 
@@ -128,7 +142,8 @@ def main(argv=None) -> int:
         line, _ = rederive(name)
         print(line)
     for path in MODULE_TABLES if not args.specs else ():
-        print(f"{rederive_module_table(path)}: regenerated from {MODULE_TABLES[path][1]}")
+        done = rederive_module_table(path)
+        print(f"{path}: " + ("regenerated by " if done else "not regenerated: ") + f"`{module_command(path)}`")
     return 0
 
 

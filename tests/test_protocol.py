@@ -127,3 +127,24 @@ def test_plan_lists_every_missing_run_once_source_only_first_and_trains_nothing(
     r["hparams"] = resolve_hparams(get_method(done.method), dict(done.hparams))
     recs.add(r)
     assert done.run_id() not in {c.run_id() for c in pr.plan(recs, pairs, "cpu", with_study=False)}
+
+
+def test_a_report_from_part_of_the_study_is_refused_and_nothing_is_written(tmp_path, capsys):
+    """`--cached-only` (what `make tables` runs) with runs missing: one error line naming how many
+    and the command that trains them, exit 1, no report and no figure."""
+    out = tmp_path / "protocol.md"
+    assert pr.main(["--cached-only", "--runs-dir", str(tmp_path / "runs"), "--skip-study", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "`make protocol`" in err
+    assert not out.exists() and not out.with_suffix(".png").exists()
+
+
+def test_the_report_header_names_the_command_that_rederives_it():
+    """However the runs were trained (workers, device), the header names the re-derivation from the
+    records: no training, the same runs and main-job folders."""
+    import argparse
+
+    args = argparse.Namespace(runs_dir="results/protocol/runs", main_runs_dir="results/digits/runs",
+                              skip_study=False, out="results/protocol.md", jobs=2, device="cpu")
+    assert pr.rederive_argv(args) == ["--cached-only", "--runs-dir", "results/protocol/runs", "--main-runs-dir",
+                                      "results/digits/runs", "--out", "results/protocol.md"]
