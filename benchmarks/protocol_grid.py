@@ -30,7 +30,7 @@ VALIDATORS = ()           # the study reads target accuracy only: no label-free 
 # method -> [(label, explicit overrides)], in the order they are shown. Every tuned key appears in
 # every candidate of a method (records stay unambiguous when a default changes later). The default
 # is the candidate equal to the method's current defaults; the rule's pick is marked next to it.
-_LR = (0.01, 0.03)   # the DANN paper's mu0, and 3x (500 steps are ~20x fewer than the papers' budgets)
+LR = (0.01, 0.03)    # the DANN paper's mu0, and 3x (500 steps are ~20x fewer than the papers' budgets)
 _DANN_BASE = {"bn_mode": "joint", "disc_bn": "auto", "disc_bn_stats": "split", "disc_hidden": 100, "disc_depth": 1,
               "trade_off": 1.0, "lr": 0.01}
 
@@ -40,7 +40,7 @@ def _dann(**over) -> dict[str, Any]:
 
 
 def _lr_grid(label: str, fixed: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    return [(f"{label}, lr {lr}" if label else f"lr {lr}", {**fixed, "lr": lr}) for lr in _LR]
+    return [(f"{label}, lr {lr}" if label else f"lr {lr}", {**fixed, "lr": lr}) for lr in LR]
 
 
 CANDIDATES: dict[str, list[tuple[str, dict[str, Any]]]] = {

@@ -10,8 +10,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from dalab.benchmarks.protocol_grid import (BENCHMARK, CANDIDATES, EVAL_POINTS, HOW, MAIN_STEPS, RULE, SEEDS, STUDY,
-                                            WHY_NOT, is_default, is_main_setting)
+from dalab.benchmarks.protocol_grid import (BENCHMARK, CANDIDATES, EVAL_POINTS, HOW, LR, MAIN_STEPS, RULE, SEEDS,
+                                            STUDY, WHY_NOT, is_default, is_main_setting)
 from dalab.benchmarks.protocol_runs import Tuned, last_acc, study_methods
 from dalab.convergence import PLATEAU_POINTS, drift, mean_drift
 
@@ -85,30 +85,86 @@ def tuning_lines(pairs: list[tuple[str, str]], base: dict[str, Any], tuned: list
     lines.append("")
     if picks:
         lines += ["Where the default is not the rule's pick on the runs available now:", ""] + picks + [""]
-    lines += ["Reading the grid (the numbers are the table's):", "",
-              "- DANN's discriminator: at trade-off 1, a discriminator that sees the domains' mean shift (its "
-              "BatchNorm called once on the joint batch as TLlib's, or no BatchNorm as pytorch-adapt's) collapses "
-              "syndigits→ucidigits (19–45%) and falls with training; called once per domain it is stable but weak "
-              "(per-domain statistics hide first-moment differences from it), so DANN stays near source-only. "
-              "With per-domain backbone statistics and trade-off 0.3 the strong discriminators keep the colour-"
-              "shift gain without the collapse: the rule's pick.",
-              "- `bn_mode`: pooled (joint) BatchNorm statistics let MCC, IM, DAN and entropy minimisation collapse "
-              "or stall on the colour shift (accuracy falls from the first checkpoint on); per-domain (split) "
-              "statistics avoid it for MCC, IM, DAN and BNM and help CDAN and MDD.",
-              "- lr: 500 steps are ~20x fewer than the papers' budgets; 3x the DANN paper's mu0 is the rule's "
-              "pick for every method tried but DANN, MCD and SHOT (ADDA's lr is its own Adam's).",
-              "- Weight average (`weight_ema` 0.99, the moving average of the weights evaluated and handed over): "
-              "each method's setting before it, with and without. Its gains are small (at most a few points) and "
-              "it lowers the plateau of most methods a little, but it lags the live weights, so it does not "
-              "flatten a method that is still rising (compare the plateau and trend of the two rows).",
-              "- A plateau above 2 points means the method still moves at the main budget: still rising when "
-              "the trend is as large, swinging between checkpoints when the trend is near 0. At the same compute, "
-              "1000 steps of batch 32 do not bring it down; at twice the compute see the reading under the budget "
-              "table. The main job's budget is bounded by its CPU time (see the README), not chosen here.",
-              ""]
+    lines += grid_reading(pairs, tuned)
     lines += ["How each default was chosen:", ""]
     lines += [f"- **{m}**: {HOW.get(m, 'rule')}" for m in CANDIDATES] + [""]
     return lines
+
+
+def contrasts(t: Tuned, key: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(summary, summary) of every two candidates of ``t`` that have runs and differ in ``key`` only,
+    ordered by the candidates' value of ``key`` as the grid lists them (first value first)."""
+    rows = [(ov, s) for _, ov, s in t.rows if s["avg"] is not None]
+    order = list(dict.fromkeys(ov.get(key) for _, ov, _ in t.rows))
+    out = []
+    for i, (a, sa) in enumerate(rows):
+        for b, sb in rows[i + 1:]:
+            if (key in a and a.keys() == b.keys() and a[key] != b[key]
+                    and all(a[k] == b[k] for k in a if k != key)):
+                out.append((sa, sb) if order.index(a[key]) < order.index(b[key]) else (sb, sa))
+    return out
+
+
+def contrast_phrase(pairs: list[tuple[str, str]], method: str, found: list[tuple[dict, dict]]) -> str:
+    """``method`` +x.x (s→t a → b): the mean change of the 4-pair average over the contrasts, and the
+    pair where one contrast changes most, with its two means."""
+    delta = statistics.mean(b["avg"] - a["avg"] for a, b in found)
+    a, b, p = max(((a, b, p) for a, b in found for p in pairs if a["cells"][p] and b["cells"][p]),
+                  key=lambda x: abs(statistics.mean(x[1]["cells"][x[2]]) - statistics.mean(x[0]["cells"][x[2]])))
+    return (f"{method} {delta:+.1f} ({p[0]}→{p[1]} {statistics.mean(a['cells'][p]):.1f} → "
+            f"{statistics.mean(b['cells'][p]):.1f})")
+
+
+def contrast_bullet(pairs: list[tuple[str, str]], tuned: list[Tuned], key: str, what: str, better: str) -> str:
+    """One reading of the grid: every method's contrast in ``key`` (:func:`contrast_phrase`) and for
+    how many the second value is better on the 4-pair average."""
+    found = {t.method: c for t in tuned if (c := contrasts(t, key))}
+    if not found:
+        return f"- {what}: no two candidates with runs differ in `{key}` only yet."
+    up = [m for m, c in found.items() if statistics.mean(b["avg"] - a["avg"] for a, b in c) > 0]
+    return (f"- {what}: " + ", ".join(contrast_phrase(pairs, m, c) for m, c in found.items())
+            + f". {better} for {len(up)} of {len(found)} methods" + (f" ({', '.join(up)})" if up else "") + ".")
+
+
+def grid_reading(pairs: list[tuple[str, str]], tuned: list[Tuned]) -> list[str]:
+    """What the tuning grid says, computed from its rows: per contrast (candidates that differ in one
+    key only) the change of each method's 4-pair average, and the pair where it changes most."""
+    out = ["Reading the grid (computed from its rows: for two candidates that differ in one setting only, "
+           "the change of the 4-pair average, and in brackets the pair where it changes most):", ""]
+    dann = next((t for t in tuned if t.method == "dann"), None)
+    if dann is not None:
+        def sees_shift(ov: dict[str, Any]) -> bool:  # BatchNorm called on the joint batch, or none
+            return ov.get("disc_bn_stats") == "joint" or ov.get("disc_bn") == "false"
+
+        rows = [(ov, s) for _, ov, s in dann.rows if s["avg"] is not None and not ov.get("weight_ema")]
+        strong = [s["avg"] for ov, s in rows if sees_shift(ov) and ov.get("trade_off") == 1.0]
+        weak = [s["avg"] for ov, s in rows if not sees_shift(ov) and ov.get("trade_off") == 1.0]
+        low = [s["avg"] for ov, s in rows if ov.get("trade_off") != 1.0]
+        if strong and weak:
+            out.append(f"- DANN's discriminator at trade-off 1: one that sees the domains' mean shift (its BatchNorm "
+                       f"called once on the joint batch as TLlib's, or none as pytorch-adapt's) averages "
+                       f"{min(strong):.1f}–{max(strong):.1f}; one whose BatchNorm is called per domain (so per-domain "
+                       f"statistics hide the first-moment difference from it) {min(weak):.1f}–{max(weak):.1f}"
+                       + (f"; at trade-off 0.3 {min(low):.1f}–{max(low):.1f}" if low else "") + ".")
+        out.append(contrast_bullet(pairs, [dann], "trade_off", "DANN's trade-off (1 → 0.3)", "0.3 is better"))
+    out += [contrast_bullet(pairs, tuned, "bn_mode", "`bn_mode` (pooled → per-domain BatchNorm statistics)",
+                            "Per-domain statistics are better"),
+            contrast_bullet(pairs, tuned, "lr", f"lr ({' → '.join(str(x) for x in LR)}: the DANN paper's mu0 and 3x; "
+                            f"{MAIN_STEPS} steps are ~20x fewer than the papers' budgets; ADDA's lr is its own "
+                            "Adam's, not tried)", f"{LR[-1]} is better"),
+            contrast_bullet(pairs, tuned, "weight_ema", "Weight average (`weight_ema` 0 → 0.99 on each method's "
+                            "setting before it: the moving average of the weights is evaluated and handed over)",
+                            "The average is better"),
+            "- Plateau: "
+            + (", ".join(f"{t.method} {fmt(a['plateau'])} → {fmt(b['plateau'])}"
+                         for t in tuned for a, b in contrasts(t, "weight_ema")[:1]) or "—")
+            + " without → with the weight average (it lags the live weights: a method still rising with it "
+              f"keeps a plateau above {PLATEAU_POINTS:g} points). A plateau above {PLATEAU_POINTS:g} points means "
+              "the method still moves at the main budget: still rising when the trend is as large, swinging "
+              "between checkpoints when the trend is near 0; the budget table below reads longer budgets and the "
+              "same compute in smaller batches. The main job's budget is bounded by its CPU time (see the README), "
+              "not chosen here.", ""]
+    return out
 
 
 def study_lines(cells: dict[str, dict[str, dict]], png: Path) -> list[str]:
@@ -192,20 +248,27 @@ def main_job_check(runs_dir: str | Path) -> list[str]:
                 f"{fmt(statistics.mean(fam)) if fam else '—'}; with ADDA and MCD {fmt(statistics.mean(wide)) if wide else '—'}.",
             f"- Below source-only on the 4-pair average: {', '.join(below) if below else 'none'}"
             + ("" if not below else f" (footnoted: {', '.join(m for m in below if display.failure(m)) or 'none'})") + ".",
-            f"- Plateau above 2 points: {', '.join(m for m in sorted(drifts) if mean_drift(drifts[m])[0] > 2) or 'none'}.",
+            f"- Plateau above {PLATEAU_POINTS:g} points: "
+            f"{', '.join(m for m in sorted(drifts) if mean_drift(drifts[m])[0] > PLATEAU_POINTS) or 'none'}.",
             ""]
     return out
 
 
 def budget_reading(cells: dict[str, dict[str, dict]]) -> list[str]:
-    """What the main setting's longer budgets say about convergence, from the study's cells: per
-    longer budget, the methods whose plateau is at most 2 points there, those still moving (with
-    the trend), and the gain over the same setting at the main budget."""
-    at_main = {curve_name(label): label for label, _bb, st, *_ in STUDY if st == MAIN_STEPS}
+    """What the longer budgets say about convergence, from the study's cells: per cell at another
+    budget than the main one, the methods whose plateau is at most 2 points there, those still moving
+    (with the trend), and the gain over the same setting at the main budget (the same backbone,
+    defaults and overrides; a smaller batch spends the same compute on more steps)."""
+    def same_setting(a: tuple, b: tuple) -> bool:
+        (_, bb_a, _, over_a, own_a, _), (_, bb_b, _, over_b, own_b, _) = a, b
+        strip = lambda o: {k: v for k, v in o.items() if k != "batch_size"}  # noqa: E731
+        return bb_a == bb_b and own_a == own_b and strip(over_a) == strip(over_b)
+
     out = []
-    for label, _bb, st, _over, own, _ in STUDY:
-        ref = at_main.get(curve_name(label))
-        if st == MAIN_STEPS or own or ref is None:
+    for row in STUDY:
+        label, _bb, st, over, _own, _ = row
+        ref = next((r[0] for r in STUDY if r[2] == MAIN_STEPS and same_setting(r, row)), None)
+        if st == MAIN_STEPS or ref is None:
             continue
         done = {m: s for m, s in cells.get(label, {}).items() if s["plateau"] is not None and s["avg"] is not None}
         if not done:
@@ -214,9 +277,8 @@ def budget_reading(cells: dict[str, dict[str, dict]]) -> list[str]:
         moving = [f"{m} {s['plateau']:.1f} ({s['trend']:+.1f})" for m, s in done.items() if s["plateau"] > PLATEAU_POINTS]
         gain = [f"{m} {s['avg'] - cells[ref][m]['avg']:+.1f}" for m, s in done.items()
                 if cells.get(ref, {}).get(m, {}).get("avg") is not None]
-        out += [f"**{label}**: plateau at most 2 points for {', '.join(flat) or 'none'}; still moving: "
-                f"{', '.join(moving) or 'none'}. 4-pair average vs {MAIN_STEPS} steps of the same setting: "
-                f"{', '.join(gain) or '—'}.", ""]
+        out += [f"**{label}**: plateau at most {PLATEAU_POINTS:g} points for {', '.join(flat) or 'none'}; still "
+                f"moving: {', '.join(moving) or 'none'}. 4-pair average vs *{ref}*: {', '.join(gain) or '—'}.", ""]
     return out
 
 

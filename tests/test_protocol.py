@@ -148,3 +148,24 @@ def test_the_report_header_names_the_command_that_rederives_it():
                               skip_study=False, out="results/protocol.md", jobs=2, device="cpu")
     assert pr.rederive_argv(args) == ["--cached-only", "--runs-dir", "results/protocol/runs", "--main-runs-dir",
                                       "results/digits/runs", "--out", "results/protocol.md"]
+
+
+def test_the_grid_reading_is_computed_from_candidates_that_differ_in_one_key():
+    """The report's reading of the tuning grid: a contrast pairs two candidates that differ in one
+    setting only (in the grid's order of its values), and the bullet's numbers are theirs."""
+    from dalab.benchmarks.protocol_report import contrast_bullet, contrasts
+
+    pairs = [("a", "b"), ("c", "d")]
+
+    def summ(x, y):
+        return {"avg": (x + y) / 2, "cells": {("a", "b"): [x], ("c", "d"): [y]}, "plateau": 1.0, "trend": 0.0}
+
+    joint, split, split_hi = summ(40.0, 80.0), summ(50.0, 81.0), summ(48.0, 80.0)
+    t = pr.Tuned("m", [("j", {"bn_mode": "joint", "lr": 0.01}, joint), ("s", {"bn_mode": "split", "lr": 0.01}, split),
+                       ("s3", {"bn_mode": "split", "lr": 0.03}, split_hi),
+                       ("never run", {"bn_mode": "joint", "lr": 0.03}, {"avg": None, "cells": {}})], "s")
+    assert contrasts(t, "bn_mode") == [(joint, split)] and contrasts(t, "lr") == [(split, split_hi)]
+    assert contrasts(t, "weight_ema") == []
+    bullet = contrast_bullet(pairs, [t], "bn_mode", "`bn_mode`", "Split is better")
+    assert bullet == "- `bn_mode`: m +5.5 (a→b 40.0 → 50.0). Split is better for 1 of 1 methods (m)."
+    assert contrast_bullet(pairs, [t], "lr", "lr", "0.03 is better").endswith("0.03 is better for 0 of 1 methods.")
