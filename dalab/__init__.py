@@ -11,3 +11,9 @@ Layout (one installed package, several source folders):
 """
 
 __version__ = "0.1.0"
+
+import warnings as _warnings
+
+# pytorch-adapt imports torchmetrics, whose version check imports setuptools' pkg_resources (pinned
+# below 81 by the install, docs/install.md): its deprecation notice says nothing to a dalab user and filled bench logs
+_warnings.filterwarnings("ignore", message="pkg_resources is deprecated as an API", category=UserWarning)
