@@ -87,11 +87,13 @@ pada-tuning: setup
 	$(VENV)/bin/dalab bench benchmarks/pada_tuning.yaml --jobs $(JOBS) --command "make pada-tuning"
 
 # Issue-13 study: defaults and budget chosen on the tuning pairs (digits-extra) -> results/protocol.md (+ .png).
-# 1260 runs (~5 h on 2 cores): the missing ones are trained in $(JOBS) workers, resumably, into
-# results/protocol/runs, whose records are committed as they finish; then the report is written from them.
+# 1260 runs (hours on 2 CPU cores): the missing ones are trained in $(JOBS) workers, resumably, into
+# results/protocol/runs, whose records are committed as they finish; then the report is written from them
+# (`make tables` re-derives it from the records alone).
 protocol: setup
 	$(PY) -m dalab.benchmarks.protocol --runs-dir results/protocol/runs --main-runs-dir $(MAIN_RUNS) \
 		--jobs $(JOBS) --out results/protocol.md
+	$(PY) -m dalab.results_index --out results/README.md
 
 # Issue-8 check: source-only and DANN with/without each data option, mnist5k -> ucidigits, 3 seeds
 augment-bench: setup

@@ -30,11 +30,13 @@ def paper_link(paper: str) -> str:
 def check_link(name: str) -> str:
     """Where a method's update is checked: its row (anchor) in results/peer_equivalence.md --
     "pytorch-adapt" when compared step by step with the library's adapter or hooks, "by hand"
-    when checked against hand computations (no counterpart in the library), "not yet" otherwise."""
+    when checked against hand computations (no counterpart in the library), "parts by hand" when
+    its entry says what is "not yet" checked, "not yet" otherwise."""
     from dalab.benchmarks.peer_equivalence import CASES, HAND_CHECKED
 
     text = ("pytorch-adapt" if any(c.method == name for c in CASES) else
-            "by hand" if name in HAND_CHECKED else "not yet")
+            "not yet" if name not in HAND_CHECKED else
+            "parts by hand" if "not yet" in HAND_CHECKED[name] else "by hand")
     return f"[{text}](results/peer_equivalence.md#{name})"
 
 
@@ -224,7 +226,8 @@ def settings_markdown() -> str:
         took = "not run yet"
         if timing.is_file():
             t = json.loads(timing.read_text())
-            took = f"{t['runs']} runs in {t['wall_s'] / 60:.0f} min, {t['workers']} workers{_load_note(t)}"
+            plural = "" if t["workers"] == 1 else "s"
+            took = f"{t['runs']} runs in {t['wall_s'] / 60:.0f} min, {t['workers']} worker{plural}{_load_note(t)}"
         classes = f"`{ls.text()}`" if ls else "all"
         lines.append(f"| {setting} | `benchmarks/{name}` | {classes} | {metric} | "
                      f"{', '.join(own)} | {len(expand(spec))} | {took} |")

@@ -136,4 +136,48 @@ HAND_CHECKED = {
     "ovanet": "no OVANet in pytorch-adapt 0.0.83; the hard-negative OVA loss, the open-set entropy, the update's "
               "terms on the source and target parts, and predict's decision rule are checked by hand in "
               "tests/test_labelset_methods.py (test_ova_loss_*, test_open_entropy_*, test_ovanet_*)",
+    # multi-source and domain generalization (issue 25): pytorch-adapt 0.0.83 has none of them
+    "m3sda": "no M3SDA in pytorch-adapt 0.0.83; the k+1-domain moment distance (about the mean or the origin) is "
+             "checked by hand in tests/test_multidomain_methods.py (test_m3sda_moment_distance_by_hand, "
+             "test_m3sda_central_moments_ignore_a_shared_shift); not yet the full update",
+    "ms_dann": "no multi-source DANN in pytorch-adapt 0.0.83; its (k+1)-way domain classifier (width, initial "
+               "cross-entropy near log(k+1)) in tests/test_multidomain_methods.py "
+               "(test_adversarial_domain_classifiers_see_every_domain); not yet the full update",
+    "dann_dg": "no DANN for domain generalization in pytorch-adapt 0.0.83; its k-way domain classifier over the "
+               "sources (width, initial cross-entropy near log k) in tests/test_multidomain_methods.py "
+               "(test_adversarial_domain_classifiers_see_every_domain); not yet the full update",
+    "mdan": "no MDAN in pytorch-adapt 0.0.83; the soft and hard combinations with the soft one's gradient weights, "
+            "and a full step's loss from the per-source binary classifiers, are checked by hand in "
+            "tests/test_multidomain_methods.py (test_mdan_*)",
+    "dg_coral": "no DG-CORAL in pytorch-adapt 0.0.83 (its CORALLoss is source-vs-target); the pairwise mean and "
+                "covariance penalty is checked by hand in tests/test_multidomain_methods.py "
+                "(test_dg_coral_penalty_by_hand); not yet the full update",
+    "irm": "no IRM in pytorch-adapt 0.0.83; the penalty (the squared gradient of the risk at a dummy scale 1) is "
+           "checked by hand in tests/test_multidomain_methods.py (test_irm_penalty_by_hand); not yet the full update",
+    "vrex": "no V-REx in pytorch-adapt 0.0.83; the full update's loss (mean risk + beta x the variance of the "
+            "per-domain risks, the anneal and the division by beta) is checked by hand in "
+            "tests/test_multidomain_methods.py (test_vrex_penalty_is_the_variance_of_the_per_domain_risks)",
+    "groupdro": "no GroupDRO in pytorch-adapt 0.0.83; the exponentiated-gradient domain weights after a step are "
+                "checked by hand in tests/test_multidomain_methods.py "
+                "(test_groupdro_weights_move_toward_the_worst_domain)",
+    "mixstyle": "no MixStyle in pytorch-adapt 0.0.83; the mixed feature statistics, the partner from another "
+                "domain and the plain network outside training are checked by hand in "
+                "tests/test_multidomain_methods.py (test_mixstyle_mixes_statistics_across_domains_and_only_in_training)",
+    # test-time adaptation (issue 26): none in pytorch-adapt 0.0.83
+    "no_adapt": "no test-time methods in pytorch-adapt 0.0.83; a step changes no weight and the final model is the "
+                "source model, in tests/test_test_time.py (test_methods_without_updates_change_nothing, "
+                "test_no_adapt_is_the_source_model_whatever_the_order)",
+    "bn_adapt": "no test-time methods in pytorch-adapt 0.0.83; a step changes no weight, the predictions use the "
+                "test batch's statistics, in tests/test_test_time.py (test_methods_without_updates_change_nothing, "
+                "test_batch_statistics_change_with_the_order_and_episodic_resets_each_batch)",
+    "tent": "no TENT in pytorch-adapt 0.0.83; only the BatchNorm affine parameters change, and an episodic reset "
+            "restores the source model, in tests/test_test_time.py "
+            "(test_tent_and_sar_change_only_the_batchnorm_affine_parameters, "
+            "test_batch_statistics_change_with_the_order_and_episodic_resets_each_batch); not yet the loss by hand",
+    "sar": "no SAR in pytorch-adapt 0.0.83; only the BatchNorm affine parameters change, the model recovery on "
+           "collapse and the skipped step without reliable samples, in tests/test_test_time.py "
+           "(test_tent_and_sar_*, test_sar_*); not yet the sharpness-aware step by hand",
+    "cotta": "no CoTTA in pytorch-adapt 0.0.83; the stochastic restore and the augmentation-averaged pseudo-labels "
+             "in tests/test_test_time.py (test_cotta_restores_to_the_source_and_averages_augmented_views); not yet "
+             "the full update",
 }

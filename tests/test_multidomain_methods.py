@@ -161,3 +161,42 @@ def test_adversarial_domain_classifiers_see_every_domain(name, k, width):
     assert m.disc[-1].out_features == width
     out = m.train_step(balanced_batch(k=k, target=name == "ms_dann"), 1)
     assert abs(float(out["domain_loss"]) - np.log(width)) < 1.0
+
+
+def test_mdan_combines_the_sources_losses_as_the_paper():
+    """soft = (1/gamma) log sum exp(gamma L_i), between the max and the max + log(k)/gamma; hard = max;
+    the soft form's gradient weights each source by softmax(gamma L)."""
+    from dalab.methods.mdan import combine_sources
+
+    losses = torch.tensor([0.5, 1.0, 2.0], requires_grad=True)
+    soft = combine_sources(losses, "soft", 10.0)
+    value = float(soft.detach())
+    assert value == pytest.approx(np.log(np.exp(5.0) + np.exp(10.0) + np.exp(20.0)) / 10, rel=1e-6)
+    assert 2.0 <= value <= 2.0 + np.log(3) / 10 + 1e-6
+    soft.backward()
+    w = np.exp(10 * np.array([0.5, 1.0, 2.0]))
+    assert losses.grad.numpy() == pytest.approx(w / w.sum(), rel=1e-5)
+    assert float(combine_sources(losses.detach(), "hard", 10.0)) == 2.0
+
+
+def test_mdan_has_one_binary_classifier_per_source_each_seeing_its_source_and_the_target():
+    """k binary classifiers; a step's loss is the soft combination of the per-source losses computed
+    by hand from the same features (source i's samples only, the whole target batch)."""
+    from dalab.methods.layers import domain_bce
+    from dalab.methods.mdan import combine_sources
+
+    k = 3
+    m = make("mdan", k=k, backbone="lenet_bn", disc_bn_stats="joint")
+    assert len(m.discs) == k and all(d[-1].out_features == 1 for d in m.discs)
+    b = balanced_batch(k=k, target=True)
+    m.eval()  # the same features in the hand computation and the step: BatchNorm from running statistics
+    with torch.no_grad():
+        f_s, f_t = m.net.backbone(b.x_src), m.net.backbone(b.x_tgt)
+        per = []
+        for i, d in enumerate(m.discs):
+            mine = b.d_src == i
+            dom = domain_bce(d(torch.cat([f_s[mine], f_t])).squeeze(1)[: int(mine.sum())], d(f_t).squeeze(1))
+            per.append(F.cross_entropy(m.net.head(f_s[mine]), b.y_src[mine]) + m.hp.trade_off * dom)
+        want = combine_sources(torch.stack(per), "soft", m.hp.mix_gamma)
+    out = m.train_step(b, 1)
+    assert float(out["loss"]) == pytest.approx(float(want), rel=1e-4)

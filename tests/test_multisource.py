@@ -286,7 +286,7 @@ def test_the_batch_construction_asserts_a_target_free_run_gets_no_target():
     assert streams.target_free and streams.tgt is None and streams.lab is None
 
 
-@pytest.mark.parametrize("method", ["m3sda", "ms_dann", "dg_coral", "vrex", "groupdro", "irm", "mixstyle", "dann_dg"])
+@pytest.mark.parametrize("method", ["m3sda", "ms_dann", "mdan", "dg_coral", "vrex", "groupdro", "irm", "mixstyle", "dann_dg"])
 def test_each_multi_domain_method_runs_through_the_trainer(method, tmp_path):
     cfg = RunConfig(method, "toy_a+toy_b", "toy_c", steps=2, eval_every=2, backbone="lenet_bn", precision="fp32",
                     hparams={"batch_size": 8})
