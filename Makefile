@@ -10,7 +10,7 @@ RUNS ?= results/runs
 MAIN_RUNS ?= results/digits/runs
 JOBS ?= 2
 
-.PHONY: setup test tables bench bench-long bench-partial bench-openset bench-universal bench-tta bench-tta-continual validators bench-multisource bench-single-sources bench-dg bench-dg-lodo multisource-tuning bench-hard bench-lenet bench-dann-vs-source bench-dann-vs-source-bn bsp-tuning pada-tuning protocol augment-bench budget-curve results-index speed clean-runs docs
+.PHONY: setup test test-timing tables bench bench-long bench-partial bench-openset bench-universal bench-tta bench-tta-continual validators bench-multisource bench-single-sources bench-dg bench-dg-lodo multisource-tuning bench-hard bench-lenet bench-dann-vs-source bench-dann-vs-source-bn bsp-tuning pada-tuning protocol augment-bench budget-curve results-index speed clean-runs docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ test: setup
 	$(PY) -m ruff check .
 	@$(PY) -m pytest -q --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The suite's measured time for the README (results/test_suite.json; run it on an otherwise idle machine)
+test-timing: setup
+	$(PY) -m ruff check .
+	$(PY) -m dalab.benchmarks.suite_timing --out results/test_suite.json
+	$(PY) -m dalab.benchmarks.methods_table --write
 
 # The main job: every method x the 4 offline digits pairs x 3 seeds -> results/digits/ (resumable).
 bench: setup

@@ -128,7 +128,20 @@ def counts_markdown() -> str:
                      f"trained in {t['wall_s']:.0f} s ({t['wall_s'] / 60:.0f} min) by {t['workers']} workers; "
                      f"training {100 * t['train_s'] / total:.0f} %, evaluation {100 * t['eval_s'] / total:.0f} % "
                      f"of their time; grid efficiency {t['efficiency']:.2f}" + _load_note(t) + ".")
+    suite = ROOT / "results" / "test_suite.json"
+    if suite.is_file():
+        lines.append(suite_line(json.loads(suite.read_text())))
     return "\n".join(lines)
+
+
+def suite_line(t: dict) -> str:
+    """The README's sentence on the test suite, from results/test_suite.json (`make test-timing`)."""
+    cores = f" on {t['cpu_cores']} cores" if t.get("cpu_cores") else ""
+    other = t.get("other_cores")
+    note = (" (other work's CPU use meanwhile was not recorded)" if other is None else
+            f" (other work used {other:.1f} cores meanwhile)" if other >= 0.25 else "")
+    return (f"`make test`, last measured (`results/test_suite.json`, `{t.get('command', '?')}`): {t['passed']} tests "
+            f"passed in {t['wall_s']:.0f} s ({t['wall_s'] / 60:.1f} min){cores}{note}.")
 
 
 HARD_SPEC = "digits_hard.yaml"

@@ -798,14 +798,12 @@ def write_timing(spec: "BenchSpec", records: list[dict], wall_s: float, workers:
     """Print where the grid's time went and write it to ``<out>/timing.json`` (the README's measured
     times read it), with the machine's 15-minute load average and core count when the grid ended, so a
     time measured while other work shared the cores says so."""
-    from dalab.utils import atomic_write_json
+    from dalab.utils import atomic_write_json, machine_load
 
     split = time_split(records, wall_s, workers)
     print(format_time_split(split))
-    load = ({"cpu_cores": os.cpu_count(), "load_avg_15min": round(os.getloadavg()[2], 2)}
-            if hasattr(os, "getloadavg") else {})
     Path(spec.out).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(Path(spec.out) / "timing.json", {**split, **load, "command": command})
+    atomic_write_json(Path(spec.out) / "timing.json", {**split, **machine_load(), "command": command})
 
 
 def format_time_split(t: dict[str, float]) -> str:

@@ -121,6 +121,13 @@ def describe(path: Path, results: Path, root: Path) -> tuple[str, str]:
     elif path.suffix == ".pdf":
         info = _pdf_info(path)
         what, cmd = info.get("Title", ""), info.get("Creator", "")
+    elif path.suffix == ".json":  # a measurement file names the command that wrote it (`command`)
+        import json
+
+        try:
+            cmd = str(json.loads(path.read_text()).get("command", ""))
+        except (OSError, ValueError, AttributeError):
+            cmd = ""
     cmd = "" if cmd.startswith("Matplotlib") else cmd  # matplotlib's default, not a command
     name = re.sub(r"^(cd|table)_\w+(\.(?:png|pdf|tex))$", r"\1_RULE\2", path.name)
     in_table_folder = bool(folder_cmd) and name in OUTPUTS

@@ -136,6 +136,14 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
                          f"{'' if probe == p else f' at {probe}'}); choose another folder") from None
 
 
+def machine_load() -> dict[str, Any]:
+    """The machine's core count and 15-minute load average now (empty where the OS has no load
+    average): a measured time stored with them says whether other work shared the cores."""
+    if not hasattr(os, "getloadavg"):
+        return {}
+    return {"cpu_cores": os.cpu_count(), "load_avg_15min": round(os.getloadavg()[2], 2)}
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 

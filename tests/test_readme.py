@@ -62,3 +62,13 @@ def test_readme_commands_are_make_targets():
         if shutil.which("make"):  # make itself resolves the target (pattern rules included)
             r = subprocess.run(["make", "-n", target], cwd=README.parent, capture_output=True, text=True)
             assert r.returncode == 0 and r.stdout.strip(), (target, r.stderr)
+
+
+def test_the_suite_time_is_read_from_its_measurement_and_says_when_the_cores_were_shared():
+    from dalab.benchmarks.methods_table import suite_line
+
+    idle = {"passed": 770, "wall_s": 262.4, "cpu_cores": 2, "other_cores": 0.03, "command": "make test-timing"}
+    assert suite_line(idle) == ("`make test`, last measured (`results/test_suite.json`, `make test-timing`): 770 tests "
+                                "passed in 262 s (4.4 min) on 2 cores.")
+    assert suite_line({**idle, "other_cores": 1.04}).endswith("on 2 cores (other work used 1.0 cores meanwhile).")
+    assert "not recorded" in suite_line({k: v for k, v in idle.items() if k != "other_cores"})
