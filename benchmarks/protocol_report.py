@@ -80,7 +80,9 @@ def tuning_lines(pairs: list[tuple[str, str]], base: dict[str, Any], tuned: list
                          + f" | {fmt(s['avg'])} | {fmt(s['std'])} | {fmt_plateau(s['plateau'], s['trend'])} |")
         default = next((label for label, ov, _ in t.rows if is_default(t.method, ov)), None)
         if t.best and default != t.best:
+            summaries = {label: s for label, _, s in t.rows}
             picks.append(f"- **{t.method}**: the rule picks *{t.best}*, the default is *{default}*"
+                         + (f": {pick_margin(pairs, summaries[t.best], summaries[default])}" if default else "")
                          + (f" ({WHY_NOT[t.method]})" if t.method in WHY_NOT else "") + ".")
     lines.append("")
     if picks:
@@ -89,6 +91,23 @@ def tuning_lines(pairs: list[tuple[str, str]], base: dict[str, Any], tuned: list
     lines += ["How each default was chosen:", ""]
     lines += [f"- **{m}**: {HOW.get(m, 'rule')}" for m in CANDIDATES] + [""]
     return lines
+
+
+def pick_margin(pairs: list[tuple[str, str]], best: dict[str, Any], default: dict[str, Any]) -> str:
+    """How far the rule's pick is ahead of the default: the 4-pair average's difference and a paired
+    t-test over the (pair, seed) runs both have (:func:`dalab.stats.paired_test`)."""
+    from dalab.stats import paired_test
+
+    if best["avg"] is None or default["avg"] is None:
+        return "not comparable yet (a candidate lacks runs)"
+    # a cell's list is in seed order; only cells with every seed are paired position by position
+    a, b = ({(p, i): x for p in pairs if len(s["cells"][p]) == len(SEEDS) for i, x in enumerate(s["cells"][p])}
+            for s in (best, default))
+    common = set(a) & set(b)
+    pval, mark = paired_test({k: a[k] for k in common}, {k: b[k] for k in common})
+    test = ("" if pval is None else f"; paired t-test over the {len(common)} (pair, seed) runs p = {pval:.2f}, "
+            + ("significant" if mark else "not significant"))
+    return f"{best['avg'] - default['avg']:+.1f} points on the 4-pair average{test}"
 
 
 def contrasts(t: Tuned, key: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:

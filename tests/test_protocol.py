@@ -169,3 +169,15 @@ def test_the_grid_reading_is_computed_from_candidates_that_differ_in_one_key():
     bullet = contrast_bullet(pairs, [t], "bn_mode", "`bn_mode`", "Split is better")
     assert bullet == "- `bn_mode`: m +5.5 (a→b 40.0 → 50.0). Split is better for 1 of 1 methods (m)."
     assert contrast_bullet(pairs, [t], "lr", "lr", "0.03 is better").endswith("0.03 is better for 0 of 1 methods.")
+
+
+def test_where_the_rule_and_the_default_disagree_the_margin_and_its_test_are_printed():
+    from dalab.benchmarks.protocol_report import pick_margin
+
+    pairs = [("a", "b"), ("c", "d")]
+    best = {"avg": 61.0, "cells": {("a", "b"): [50.0, 52.0, 54.0], ("c", "d"): [70.0, 70.0, 70.0]}}
+    default = {"avg": 60.0, "cells": {("a", "b"): [49.0, 53.0, 52.0], ("c", "d"): [71.0, 69.0, 70.0]}}
+    text = pick_margin(pairs, best, default)
+    assert text.startswith("+1.0 points on the 4-pair average; paired t-test over the 6 (pair, seed) runs p = ")
+    assert text.endswith("not significant")
+    assert "not comparable" in pick_margin(pairs, best, {**default, "avg": None})
