@@ -41,10 +41,11 @@ from dalab.convergence import PLATEAU_POINTS, drift, mean_drift
 from dalab.utils import write_report
 
 __all__ = ["ADVERSARIAL", "BENCHMARK", "CANDIDATES", "EVAL_POINTS", "HOW", "MAIN_SPEC", "MAIN_STEPS", "PLATEAU_POINTS",
-           "RULE", "SEEDS", "STUDY", "VALIDATORS", "WHY_NOT", "Grid", "Records", "Tuned", "budget_reading", "candidate",
-           "cell", "curve_name", "drift", "fmt", "fmt_plateau", "get_run", "is_default", "is_main_setting", "last_acc", "main",
-           "main_job_check", "main_overrides", "main_source_key", "matches", "mean_drift", "plateau", "plot", "render",
-           "rule_pick", "setting", "source_overrides", "study", "summarize", "tune"]
+           "RULE", "SEEDS", "STUDY", "VALIDATORS", "WHY_NOT", "Grid", "Records", "Tuned", "budget_reading",
+           "candidate", "cell", "curve_name", "drift", "fmt", "fmt_plateau", "get_run", "is_default",
+           "is_main_setting", "last_acc", "main", "main_job_check", "main_overrides", "main_source_key",
+           "matches", "mean_drift", "plateau", "plot", "render", "rule_pick", "setting", "source_overrides",
+           "study", "summarize", "tune"]
 
 
 def main(argv=None) -> int:

@@ -3,10 +3,10 @@
     make test-timing      (= python -m dalab.benchmarks.suite_timing --out results/test_suite.json)
 
 Runs the suite as `make test` does (``pytest -q --durations=15``, in this process) and, when every
-test passed, writes how many passed, the wall time, the machine's cores, and the CPU other work used meanwhile
-(in cores: the machine's busy time from /proc/stat less the suite's own) atomically to ``--out``; `make test-timing` then refreshes the
-README's generated block (:func:`dalab.benchmarks.methods_table.suite_line`). A failing suite
-writes nothing.
+test passed, writes how many passed, the wall time, the machine's cores, and the CPU other work used
+meanwhile (in cores: the machine's busy time from /proc/stat less the suite's own) atomically to
+``--out``; `make test-timing` then refreshes the README's generated block
+(:func:`dalab.benchmarks.methods_table.suite_line`). A failing suite writes nothing.
 """
 
 from __future__ import annotations

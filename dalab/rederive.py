@@ -9,8 +9,9 @@ are rewritten exactly as ``dalab bench`` writes them, with the command named in 
 table.md's header; a grid with missing records is reported (how many, and the command that trains
 them) and left as it is. The study documents of :data:`MODULE_TABLES` (the protocol study, the
 validator study, the reports beside some tables) are rewritten by their modules from their committed
-records in the same way, the protocol study only when all its runs have records. ``--check`` writes nothing: it regenerates into a temporary folder and
-names every committed Markdown/CSV file that differs (exit 1), which tests/test_rederive.py runs.
+records in the same way, the protocol study only when all its runs have records. ``--check`` writes
+nothing: it regenerates into a temporary folder and names every committed Markdown/CSV file that
+differs (exit 1), which tests/test_rederive.py runs.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Batch, HParam, Method, TargetData, register
-from .layers import domain_bce
+from .layers import domain_accuracy, domain_bce
 from .nets import domain_discriminator, freeze
 
 
@@ -97,7 +97,7 @@ class ADDA(Method):
         d_t = self.disc(f_t).squeeze(1)
         g_loss = F.binary_cross_entropy_with_logits(d_t, torch.ones_like(d_t))
         with torch.no_grad():  # D's accuracy on this batch, as pytorch-adapt's StrongDHook
-            d_acc = 0.5 * ((self.disc(f_s) > 0).float().mean() + (d_t <= 0).float().mean())
+            d_acc = domain_accuracy(self.disc(f_s).squeeze(1), d_t)
         if self.hp.d_threshold == 0 or float(d_acc) > self.hp.d_threshold:
             self.step(g_loss, "T")
         return {"loss": d_loss + g_loss, "d_loss": d_loss, "g_loss": g_loss, "d_acc": d_acc}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from .base import Batch, HParam, Method, TargetData, register
-from .layers import dann_lambda, domain_bce, domain_logits
+from .layers import binary_domain_loss, dann_lambda
 from .nets import discriminator_bn, domain_discriminator
 
 
@@ -78,9 +78,7 @@ class DANN(Method):
     def domain_loss(self, f_s, f_t, lam: float):
         """BCE of the discriminator behind a GRL with coefficient ``lam`` (source = 1, target = 0),
         and the discriminator's accuracy."""
-        d_s, d_t = domain_logits(self.disc, f_s, f_t, lam, self.hp.disc_bn_stats == "split")
-        acc = 0.5 * ((d_s > 0).float().mean() + (d_t <= 0).float().mean())
-        return domain_bce(d_s, d_t), acc
+        return binary_domain_loss(self.disc, f_s, f_t, lam, self.hp.disc_bn_stats == "split")
 
     def update(self, batch: Batch, step: int):
         lam = dann_lambda(self.progress(step), self.hp.gamma)

@@ -81,6 +81,19 @@ def domain_bce(d_s: Tensor, d_t: Tensor, w_s: Tensor | None = None, w_t: Tensor 
     return 0.5 * (l_s + l_t)
 
 
+def domain_accuracy(d_s: Tensor, d_t: Tensor) -> Tensor:
+    """A binary domain classifier's accuracy from its logits (source = 1: logit > 0), the mean of the
+    two domains' accuracies."""
+    return 0.5 * ((d_s > 0).float().mean() + (d_t <= 0).float().mean())
+
+
+def binary_domain_loss(disc, f_s: Tensor, f_t: Tensor, coeff: float, split_bn: bool = True) -> tuple[Tensor, Tensor]:
+    """(:func:`domain_bce`, :func:`domain_accuracy`) of a binary domain classifier behind a gradient
+    reversal layer of coefficient ``coeff`` (:func:`domain_logits`): DANN's domain term."""
+    d_s, d_t = domain_logits(disc, f_s, f_t, coeff, split_bn)
+    return domain_bce(d_s, d_t), domain_accuracy(d_s, d_t)
+
+
 def adversarial_domain_loss(disc, f_s: Tensor, f_t: Tensor, coeff: float,
                             w_s: Tensor | None = None, w_t: Tensor | None = None, split_bn: bool = True) -> Tensor:
     """:func:`domain_bce` of :func:`domain_logits`: the adversarial loss of DANN-style methods."""

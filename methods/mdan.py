@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .base import Batch, HParam, Method, TargetData, register
 from .dann import DANN
-from .layers import dann_lambda, domain_bce, domain_logits
+from .layers import binary_domain_loss, dann_lambda
 from .nets import discriminator_bn, domain_discriminator
 
 
@@ -68,9 +68,9 @@ class MDAN(Method):
         for i, disc in enumerate(self.discs):
             mine = batch.d_src == i
             cls.append(F.cross_entropy(logits[mine], batch.y_src[mine]))
-            d_s, d_t = domain_logits(disc, f_s[mine], f_t, lam, self.hp.disc_bn_stats == "split")
-            dom.append(domain_bce(d_s, d_t))
-            hits.append(0.5 * ((d_s > 0).float().mean() + (d_t <= 0).float().mean()))
+            bce, acc = binary_domain_loss(disc, f_s[mine], f_t, lam, self.hp.disc_bn_stats == "split")
+            dom.append(bce)
+            hits.append(acc)
         cls_loss, domain_loss = torch.stack(cls), torch.stack(dom)
         loss = combine_sources(cls_loss + self.hp.trade_off * domain_loss, self.hp.combine, self.hp.mix_gamma)
         self.step(loss)
