@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dalab.benchmarks.protocol_grid import (BENCHMARK, CANDIDATES, EVAL_POINTS, HOW, LR, MAIN_STEPS, RULE, SEEDS,
-                                            STUDY, WHY_NOT, is_default, is_main_setting)
+                                            STUDY, TIE_POINTS, WHY_NOT, is_default, is_main_setting, is_tie)
 from dalab.benchmarks.protocol_runs import Tuned, last_acc, study_methods
 from dalab.convergence import PLATEAU_POINTS, drift, mean_drift
 
@@ -86,7 +86,7 @@ def tuning_lines(pairs: list[tuple[str, str]], base: dict[str, Any], tuned: list
                          + (f" ({WHY_NOT[t.method]})" if t.method in WHY_NOT else "") + ".")
     lines.append("")
     if picks:
-        lines += ["Where the default is not the rule's pick on the runs available now:", ""] + picks + [""]
+        lines += ["Where the default is not the rule's pick:", ""] + picks + [""]
     lines += grid_reading(pairs, tuned)
     lines += ["How each default was chosen:", ""]
     lines += [f"- **{m}**: {HOW.get(m, 'rule')}" for m in CANDIDATES] + [""]
@@ -94,8 +94,9 @@ def tuning_lines(pairs: list[tuple[str, str]], base: dict[str, Any], tuned: list
 
 
 def pick_margin(pairs: list[tuple[str, str]], best: dict[str, Any], default: dict[str, Any]) -> str:
-    """How far the rule's pick is ahead of the default: the 4-pair average's difference and a paired
-    t-test over the (pair, seed) runs both have (:func:`dalab.stats.paired_test`)."""
+    """How far the rule's pick is ahead of the default: the 4-pair average's difference, a paired
+    t-test over the (pair, seed) runs both have (:func:`dalab.stats.paired_test`), and whether the
+    default stays (a tie, :func:`~dalab.benchmarks.protocol_grid.is_tie`) or breaks the rule."""
     from dalab.stats import paired_test
 
     if best["avg"] is None or default["avg"] is None:
@@ -107,7 +108,10 @@ def pick_margin(pairs: list[tuple[str, str]], best: dict[str, Any], default: dic
     pval, mark = paired_test({k: a[k] for k in common}, {k: b[k] for k in common})
     test = ("" if pval is None else f"; paired t-test over the {len(common)} (pair, seed) runs p = {pval:.2f}, "
             + ("significant" if mark else "not significant"))
-    return f"{best['avg'] - default['avg']:+.1f} points on the 4-pair average{test}"
+    margin = best["avg"] - default["avg"]
+    verdict = (f"within the tie margin of {TIE_POINTS:g} points: the default stays" if is_tie(margin)
+               else f"**beyond the tie margin of {TIE_POINTS:g} points: the default breaks the rule**")
+    return f"{margin:+.1f} points on the 4-pair average{test}; {verdict}"
 
 
 def contrasts(t: Tuned, key: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:

@@ -22,9 +22,9 @@ class MCC(TargetRegularized):
 
     Default ``bn_mode = split`` (source and target through the backbone separately), chosen on the
     tuning pairs (digits-extra, lenet_bn, 500 steps) by the rule of results/protocol.md. With the
-    pooled (joint) BatchNorm statistics MCC collapsed on mnist5k->mnist5k_color (seed 0: 40.9% at
-    step 125, falling to 22.0% by step 500; split: 54.5%), the same failure as on mnist5k->mnistm5k
-    in the main table before; rot 50.9 (joint) vs 48.8 (split).
+    pooled (joint) BatchNorm statistics MCC collapsed on mnist5k->mnist5k_color (lr 0.01, 3 seeds:
+    42.0% at step 125, falling to 28.5% by step 500, two seeds to ~21%; split: 53.7%), the same
+    failure as on mnist5k->mnistm5k in the main table before; rot 52.3 (joint) vs 51.0 (split).
     """
 
     family = "regularization"

@@ -183,7 +183,9 @@ def test_where_the_rule_and_the_default_disagree_the_margin_and_its_test_are_pri
     default = {"avg": 60.0, "cells": {("a", "b"): [49.0, 53.0, 52.0], ("c", "d"): [71.0, 69.0, 70.0]}}
     text = pick_margin(pairs, best, default)
     assert text.startswith("+1.0 points on the 4-pair average; paired t-test over the 6 (pair, seed) runs p = ")
-    assert text.endswith("not significant")
+    assert text.endswith("not significant; within the tie margin of 2 points: the default stays")
+    far = {"avg": 65.0, "cells": {("a", "b"): [55.0, 57.0, 59.0], ("c", "d"): [75.0, 74.0, 76.0]}}
+    assert pick_margin(pairs, far, default).endswith("beyond the tie margin of 2 points: the default breaks the rule**")
     assert "not comparable" in pick_margin(pairs, best, {**default, "avg": None})
 
 
