@@ -118,7 +118,7 @@ HOW: dict[str, str] = {
     "afn": "paper for the formulation (Eq. 4 and the authors' code: per-domain mean norm, separate forwards); "
            "the rule for lr",
     "entropy_min": "rule (bn_mode, lr); collapses with pooled or per-domain statistics at lr 0.01; lr 0.03 "
-                   "weakened it here (seed 0) but not on the main job's colour shift, where accuracy still falls "
+                   "stops the fall on these pairs but not on the main job's colour shift, where accuracy still falls "
                    "with training -- documented in its docstring and marked in the tables (known_failure)",
 }
 

@@ -45,7 +45,8 @@ class DANN(Method):
     trade_off=0.3``: the rule's pick among 14 discriminator / BatchNorm / trade-off candidates on the
     tuning pairs (3 seeds; numbers in results/protocol.md), and the weight average (``weight_ema``) on top. What
     the grid shows: a discriminator that sees the domains' mean shift (joint BatchNorm call, or no
-    BatchNorm) at trade-off 1 collapses syndigits->ucidigits (19-45%); the per-domain call is stable
+    BatchNorm) at trade-off 1 collapses syndigits->ucidigits with the pooled backbone statistics
+    (19-46%; 44-58% with per-domain ones, source-only 56.5); the per-domain call is stable
     but weak (the discriminator cannot see first-moment differences); the strong discriminator at
     trade-off 0.3 keeps the colour-shift gain without the collapse. The defaults above stay as they
     were chosen for the BN-free paper LeNet and other backbones, where the new setting was not measured.
