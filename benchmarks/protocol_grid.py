@@ -24,12 +24,6 @@ RULE = ("highest mean target-test accuracy at the last checkpoint (the `last` ru
         f"A default within {TIE_POINTS:g} points of the pick on that average is a tie and stays: a run's "
         f"last checkpoint at this budget still moves up to that much (the plateau threshold), so the "
         f"measure does not resolve a smaller margin, and a default is not changed on noise")
-
-
-def is_tie(margin: float) -> bool:
-    """Whether the rule's pick leads the default by ``margin`` points (4-pair average) within the
-    tie margin of :data:`RULE`: then the default stays."""
-    return margin <= TIE_POINTS
 MAIN_SPEC = Path(__file__).with_name("digits.yaml")   # the main job: its budget and its per-method choices
 MAIN_STEPS = 500          # the main job's budget (benchmarks/digits.yaml)
 EVAL_POINTS = 4           # eval_every = steps // 4: the halfway point is always an evaluation point
@@ -146,6 +140,12 @@ STUDY: list[tuple[str, str, int, dict[str, Any], bool, list[str]]] = [
      ["source_only", "dann", "cdan", "mdd", "mcc", "bnm", "im", "dan"]),
     ("lenet, 500 steps, method defaults", "lenet", 500, {}, True, ["source_only", "dann"]),
 ]
+
+
+def is_tie(margin: float) -> bool:
+    """Whether the rule's pick leads the default by ``margin`` points (4-pair average) within the
+    tie margin of :data:`RULE`: then the default stays."""
+    return margin <= TIE_POINTS
 
 
 # --------------------------------------------------------------------------- the main job's setting
